@@ -1,0 +1,20 @@
+"""lowrank_train: train and fine-tune large language models in far less memory than AdamW needs."""
+
+from lowrank_train.optim import (
+    GaLore,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    lowrank_param_groups,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaLore",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "__version__",
+    "lowrank_param_groups",
+]

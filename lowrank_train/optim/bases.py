@@ -1,0 +1,37 @@
+"""Registry of inner ("base") optimizers, resolved lazily so optional libraries load only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# name -> "module:attribute"
+BASE_OPTIMIZERS: dict[str, str] = {
+    "adamw": "torch.optim:AdamW",
+    "adam": "torch.optim:Adam",
+    "sgd": "torch.optim:SGD",
+    "adamw8bit": "bitsandbytes.optim:AdamW8bit",
+    "paged_adamw8bit": "bitsandbytes.optim:PagedAdamW8bit",
+    "adafactor": "transformers.optimization:Adafactor",
+}
+
+
+def resolve_base(base: type[torch.optim.Optimizer] | str) -> type[torch.optim.Optimizer]:
+    """Returns the optimizer class for ``base`` (a class or a registered name).
+
+    Raises:
+        ValueError: for an unknown name, or a class that is not a ``torch.optim.Optimizer``.
+    """
+    if isinstance(base, str):
+        target = BASE_OPTIMIZERS.get(base.lower())
+        if target is None:
+            raise ValueError(f"unknown base optimizer {base!r}; expected a class or one of {sorted(BASE_OPTIMIZERS)}")
+        module, attr = target.split(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except ImportError as err:
+            raise ValueError(f"base optimizer {base!r} needs the package that provides {module}: {err}") from err
+    if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+        raise ValueError(f"base must be a torch.optim.Optimizer subclass or a registered name, got {base!r}")
+    return base

@@ -1,0 +1,289 @@
+"""GaLore: run any elementwise optimizer on low-rank projections of 2-D weight gradients.
+
+The inner ("base") optimizer never sees a full weight. For each low-rank weight W (m x n) it owns a
+*shadow* parameter of the projected shape (r x max(m, n)); each step the shadow is set to zero, given the
+projected gradient as its ``.grad``, and stepped, so its new value is exactly the base optimizer's update.
+That update is projected back and added to W. Shadows hold no memory between steps (their storage is
+released), so any optimizer class works unchanged: ``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``,
+transformers' ``Adafactor``, ...
+
+Per-parameter state in ``optimizer.state[p]`` (all tensors; integers on the CPU so that reading them
+never synchronises a GPU):
+
+=================  ======================================================================
+``step``           int64, steps this parameter has taken
+``last_refresh``   int64, step of the last basis refresh (-1 before the first)
+``gap``            int64, steps between refreshes (fixed here, adapted by Q-GaLore)
+``seed``           int64, seeds randomized and random projectors
+``refreshes``      int64, number of refreshes so far
+``basis``          fp32 (min(m, n) x r) orthonormal basis, absent for "random" and "identity"
+=================  ======================================================================
+
+The base optimizer's own state (e.g. ``exp_avg`` of shape r x max(m, n)) is saved under the ``"base"`` key
+of :meth:`GaLore.state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_train.optim.bases import resolve_base
+from lowrank_train.optim.functional import apply_weight_update, basis_generator, refresh_due
+from lowrank_train.projection import get_projector, orient, project_back, project_gradient
+
+GALORE_DEFAULTS: dict[str, Any] = {
+    "update_gap": 200,
+    "scale": 0.25,
+    "projector": "svd",
+    "proj_seed": 0,
+    "oversample": 8,
+    "power_iters": 2,
+    "full_rank_fallback": False,
+}
+_INT_STATE = ("step", "last_refresh", "gap", "seed", "refreshes")
+
+
+def _param_label(group: dict[str, Any], index: int, param: torch.Tensor) -> str:
+    names = group.get("param_names")
+    name = names[index] if names and index < len(names) else f"params[{index}]"
+    return f"{name} (shape {tuple(param.shape)})"
+
+
+def _validate_lowrank_group(group: dict[str, Any]) -> None:
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    gap = group["update_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
+        raise ValueError(f"update_gap must be an integer >= 1, got {gap!r}")
+    if not group["scale"] > 0:
+        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
+    kind = get_projector(group["projector"])
+    for i, p in enumerate(group["params"]):
+        label = _param_label(group, i, p)
+        if p.dim() != 2:
+            raise ValueError(
+                f"low-rank groups take only 2-D weights; {label} is {p.dim()}-D: move it to a group without 'rank'"
+            )
+        if kind.name != "identity" and rank >= min(p.shape) and not group["full_rank_fallback"]:
+            raise ValueError(
+                f"rank {rank} is not below min(m, n) = {min(p.shape)} for {label}: a low-rank projection would "
+                "save nothing. Lower the rank, or pass full_rank_fallback=True to give such weights the plain update"
+            )
+
+
+class GaLore(torch.optim.Optimizer):
+    """Gradient low-rank projection around any elementwise optimizer (Zhao et al. 2024, arXiv 2403.03507).
+
+    Groups with a ``rank`` key are low-rank: each 2-D gradient is projected on its smaller side, the base
+    optimizer runs on the projection, the update is projected back and scaled by ``scale``. Groups without
+    ``rank`` get the plain base update.
+
+    Args:
+        params: parameters or param groups, typically from :func:`lowrank_param_groups`.
+        base: optimizer class (``torch.optim.AdamW``, ``bitsandbytes.optim.AdamW8bit``, ...) or a registered
+            name ("adamw", "adamw8bit", "adafactor", "adam", "sgd").
+        **defaults: base optimizer keyword arguments (``lr``, ``betas``, ``weight_decay``...) and GaLore
+            group defaults (``update_gap`` 200, ``scale`` 0.25, ``projector`` "svd", ``proj_seed`` 0,
+            ``oversample`` 8 and ``power_iters`` 2 for "rsvd", ``full_rank_fallback`` False).
+
+    Example:
+        >>> groups = lowrank_param_groups(model, rank=128, update_gap=200, scale=0.25)
+        >>> opt = GaLore(groups, base=torch.optim.AdamW, lr=1e-3)
+    """
+
+    def __init__(self, params: Iterable[Any], base: type[torch.optim.Optimizer] | str = "adamw", **defaults: Any):
+        self._base_cls = resolve_base(base)
+        galore_defaults = {k: defaults.pop(k, v) for k, v in GALORE_DEFAULTS.items()}
+        if "rank" in defaults:
+            raise ValueError("pass rank in a param group (see lowrank_param_groups), not as an optimizer default")
+        self._base_kwargs = defaults
+        self._shadows: dict[torch.Tensor, nn.Parameter] = {}
+        self._base: torch.optim.Optimizer | None = None
+        super().__init__(params, {**galore_defaults, **defaults})
+        self._base = self._base_cls([self._base_group(g) for g in self.param_groups], **defaults)
+        for group in self.param_groups:  # our groups carry the base's defaults so schedulers see lr & co.
+            for key, value in self._base.defaults.items():
+                group.setdefault(key, value)
+
+    # ----- groups -------------------------------------------------------------------------------
+    def is_lowrank(self, param: torch.Tensor) -> bool:
+        """True when ``param`` is updated through a projection (not a plain or full-rank-fallback param)."""
+        return param in self._shadows
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if "rank" in group:
+            _validate_lowrank_group(group)
+            identity = group["projector"] == "identity"
+            for p in group["params"]:
+                if identity or group["rank"] < min(p.shape):
+                    self._shadows[p] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device))
+        if self._base is not None:
+            self._base.add_param_group(self._base_group(group))
+
+    def _base_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        params = [self._shadows.get(p, p) for p in group["params"]]
+        return {"params": params, **{k: group[k] for k in self._base_kwargs if k in group}}
+
+    def _sync_base_groups(self) -> None:
+        # Hyperparameters live in our groups (schedulers write there); copy them to the base each step.
+        for group, base_group in zip(self.param_groups, self._base.param_groups, strict=True):
+            for key in self._base.defaults:
+                if key in group:
+                    base_group[key] = group[key]
+            if "rank" in group and "weight_decay" in base_group:
+                base_group["weight_decay"] = 0.0  # decay is applied to the full weight instead
+
+    # ----- state --------------------------------------------------------------------------------
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any], index: int) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0, dtype=torch.int64)
+            state["last_refresh"] = torch.tensor(-1, dtype=torch.int64)
+            state["gap"] = torch.tensor(group["update_gap"], dtype=torch.int64)
+            state["seed"] = torch.tensor(group["proj_seed"] * 1_000_003 + index, dtype=torch.int64)
+            state["refreshes"] = torch.tensor(0, dtype=torch.int64)
+        return state
+
+    def _lowrank_params(self) -> list[tuple[torch.Tensor, dict[str, Any], int]]:
+        """(param, group, global index) for every low-rank parameter that has a gradient."""
+        found, index = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and self.is_lowrank(p):
+                    found.append((p, group, index))
+                index += 1
+        return found
+
+    def _check_refresh_inputs(self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]) -> None:
+        """Refuses, before any state changes, to build a basis from a non-finite gradient."""
+        due = []
+        for p, group, _ in todo:
+            state = self.state[p]
+            if not get_projector(group["projector"]).uses_gradient:
+                continue
+            if not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"])):
+                due.append((p, group))
+        if not due:
+            return
+        finite = torch.stack([p.grad.isfinite().all() for p, _ in due]).cpu()  # one sync per refresh step
+        if bool(finite.all()):
+            return
+        bad = [
+            _param_label(group, group["params"].index(p), p) for (p, group), ok in zip(due, finite, strict=True) if not ok
+        ]
+        raise ValueError(
+            f"non-finite gradient (NaN/Inf) where a projection basis was due for a refresh: {', '.join(bad)}. "
+            "The basis was not rebuilt and no parameter was updated"
+        )
+
+    def _basis(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The current (min(m, n) x r) basis of ``param``, refreshed first when due."""
+        kind = get_projector(group["projector"])
+        step, last = int(state["step"]), int(state["last_refresh"])
+        grad = orient(param.grad)
+        rank = min(param.shape) if kind.name == "identity" else group["rank"]
+        if refresh_due(step, last, int(state["gap"])):
+            last = step
+            if kind.stores_basis:
+                generator = basis_generator(int(state["seed"]), last, grad.device)
+                if kind.name == "rsvd":
+                    basis = kind.build(
+                        grad, rank, generator, oversample=group["oversample"], power_iters=group["power_iters"]
+                    )
+                else:
+                    basis = kind.build(grad, rank, generator)
+                self._store_basis(state, basis, group)
+            state["last_refresh"].fill_(last)
+            state["refreshes"].add_(1)
+        if kind.stores_basis:
+            return self._load_basis(state)
+        return kind.build(grad, rank, basis_generator(int(state["seed"]), last, grad.device))
+
+    def _store_basis(self, state: dict[str, torch.Tensor], basis: torch.Tensor, group: dict[str, Any]) -> None:
+        state["basis"] = basis
+
+    def _load_basis(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return state["basis"]
+
+    # ----- step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimization step (the base optimizer's step, in the projected space)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = self._lowrank_params()
+        self._check_refresh_inputs(todo)
+        pending = []
+        for p, group, index in todo:
+            state = self._init_state(p, group, index)
+            basis = self._basis(p, group, state)
+            low = project_gradient(p.grad, basis)
+            shadow = self._shadows[p]
+            shadow.data = torch.zeros_like(low)
+            shadow.grad = low
+            pending.append((p, group, state, basis))
+        self._sync_base_groups()
+        self._base.step()
+        for p, group, state, basis in pending:
+            shadow = self._shadows[p]
+            update = project_back(shadow.data, basis, p.shape)  # shadow started at 0: its value is the update
+            apply_weight_update(
+                p, update, lr=group["lr"], weight_decay=group.get("weight_decay", 0.0), scale=group["scale"]
+            )
+            shadow.grad = None
+            shadow.data = shadow.data.new_empty(0)
+            state["step"].add_(1)
+        return loss
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict["base"] = self._base.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        base_state = state_dict.pop("base")
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter dtype (an fp32 basis would become bf16) and
+        # integers to floats: put back every saved tensor with its own dtype, on the parameter's device.
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            param = params[index]
+            for key, value in saved.items():
+                if isinstance(value, torch.Tensor):
+                    device = "cpu" if key in _INT_STATE else param.device
+                    self.state[param][key] = value.to(device=device, copy=True)
+        self._base.load_state_dict(base_state)
+
+    def refresh_stats(self) -> list[dict[str, Any]]:
+        """Per low-rank parameter: name, refresh count, current gap, last refresh step, steps taken."""
+        stats = []
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                state = self.state.get(p)
+                if not self.is_lowrank(p) or not state:
+                    continue
+                stats.append(
+                    {
+                        "param": _param_label(group, i, p),
+                        "refreshes": int(state["refreshes"]),
+                        "gap": int(state["gap"]),
+                        "last_refresh": int(state["last_refresh"]),
+                        "step": int(state["step"]),
+                    }
+                )
+        return stats
+
+    def __repr__(self) -> str:
+        return f"GaLore(base={self._base_cls.__name__}, groups={len(self.param_groups)})"
+

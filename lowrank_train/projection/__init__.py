@@ -1,0 +1,37 @@
+"""How a gradient is projected onto a low-rank subspace, and how that subspace is built."""
+
+from lowrank_train.projection.ops import (
+    basis_rows,
+    orient,
+    project_back,
+    project_gradient,
+    projects_rows,
+    subspace_overlap,
+)
+from lowrank_train.projection.projectors import (
+    PROJECTORS,
+    ProjectorKind,
+    get_projector,
+    identity_basis,
+    random_basis,
+    register_projector,
+    rsvd_basis,
+    svd_basis,
+)
+
+__all__ = [
+    "PROJECTORS",
+    "ProjectorKind",
+    "basis_rows",
+    "get_projector",
+    "identity_basis",
+    "orient",
+    "project_back",
+    "project_gradient",
+    "projects_rows",
+    "random_basis",
+    "register_projector",
+    "rsvd_basis",
+    "subspace_overlap",
+    "svd_basis",
+]

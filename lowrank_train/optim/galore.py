@@ -133,12 +133,12 @@ class GaLore(torch.optim.Optimizer):
 
     def _sync_base_groups(self) -> None:
         # Hyperparameters live in our groups (schedulers write there); copy them to the base each step.
+        # A shadow is zero when stepped, so the base's own weight decay is a no-op on it; the decay of a
+        # low-rank weight is applied to the full weight in apply_weight_update.
         for group, base_group in zip(self.param_groups, self._base.param_groups, strict=True):
             for key in self._base.defaults:
                 if key in group:
                     base_group[key] = group[key]
-            if "rank" in group and "weight_decay" in base_group:
-                base_group["weight_decay"] = 0.0  # decay is applied to the full weight instead
 
     # ----- state --------------------------------------------------------------------------------
     def _init_state(self, param: torch.Tensor, group: dict[str, Any], index: int) -> dict[str, torch.Tensor]:
@@ -176,7 +176,9 @@ class GaLore(torch.optim.Optimizer):
         if bool(finite.all()):
             return
         bad = [
-            _param_label(group, group["params"].index(p), p) for (p, group), ok in zip(due, finite, strict=True) if not ok
+            _param_label(group, next(i for i, q in enumerate(group["params"]) if q is p), p)
+            for (p, group), ok in zip(due, finite, strict=True)
+            if not ok
         ]
         raise ValueError(
             f"non-finite gradient (NaN/Inf) where a projection basis was due for a refresh: {', '.join(bad)}. "
@@ -264,6 +266,14 @@ class GaLore(torch.optim.Optimizer):
                     device = "cpu" if key in _INT_STATE else param.device
                     self.state[param][key] = value.to(device=device, copy=True)
         self._base.load_state_dict(base_state)
+        # Same trap one level down: e.g. Adafactor keeps fp32 factors for bf16 parameters.
+        base_params = [p for group in self._base.param_groups for p in group["params"]]
+        for index, saved in base_state["state"].items():
+            state = self._base.state[base_params[index]]
+            for key, value in saved.items():
+                current = state.get(key)
+                if torch.is_tensor(value) and torch.is_tensor(current) and current.dtype != value.dtype:
+                    state[key] = value.to(device=current.device, copy=True)
 
     def refresh_stats(self) -> list[dict[str, Any]]:
         """Per low-rank parameter: name, refresh count, current gap, last refresh step, steps taken."""
@@ -286,4 +296,3 @@ class GaLore(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"GaLore(base={self._base_cls.__name__}, groups={len(self.param_groups)})"
-

@@ -152,14 +152,24 @@ class GaLore(torch.optim.Optimizer):
         return state
 
     def _lowrank_params(self) -> list[tuple[torch.Tensor, dict[str, Any], int]]:
-        """(param, group, global index) for every low-rank parameter that has a gradient."""
+        """(param, group, global index) for every low-rank parameter with a gradient or an accumulator."""
         found, index = [], 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and self.is_lowrank(p):
+                if self.is_lowrank(p) and (p.grad is not None or "grad_accum" in self.state.get(p, {})):
                     found.append((p, group, index))
                 index += 1
         return found
+
+    def _locate(self, param: torch.Tensor) -> tuple[dict[str, Any], int, str]:
+        """(group, global index, readable label) of ``param``."""
+        index = 0
+        for group in self.param_groups:
+            for local, p in enumerate(group["params"]):
+                if p is param:
+                    return group, index, _param_label(group, local, p)
+                index += 1
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
 
     def _check_refresh_inputs(self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]) -> None:
         """Refuses, before any state changes, to build a basis from a non-finite gradient."""
@@ -167,6 +177,8 @@ class GaLore(torch.optim.Optimizer):
         for p, group, _ in todo:
             state = self.state[p]
             if not get_projector(group["projector"]).uses_gradient:
+                continue
+            if p.grad is None:
                 continue
             if not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"])):
                 due.append((p, group))
@@ -189,7 +201,8 @@ class GaLore(torch.optim.Optimizer):
         """The current (min(m, n) x r) basis of ``param``, refreshed first when due."""
         kind = get_projector(group["projector"])
         step, last = int(state["step"]), int(state["last_refresh"])
-        grad = orient(param.grad)
+        # Between refreshes an accumulated step may have no .grad left; the basis builders only need the shape then.
+        grad = orient(param.grad if param.grad is not None else param)
         rank = min(param.shape) if kind.name == "identity" else group["rank"]
         if refresh_due(step, last, int(state["gap"])):
             last = step
@@ -228,7 +241,7 @@ class GaLore(torch.optim.Optimizer):
         for p, group, index in todo:
             state = self._init_state(p, group, index)
             basis = self._basis(p, group, state)
-            low = project_gradient(p.grad, basis)
+            low = self._take_projected_grad(p, state, basis)
             shadow = self._shadows[p]
             shadow.data = torch.zeros_like(low)
             shadow.grad = low
@@ -245,6 +258,38 @@ class GaLore(torch.optim.Optimizer):
             shadow.data = shadow.data.new_empty(0)
             state["step"].add_(1)
         return loss
+
+    def _take_projected_grad(
+        self, param: torch.Tensor, state: dict[str, torch.Tensor], basis: torch.Tensor
+    ) -> torch.Tensor:
+        """Projected gradient of this step: the accumulator (emptied) plus the projection of ``param.grad``."""
+        low = state.pop("grad_accum", None)
+        if param.grad is not None:
+            projected = project_gradient(param.grad, basis)
+            low = projected if low is None else low.add_(projected)
+        return low
+
+    @torch.no_grad()
+    def accumulate_grad(self, param: torch.Tensor) -> None:
+        """Moves ``param.grad`` into a projected (r x max(m, n)) accumulator and frees the full gradient.
+
+        Gradient accumulation in the low-rank space: between refreshes, the sum of projections equals the
+        projection of the sum, so the next :meth:`step` applies the same update as if the full gradients had
+        been summed, while only r x n floats are held. A refresh that falls due uses the first micro-batch's
+        gradient. Plain parameters keep accumulating in ``.grad`` as usual.
+
+        Raises:
+            ValueError: for a parameter that is not low-rank here, or a non-finite gradient at a refresh.
+        """
+        if param.grad is None:
+            return
+        group, index, label = self._locate(param)
+        if not self.is_lowrank(param):
+            raise ValueError(f"{label} is not projected: accumulate its gradient in .grad instead")
+        self._check_refresh_inputs([(param, group, index)])
+        state = self._init_state(param, group, index)
+        state["grad_accum"] = self._take_projected_grad(param, state, self._basis(param, group, state))
+        param.grad = None
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -253,3 +253,34 @@ def test_two_line_replacement_trains_a_tiny_llama(tiny_llama):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_accumulation_between_refreshes_matches_summed_gradients_exactly():
+    torch.manual_seed(1)
+    w_sum = nn.Parameter(torch.randn(24, 40))
+    w_acc = nn.Parameter(w_sum.detach().clone())
+    first = torch.randn(24, 40)
+    opts = [GaLoreAdamW([{"params": [w], "rank": 4, "update_gap": 100}], lr=1e-2) for w in (w_sum, w_acc)]
+    for w, opt in zip((w_sum, w_acc), opts, strict=True):  # same first step builds the same basis
+        w.grad = first.clone()
+        opt.step()
+    parts = [torch.randn(24, 40) for _ in range(3)]
+    w_sum.grad = sum(parts)
+    opts[0].step()
+    for g in parts[:-1]:
+        w_acc.grad = g.clone()
+        opts[1].accumulate_grad(w_acc)
+        assert w_acc.grad is None and opts[1].state[w_acc]["grad_accum"].shape == (4, 40)
+    w_acc.grad = parts[-1].clone()
+    opts[1].step()
+    torch.testing.assert_close(w_acc, w_sum, atol=1e-6, rtol=1e-6)
+
+
+def test_accumulate_rejects_plain_parameters():
+    params = make_params()
+    opt = GaLoreAdamW(
+        [{"params": params[:1], "rank": 4, "param_names": ["w"]}, {"params": params[3:], "param_names": ["bias"]}]
+    )
+    params[3].grad = torch.ones(16)
+    with pytest.raises(ValueError, match=r"bias \(shape \(16,\)\) is not projected"):
+        opt.accumulate_grad(params[3])

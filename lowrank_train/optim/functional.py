@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_train.nn.quant_linear import apply_quantized_update, is_quantized_weight
+
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, step) pairs
+_ROUNDING_SALT = 0x5851F42D4C957F2D  # keeps the rounding stream apart from the basis stream of the same seed
 
 
 def refresh_due(step: int, last_refresh: int, gap: int) -> bool:
@@ -24,21 +27,38 @@ def basis_generator(seed: int, refresh_step: int, device: torch.device) -> torch
     return torch.Generator(device=device).manual_seed(mixed)
 
 
+def rounding_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """Generator for the stochastic rounding of a quantized weight at ``step``: reproducible and resumable."""
+    return basis_generator(seed ^ _ROUNDING_SALT, step, device)
+
+
 def apply_weight_update(
-    param: torch.Tensor, update: torch.Tensor, *, lr: float | torch.Tensor, weight_decay: float, scale: float
+    param: torch.Tensor,
+    update: torch.Tensor,
+    *,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    scale: float,
+    generator: torch.Generator | None = None,
 ) -> None:
-    """W <- W * (1 - lr * weight_decay) + scale * update, in place.
+    """W <- W * (1 - lr * weight_decay) + scale * update, in place: the optimizers' single write-back.
 
     Decay is decoupled (AdamW) and applied to the full weight, never in the projected space, in the
     same order as ``torch.optim.AdamW`` (decay first) so a full-rank identity projection matches it.
+    A quantized (INT8) weight is updated in fp32 and re-quantized with stochastic rounding (Q-GaLore).
 
     Args:
-        param: (m, n) weight, updated in place.
+        param: (m, n) weight, updated in place, or a quantized weight's carrier.
         update: (m, n) update already multiplied by the learning rate (the inner optimizer's step).
         lr: learning rate, for the decay only.
         weight_decay: decoupled decay coefficient.
         scale: GaLore's alpha.
+        generator: randomness of the stochastic rounding of a quantized weight; ignored for float weights.
     """
+    if is_quantized_weight(param):
+        decay = 1 - float(lr) * weight_decay
+        apply_quantized_update(param, update * scale, weight_decay_factor=decay, generator=generator)
+        return
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     param.add_(update.to(param.dtype), alpha=scale)

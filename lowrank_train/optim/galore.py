@@ -16,8 +16,20 @@ never synchronises a GPU):
 ``gap``            int64, steps between refreshes (fixed here, adapted by Q-GaLore)
 ``seed``           int64, seeds randomized and random projectors
 ``refreshes``      int64, number of refreshes so far
-``basis``          fp32 (min(m, n) x r) orthonormal basis, absent for "random" and "identity"
+``basis``          fp32 (min(m, n) x r) orthonormal basis, absent for "random" and "identity" and
+                   when ``proj_bits`` is set
+``basis_codes``    with ``proj_bits`` 8: int8 codes; 4: uint8, two codes per byte (Q-GaLore)
+``basis_scales``   with ``proj_bits``: fp32 per-group scales of the basis codes
+``similarity``     with ``adaptive_refresh``: fp32 (refresh_history,) last subspace overlaps, NaN
+                   where not measured yet (on the CPU)
 =================  ======================================================================
+
+Q-GaLore (Zhang et al. 2024, arXiv 2407.08296; issue 3) is three group options on the same wrapper:
+``proj_bits`` (4 or 8: the basis is kept as group-wise quantized codes, ``proj_group_size`` per group),
+``adaptive_refresh`` (the gap grows by ``refresh_growth`` up to ``max_update_gap`` while the mean overlap of the
+last ``refresh_history`` refreshes is at least ``refresh_threshold``, and shrinks back when it drops; see
+:mod:`lowrank_train.projection.adaptive`), and INT8 weights (:func:`lowrank_train.nn.quantize_model`), which
+:func:`apply_weight_update` writes back with stochastic rounding.
 
 The base optimizer's own state (e.g. ``exp_avg`` of shape r x max(m, n)) is saved under the ``"base"`` key
 of :meth:`GaLore.state_dict`.
@@ -31,9 +43,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_train.nn.quant_linear import is_quantized_weight
 from lowrank_train.optim.bases import resolve_base
-from lowrank_train.optim.functional import apply_weight_update, basis_generator, refresh_due
-from lowrank_train.projection import get_projector, orient, project_back, project_gradient
+from lowrank_train.optim.functional import apply_weight_update, basis_generator, refresh_due, rounding_generator
+from lowrank_train.projection import (
+    basis_rows,
+    get_projector,
+    next_refresh_gap,
+    orient,
+    project_back,
+    project_gradient,
+    push_similarity,
+    subspace_overlap,
+    validate_adaptive_options,
+)
+from lowrank_train.quant import QuantizedTensor
 
 GALORE_DEFAULTS: dict[str, Any] = {
     "update_gap": 200,
@@ -43,8 +67,17 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "oversample": 8,
     "power_iters": 2,
     "full_rank_fallback": False,
+    # Q-GaLore (issue 3); the defaults leave plain GaLore unchanged.
+    "proj_bits": None,
+    "proj_group_size": 256,
+    "adaptive_refresh": False,
+    "refresh_threshold": 0.4,
+    "refresh_growth": 2.0,
+    "refresh_history": 5,
+    "max_update_gap": None,  # None: 8 x update_gap
 }
 _INT_STATE = ("step", "last_refresh", "gap", "seed", "refreshes")
+_CPU_STATE = (*_INT_STATE, "similarity")  # read by Python at every refresh: kept off the GPU
 
 
 def _param_label(group: dict[str, Any], index: int, param: torch.Tensor) -> str:
@@ -62,6 +95,17 @@ def _validate_lowrank_group(group: dict[str, Any]) -> None:
         raise ValueError(f"update_gap must be an integer >= 1, got {gap!r}")
     if not group["scale"] > 0:
         raise ValueError(f"scale must be > 0, got {group['scale']!r}")
+    if group["proj_bits"] not in (None, 4, 8):
+        raise ValueError(f"proj_bits must be 4, 8 or None (float basis), got {group['proj_bits']!r}")
+    proj_group_size = group["proj_group_size"]
+    if isinstance(proj_group_size, bool) or not isinstance(proj_group_size, int) or proj_group_size <= 0:
+        raise ValueError(f"proj_group_size must be a positive int, got {proj_group_size!r}")
+    if group["proj_bits"] == 4 and proj_group_size % 2:
+        raise ValueError(f"proj_bits=4 packs two codes per byte: proj_group_size must be even, got {proj_group_size}")
+    if group["adaptive_refresh"]:
+        validate_adaptive_options(
+            group["refresh_threshold"], group["refresh_growth"], group["refresh_history"], gap, _max_gap(group)
+        )
     kind = get_projector(group["projector"])
     for i, p in enumerate(group["params"]):
         label = _param_label(group, i, p)
@@ -74,6 +118,10 @@ def _validate_lowrank_group(group: dict[str, Any]) -> None:
                 f"rank {rank} is not below min(m, n) = {min(p.shape)} for {label}: a low-rank projection would "
                 "save nothing. Lower the rank, or pass full_rank_fallback=True to give such weights the plain update"
             )
+
+
+def _max_gap(group: dict[str, Any]) -> int:
+    return 8 * group["update_gap"] if group["max_update_gap"] is None else group["max_update_gap"]
 
 
 class GaLore(torch.optim.Optimizer):
@@ -124,6 +172,13 @@ class GaLore(torch.optim.Optimizer):
             for p in group["params"]:
                 if identity or group["rank"] < min(p.shape):
                     self._shadows[p] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device))
+        for i, p in enumerate(group["params"]):
+            if is_quantized_weight(p) and p not in self._shadows:
+                raise ValueError(
+                    f"{_param_label(group, i, p)} is an INT8 quantized weight: it can only be written by this "
+                    "optimizer's stochastic-rounding write-back, so it needs a low-rank group (rank below "
+                    "min(m, n), or projector='identity' for a full-rank update)"
+                )
         if self._base is not None:
             self._base.add_param_group(self._base_group(group))
 
@@ -149,6 +204,8 @@ class GaLore(torch.optim.Optimizer):
             state["gap"] = torch.tensor(group["update_gap"], dtype=torch.int64)
             state["seed"] = torch.tensor(group["proj_seed"] * 1_000_003 + index, dtype=torch.int64)
             state["refreshes"] = torch.tensor(0, dtype=torch.int64)
+            if group.get("adaptive_refresh"):
+                state["similarity"] = torch.full((group["refresh_history"],), float("nan"))
         return state
 
     def _lowrank_params(self) -> list[tuple[torch.Tensor, dict[str, Any], int]]:
@@ -214,18 +271,47 @@ class GaLore(torch.optim.Optimizer):
                     )
                 else:
                     basis = kind.build(grad, rank, generator)
+                if group["adaptive_refresh"] and ("basis" in state or "basis_codes" in state):
+                    self._adapt_gap(state, group, self._load_basis(state, group, param), basis)
                 self._store_basis(state, basis, group)
             state["last_refresh"].fill_(last)
             state["refreshes"].add_(1)
         if kind.stores_basis:
-            return self._load_basis(state)
+            return self._load_basis(state, group, param)
         return kind.build(grad, rank, basis_generator(int(state["seed"]), last, grad.device))
 
-    def _store_basis(self, state: dict[str, torch.Tensor], basis: torch.Tensor, group: dict[str, Any]) -> None:
-        state["basis"] = basis
+    def _adapt_gap(
+        self, state: dict[str, torch.Tensor], group: dict[str, Any], old: torch.Tensor, new: torch.Tensor
+    ) -> None:
+        """Records how far the subspace moved and adapts the refresh gap (Q-GaLore Sec. 3.4, issue 3 part 3)."""
+        # One device sync per refresh (the SVD that precedes it already synchronises).
+        state["similarity"] = push_similarity(state["similarity"], float(subspace_overlap(old, new)))
+        gap = next_refresh_gap(
+            state["similarity"],
+            int(state["gap"]),
+            base_gap=group["update_gap"],
+            max_gap=_max_gap(group),
+            threshold=group["refresh_threshold"],
+            growth=group["refresh_growth"],
+        )
+        state["gap"].fill_(gap)
 
-    def _load_basis(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["basis"]
+    def _store_basis(self, state: dict[str, torch.Tensor], basis: torch.Tensor, group: dict[str, Any]) -> None:
+        if group["proj_bits"] is None:
+            state["basis"] = basis
+            return
+        # Q-GaLore stores the basis as group-wise INT4/INT8 codes (round to nearest) and dequantizes on use.
+        quantized = QuantizedTensor.from_float(basis, group["proj_bits"], group["proj_group_size"])
+        state["basis_codes"], state["basis_scales"] = quantized.codes, quantized.scales
+
+    def _load_basis(self, state: dict[str, torch.Tensor], group: dict[str, Any], param: torch.Tensor) -> torch.Tensor:
+        if "basis" in state:
+            return state["basis"]
+        shape = (basis_rows(param.shape), group["rank"])
+        quantized = QuantizedTensor(
+            state["basis_codes"], state["basis_scales"], shape, group["proj_bits"], group["proj_group_size"]
+        )
+        return quantized.dequantize(torch.float32)
 
     # ----- step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -251,13 +337,30 @@ class GaLore(torch.optim.Optimizer):
         for p, group, state, basis in pending:
             shadow = self._shadows[p]
             update = project_back(shadow.data, basis, p.shape)  # shadow started at 0: its value is the update
-            apply_weight_update(
-                p, update, lr=group["lr"], weight_decay=group.get("weight_decay", 0.0), scale=group["scale"]
-            )
+            self._write_back(p, update, group, state)
             shadow.grad = None
             shadow.data = shadow.data.new_empty(0)
             state["step"].add_(1)
         return loss
+
+    def _write_back(
+        self, param: torch.Tensor, update: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
+    ) -> None:
+        """Adds the projected-back (m x n) ``update`` to ``param`` (overridden for FSDP2 shards, issue 6)."""
+        # INT8 weights are re-quantized with stochastic rounding; the stream depends on (seed, step) only.
+        generator = (
+            rounding_generator(int(state["seed"]), int(state["step"]), param.device)
+            if is_quantized_weight(param)
+            else None
+        )
+        apply_weight_update(
+            param,
+            update,
+            lr=group["lr"],
+            weight_decay=group.get("weight_decay", 0.0),
+            scale=group["scale"],
+            generator=generator,
+        )
 
     def _take_projected_grad(
         self, param: torch.Tensor, state: dict[str, torch.Tensor], basis: torch.Tensor
@@ -308,7 +411,7 @@ class GaLore(torch.optim.Optimizer):
             param = params[index]
             for key, value in saved.items():
                 if isinstance(value, torch.Tensor):
-                    device = "cpu" if key in _INT_STATE else param.device
+                    device = "cpu" if key in _CPU_STATE else param.device
                     self.state[param][key] = value.to(device=device, copy=True)
         self._base.load_state_dict(base_state)
         # Same trap one level down: e.g. Adafactor keeps fp32 factors for bf16 parameters.
@@ -321,7 +424,8 @@ class GaLore(torch.optim.Optimizer):
                     state[key] = value.to(device=current.device, copy=True)
 
     def refresh_stats(self) -> list[dict[str, Any]]:
-        """Per low-rank parameter: name, refresh count, current gap, last refresh step, steps taken."""
+        """Per low-rank parameter: name, refresh count, current gap, last refresh step, steps taken, and the mean
+        subspace overlap over the adaptive-refresh history (only with ``adaptive_refresh``; NaN before the first)."""
         stats = []
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -337,6 +441,8 @@ class GaLore(torch.optim.Optimizer):
                         "step": int(state["step"]),
                     }
                 )
+                if "similarity" in state:
+                    stats[-1]["similarity"] = float(state["similarity"].nanmean())
         return stats
 
     def __repr__(self) -> str:

@@ -8,8 +8,10 @@ from typing import Any
 
 from torch import nn
 
-# Module types whose 2-D ``weight`` can be projected; other packages (e.g. the INT8 linear) register theirs.
-LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear]
+from lowrank_train.nn.quant_linear import QuantLinear
+
+# Module types whose 2-D ``weight`` can be projected; other packages register theirs.
+LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, QuantLinear]
 
 
 def register_linear_type(module_type: type[nn.Module]) -> None:

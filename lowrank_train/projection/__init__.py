@@ -1,5 +1,6 @@
 """How a gradient is projected onto a low-rank subspace, and how that subspace is built."""
 
+from lowrank_train.projection.adaptive import next_refresh_gap, push_similarity, validate_adaptive_options
 from lowrank_train.projection.ops import (
     basis_rows,
     orient,
@@ -25,13 +26,16 @@ __all__ = [
     "basis_rows",
     "get_projector",
     "identity_basis",
+    "next_refresh_gap",
     "orient",
     "project_back",
     "project_gradient",
+    "push_similarity",
     "projects_rows",
     "random_basis",
     "register_projector",
     "rsvd_basis",
     "subspace_overlap",
     "svd_basis",
+    "validate_adaptive_options",
 ]

@@ -145,6 +145,7 @@ def _is_complete_model_folder(folder: Path) -> bool:
 def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary shared cache entry
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -1,0 +1,112 @@
+"""LowRankLinear: reconstruction at full rank, exact merge, Eckart-Young truncation, weighted truncation."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_train.nn.lowrank_linear import LowRankLinear, lowrank_factors, weighted_matrix
+
+torch.set_num_threads(1)
+
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 3e-2}
+
+
+def _inputs(in_features: int, generator: torch.Generator) -> torch.Tensor:
+    # Anisotropic inputs (a few loud channels), like real LLM activations.
+    scale = torch.logspace(0, 1.5, in_features)[torch.randperm(in_features, generator=generator)]
+    return torch.randn(256, in_features, generator=generator) * scale
+
+
+def _weighting(kind: str, x: torch.Tensor) -> dict:
+    if kind == "plain":
+        return {}
+    if kind == "scale":
+        return {"input_scale": x.abs().mean(0).sqrt()}
+    moment = x.T.double() @ x.double() / x.shape[0]
+    return {"whitening": torch.linalg.cholesky(moment).float()}
+
+
+@pytest.mark.parametrize("kind", ["plain", "scale", "whiten"])
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24), (12, 12)])
+def test_full_rank_reconstructs_weight(kind, shape):
+    generator = torch.Generator().manual_seed(0)
+    linear = nn.Linear(shape[1], shape[0])
+    extra = _weighting(kind, _inputs(shape[1], generator))
+    layer = LowRankLinear.from_linear(linear, min(shape), **extra)
+    assert torch.allclose(layer.merged_weight(), linear.weight, atol=1e-4)
+    assert torch.equal(layer.bias, linear.bias)
+    x = torch.randn(5, shape[1], generator=generator)
+    assert torch.allclose(layer(x), linear(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linear_keeps_dtype_device_bias(dtype, bias):
+    linear = nn.Linear(20, 12, bias=bias, dtype=dtype)
+    layer = LowRankLinear.from_linear(linear, 12)
+    assert layer.factor_out.dtype == layer.factor_in.dtype == dtype
+    assert layer.factor_out.shape == (12, 12) and layer.factor_in.shape == (12, 20)
+    assert layer.factor_out.device == linear.weight.device
+    assert (layer.bias is None) == (not bias)
+    error = (layer.merged_weight().double() - linear.weight.double()).abs().max()
+    assert error <= TOLERANCE[dtype] * linear.weight.double().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_is_exact_and_idempotent(dtype):
+    torch.manual_seed(1)
+    layer = LowRankLinear.from_linear(nn.Linear(16, 24, dtype=dtype), 5)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == dtype
+    expected = (layer.factor_out.float() @ layer.factor_in.float()).to(dtype)
+    assert torch.equal(merged.weight, expected)
+    assert torch.equal(merged.bias, layer.bias)
+    x = torch.randn(3, 16, dtype=dtype)
+    assert torch.allclose(merged(x).float(), layer(x).float(), atol=TOLERANCE[dtype] * 10)
+    # Re-factorizing the merged (rank-5) weight at rank 5 gives it back: merge is a fixed point.
+    again = LowRankLinear.from_linear(merged, 5).merge()
+    assert torch.allclose(again.weight.float(), merged.weight.float(), atol=TOLERANCE[dtype] * 10)
+
+
+def test_truncation_matches_eckart_young():
+    torch.manual_seed(2)
+    weight = torch.randn(30, 20, dtype=torch.float64)
+    singular_values = torch.linalg.svdvals(weight)
+    for rank in (1, 7, 19):
+        factor_out, factor_in = lowrank_factors(weight, rank)
+        error = torch.linalg.matrix_norm((weight.float() - factor_out @ factor_in).double())
+        assert error == pytest.approx(float(singular_values[rank:].square().sum().sqrt()), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["scale", "whiten"])
+@torch.no_grad()
+def test_weighted_truncation_has_lower_output_error(kind):
+    generator = torch.Generator().manual_seed(3)
+    linear = nn.Linear(32, 24, bias=False)
+    x = _inputs(32, generator)
+    plain = LowRankLinear.from_linear(linear, 6)
+    weighted = LowRankLinear.from_linear(linear, 6, **_weighting(kind, x))
+    reference = linear(x)
+    plain_error = (plain(x) - reference).norm()
+    weighted_error = (weighted(x) - reference).norm()
+    assert weighted_error < plain_error
+    if kind == "whiten":  # SVD-LLM's truncation is optimal on these inputs: compare with the closed form.
+        singular_values = torch.linalg.svdvals(weighted_matrix(linear.weight, **_weighting(kind, x)))
+        optimum = float(singular_values[6:].square().sum().sqrt()) * x.shape[0] ** 0.5
+        assert float(weighted_error) == pytest.approx(optimum, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rank": 0}, "rank must be"),
+        ({"rank": 13}, "rank must be"),
+        ({"rank": 2, "input_scale": torch.ones(3)}, "input_scale must have shape"),
+        ({"rank": 2, "input_scale": -torch.ones(20)}, "strictly positive"),
+        ({"rank": 2, "whitening": torch.eye(5)}, "whitening must be"),
+        ({"rank": 2, "whitening": torch.eye(20), "input_scale": torch.ones(20)}, "at most one"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankLinear.from_linear(nn.Linear(20, 12), **kwargs)

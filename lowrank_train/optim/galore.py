@@ -64,6 +64,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "scale": 0.25,
     "projector": "svd",
     "proj_seed": 0,
+    "seed_offset": 0,  # added to the parameter's index: lets per-parameter optimizers keep distinct streams
     "oversample": 8,
     "power_iters": 2,
     "full_rank_fallback": False,
@@ -202,7 +203,8 @@ class GaLore(torch.optim.Optimizer):
             state["step"] = torch.tensor(0, dtype=torch.int64)
             state["last_refresh"] = torch.tensor(-1, dtype=torch.int64)
             state["gap"] = torch.tensor(group["update_gap"], dtype=torch.int64)
-            state["seed"] = torch.tensor(group["proj_seed"] * 1_000_003 + index, dtype=torch.int64)
+            seed = group["proj_seed"] * 1_000_003 + group["seed_offset"] + index
+            state["seed"] = torch.tensor(seed, dtype=torch.int64)
             state["refreshes"] = torch.tensor(0, dtype=torch.int64)
             if group.get("adaptive_refresh"):
                 state["similarity"] = torch.full((group["refresh_history"],), float("nan"))

@@ -1,0 +1,509 @@
+"""Layer-wise optimizer steps inside backward: gradient memory of one layer (GaLore, Zhao et al. 2024, Sec. 4.2).
+
+:class:`LayerwiseOptimizer` gives every trainable parameter its own inner optimizer (built by a user factory:
+``GaLoreAdamW``, ``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``, ...) and steps it from a
+``register_post_accumulate_grad_hook`` as soon as that parameter's gradient is complete, then frees the
+gradient. Only one layer's full gradient is alive at a time, instead of all of them until ``optimizer.step()``.
+
+How a training step runs (``A = accumulation_steps``)::
+
+    for micro_batch in range(A):          # the engine counts backward passes: no call marks the boundary
+        loss = model(batch).loss / A
+        loss.backward()                   # hooks step each parameter on the last micro-batch
+    scheduler.step()                      # an ordinary torch.optim.lr_scheduler drives every inner optimizer
+    log(optimizer.last_grad_norm)         # global gradient norm of the step that just ended
+
+Micro-batches are counted by backward passes that reach at least one managed parameter: the end of each such
+backward is detected with an autograd engine callback, and the ``A``-th one ends the step. ``zero_grad()``
+discards a partial accumulation and restarts the count. Calling ``optimizer.step()`` raises: the steps already
+happened inside backward.
+
+Accumulation: a GaLore-managed low-rank weight moves each micro-batch's gradient into the GaLore optimizer's
+projected (r x n) accumulator (``GaLore.accumulate_grad``), so its m x n gradient is freed at once; other
+parameters accumulate in ``.grad`` as usual and step on the last micro-batch. A parameter that gets a
+gradient in an early micro-batch but not in the last one is stepped when the last backward ends; a parameter
+that gets no gradient during a whole step is skipped (its inner optimizer does not step), like torch.optim.
+
+Gradient norm and clipping act on the gradient each inner optimizer receives: the full (accumulated,
+averaged) gradient, except for low-rank weights with ``A > 1``, where only the projected accumulator
+``P^T sum(G)`` exists; its norm is at most the full gradient's norm for an orthonormal basis ("svd", "rsvd").
+``last_grad_norm`` is the square root of the sum of these squared norms, measured before clipping.
+- ``clip_mode="per-param"``: each gradient is clipped to ``max_grad_norm`` by its own norm, in flight.
+- ``clip_mode="global-previous"``: the global norm of a step is only known once the step is over, after every
+  parameter has moved. Step ``t`` therefore scales every gradient by ``min(1, max_grad_norm / (norm_{t-1} +
+  1e-6))``, the coefficient ``torch.nn.utils.clip_grad_norm_`` would have used one step earlier; step 0 is
+  not clipped. This damps runaway norms with one step of delay; it does not bound the norm of step ``t``.
+
+Multi-process (``torchrun``, any backend that supports ``all_reduce``): every rank runs the same model on
+its shard of the batch, without a DDP wrapper; the hook averages each gradient over the ranks right before
+stepping it, so every rank applies the same update. Communication happens once per accumulated step. For
+low-rank weights with ``A > 1`` the r x n accumulator is averaged, not the m x n gradient; the projection
+basis is built from a local gradient, so at a micro-batch where a basis refresh is due the full gradient is
+averaged first (refreshes are rare: one m x n all-reduce every ``update_gap`` steps), and all ranks build the
+same basis. Every rank must produce gradients for the same parameters in the same order (as DDP without
+``find_unused_parameters``), otherwise the collectives mismatch.
+
+Seeds: GaLore seeds a parameter's random projections ("random", "rsvd") and the stochastic rounding of INT8
+weights with the parameter's index inside its optimizer. Here every inner optimizer holds one parameter, so all
+share index 0 (the same streams for same-shaped weights): deterministic, but not the streams of a single GaLore
+over the whole model. With "svd" (the default) and float weights the updates are the same.
+
+Engine state in :meth:`LayerwiseOptimizer.state_dict` (tensors, ``torch.load(weights_only=True)`` safe):
+``"inner"`` holds one ``state_dict()`` per parameter in parameter order, ``"layerwise"`` holds ``steps``
+(int64) and ``last_grad_norm`` (fp32, absent before the first step).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from lowrank_train.optim.functional import refresh_due
+
+CLIP_MODES = ("global-previous", "per-param")
+_CLIP_EPS = 1e-6  # the eps of torch.nn.utils.clip_grad_norm_, so the coefficients match it
+_NOT_SYNCED = ("params", "param_names", "seed_offset")
+# param -> weak reference to the LayerwiseOptimizer whose hook steps it: two engines on one parameter would
+# step it twice per backward.
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    """Settings of :class:`LayerwiseOptimizer`.
+
+    Attributes:
+        accumulation_steps: micro-batches (backward passes) per optimizer step, >= 1.
+        max_grad_norm: clip threshold, ``None`` for no clipping (the norm is still reported).
+        clip_mode: "global-previous" (global norm of the previous step) or "per-param" (each gradient by
+            its own norm, in flight).
+    """
+
+    accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    clip_mode: str = "global-previous"
+
+    def __post_init__(self) -> None:
+        steps = self.accumulation_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"accumulation_steps must be an integer >= 1 (1 = no accumulation), got {steps!r}")
+        norm = self.max_grad_norm
+        if norm is not None and (
+            isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm <= 0
+        ):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping, got {norm!r}")
+        if self.clip_mode not in CLIP_MODES:
+            raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))``, the factor ``torch.nn.utils.clip_grad_norm_`` multiplies by.
+
+    Args:
+        norm: 0-d gradient norm.
+        max_norm: clip threshold.
+
+    Returns:
+        0-d tensor on ``norm``'s device (no host synchronisation).
+    """
+    return torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+
+
+def gradient_norm(grad: torch.Tensor) -> torch.Tensor:
+    """fp32 Euclidean norm of ``grad`` (any shape, any float dtype), a 0-d tensor."""
+    return torch.linalg.vector_norm(grad, dtype=torch.float32)
+
+
+def _is_lowrank(inner: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    # GaLore-like optimizers: project the gradient of this param and can accumulate the projection.
+    is_lowrank = getattr(inner, "is_lowrank", None)
+    return callable(is_lowrank) and hasattr(inner, "accumulate_grad") and bool(is_lowrank(param))
+
+
+def _basis_refresh_due(inner: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """True when the GaLore optimizer ``inner`` will rebuild ``param``'s basis from its next gradient."""
+    state = inner.state.get(param)
+    if not state:
+        return True
+    return refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
+
+
+def _refresh_count(inner: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    state = inner.state.get(param)
+    return int(state["refreshes"]) if state and "refreshes" in state else 0
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Steps every parameter inside backward with its own inner optimizer, then frees its gradient.
+
+    See the module docstring for the step protocol, accumulation, clipping and multi-process behaviour.
+
+    Args:
+        model_or_params: a module (all its trainable parameters, one group, with names), or parameters /
+            param groups such as :func:`lowrank_param_groups`. Group keys other than ``params`` are passed to
+            the inner optimizers; the inner optimizers' hyperparameters appear in :attr:`param_groups`, so LR
+            schedulers work on this object.
+        make_optimizer: called once per parameter with a one-element list of groups holding only that
+            parameter (``[{"params": [p], "param_names": [name], **group_options}]``); returns an optimizer
+            over exactly that parameter, e.g. ``lambda groups: GaLoreAdamW(groups, lr=1e-3)``.
+        accumulation_steps: backward passes per optimizer step.
+        max_grad_norm: clip threshold, or ``None`` (no clipping; the norm is still reported).
+        clip_mode: "global-previous" or "per-param" (see the module docstring).
+        process_group: group to average gradients over; ``None`` means the default group when
+            ``torch.distributed`` is initialised with more than one process, else no communication.
+
+    Raises:
+        ValueError: bad settings, no trainable parameter, a parameter without ``requires_grad``, or a
+            factory that returns something other than an optimizer over exactly its parameter.
+
+    Example:
+        >>> groups = lowrank_param_groups(model, rank=128, update_gap=200)
+        >>> opt = LayerwiseOptimizer(groups, lambda g: GaLoreAdamW(g, lr=1e-3), accumulation_steps=4)
+        >>> scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        clip_mode: str = "global-previous",
+        process_group: Any = None,
+    ):
+        self.config = LayerwiseConfig(accumulation_steps, max_grad_norm, clip_mode)
+        if not callable(make_optimizer):
+            raise ValueError(f"make_optimizer must be a callable returning an optimizer, got {make_optimizer!r}")
+        self._make_optimizer = make_optimizer
+        self._params: list[torch.Tensor] = []
+        self._inner: list[torch.optim.Optimizer] = []
+        self._position: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (index, group index)
+        self._lowrank: set[torch.Tensor] = set()
+        self._hooks: list[Any] = []
+        self._process_group = process_group
+        self._reset_accumulation()
+        self._steps = 0
+        self._last_norm: torch.Tensor | None = None
+        self._clip_coef: torch.Tensor | None = None  # global-previous: factor from the previous step's norm
+        groups = self._as_groups(model_or_params)
+        super().__init__(groups, {})
+
+    # ----- construction -------------------------------------------------------------------------
+    @staticmethod
+    def _as_groups(model_or_params: nn.Module | Iterable[Any]) -> list[Any]:
+        if isinstance(model_or_params, nn.Module):
+            named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+            if not named:
+                raise ValueError(
+                    f"{type(model_or_params).__name__} has no trainable parameter (every requires_grad is False): "
+                    "nothing to optimize"
+                )
+            return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+        if isinstance(model_or_params, torch.Tensor):
+            raise ValueError("pass a module, an iterable of parameters or a list of param groups, not one tensor")
+        groups = []
+        for group in model_or_params:  # materialise generators: they are read twice
+            if isinstance(group, dict):
+                params = group["params"]
+                groups.append({**group, "params": [params] if isinstance(params, torch.Tensor) else list(params)})
+            else:
+                groups.append(group)
+        found = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+        if not found:
+            raise ValueError("no trainable parameter was given: the parameter list (or every group) is empty")
+        return groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Adds a group; each of its parameters gets an inner optimizer and a post-accumulate-grad hook."""
+        super().add_param_group(param_group)
+        group_index = len(self.param_groups) - 1
+        group = self.param_groups[group_index]
+        names = group.get("param_names")
+        options = {k: v for k, v in group.items() if k not in _NOT_SYNCED}
+        for local, p in enumerate(group["params"]):
+            label = f"{names[local] if names else f'params[{local}]'} (shape {tuple(p.shape)})"
+            if not p.requires_grad:
+                raise ValueError(f"{label} does not require grad: leave frozen parameters out of the optimizer")
+            self._check_not_owned(p, label)
+            inner_group: dict[str, Any] = {"params": [p], **options}
+            if names:
+                inner_group["param_names"] = [names[local]]
+            if "rank" in options:  # distinct random-projection / rounding streams, as one GaLore over all params
+                inner_group["seed_offset"] = len(self._params)
+            inner = self._make_optimizer([inner_group])
+            self._check_inner(inner, p, label)
+            for key, value in inner.param_groups[0].items():  # the inner defaults become visible to schedulers
+                if key not in _NOT_SYNCED:
+                    group.setdefault(key, value)
+            self._position[p] = (len(self._params), group_index)
+            self._params.append(p)
+            self._inner.append(inner)
+            if _is_lowrank(inner, p):
+                self._lowrank.add(p)
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready_hook()))
+            _OWNERS[p] = weakref.ref(self)
+
+    def _check_not_owned(self, param: torch.Tensor, label: str) -> None:
+        owner = _OWNERS.get(param)
+        if owner is not None and owner() is not None:
+            gc.collect()  # an unreachable engine caught in a reference cycle is not a real owner
+        if owner is not None and owner() is not None:
+            raise ValueError(
+                f"{label} is already stepped by another LayerwiseOptimizer: both would step it in every backward. "
+                "Call remove_hooks() on the old one (or delete it) first"
+            )
+
+    @staticmethod
+    def _check_inner(inner: Any, param: torch.Tensor, label: str) -> None:
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise ValueError(f"make_optimizer must return a torch.optim.Optimizer, got {type(inner).__name__}")
+        owned = [q for g in inner.param_groups for q in g["params"]]
+        if len(owned) != 1 or owned[0] is not param:
+            raise ValueError(
+                f"make_optimizer must build an optimizer over exactly the parameter it is given ({label}); "
+                f"it returned one over {len(owned)} parameter(s). Build it from the groups argument"
+            )
+
+    def remove_hooks(self) -> None:
+        """Detaches the engine from the parameters (their gradients then stay in ``.grad``)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        for param in self._params:
+            owner = _OWNERS.get(param)
+            if owner is not None and owner() is self:
+                del _OWNERS[param]
+
+    # ----- introspection ------------------------------------------------------------------------
+    @property
+    def accumulation_steps(self) -> int:
+        """Backward passes per optimizer step."""
+        return self.config.accumulation_steps
+
+    @property
+    def micro_step(self) -> int:
+        """Backward passes done in the current (unfinished) step, ``0 <= micro_step < accumulation_steps``."""
+        return self._micro
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps completed."""
+        return self._steps
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """0-d fp32 global gradient norm of the last completed step (before clipping), ``None`` before it."""
+        return self._last_norm
+
+    def inner_optimizer(self, param: torch.Tensor) -> torch.optim.Optimizer:
+        """The inner optimizer stepping ``param``."""
+        if param not in self._position:
+            raise ValueError(f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
+        return self._inner[self._position[param][0]]
+
+    def is_lowrank(self, param: torch.Tensor) -> bool:
+        """True when ``param`` accumulates projected (r x n) gradients instead of full ones."""
+        return param in self._lowrank
+
+    # ----- the step, inside backward ------------------------------------------------------------
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        """Refused: a layer-wise optimizer steps each parameter inside ``backward()``.
+
+        Raises:
+            RuntimeError: always.
+        """
+        raise RuntimeError(
+            "LayerwiseOptimizer.step() must not be called: every parameter is stepped inside backward() as soon "
+            "as its gradient is ready, and the last of every `accumulation_steps` backward passes ends the step. "
+            "Remove the optimizer.step() call; keep scheduler.step() and read optimizer.last_grad_norm after it"
+        )
+
+    def _distributed(self) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        return dist.get_world_size(self._process_group) > 1
+
+    def _average(self, tensor: torch.Tensor) -> None:
+        """In-place mean over the ranks (SUM then divide: gloo has no AVG)."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self._process_group)
+        tensor.div_(dist.get_world_size(self._process_group))
+
+    @torch.no_grad()
+    def _on_grad_ready_hook(self) -> Callable[[torch.Tensor], None]:
+        # The hook holds the engine weakly: a discarded engine must neither stay alive nor keep stepping.
+        engine_ref = weakref.ref(self)
+
+        def hook(param: torch.Tensor) -> None:
+            engine = engine_ref()
+            if engine is not None:
+                engine._on_grad_ready(param)
+
+        return hook
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._end_queued:
+            # Runs once the whole backward pass is over: that is where a micro-batch (and a step) ends.
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+            self._end_queued = True
+        if param.grad is None:
+            return
+        last = self._micro == self.accumulation_steps - 1
+        if param in self._lowrank and self.accumulation_steps > 1:
+            self._accumulate_projected(param)
+        if last:
+            self._step_param(param)
+        else:
+            self._pending.add(param)
+
+    def _accumulate_projected(self, param: torch.Tensor) -> None:
+        """Moves ``param.grad`` into its GaLore accumulator; the full gradient is freed."""
+        inner = self._inner[self._position[param][0]]
+        distributed = self._distributed()
+        averaged = distributed and _basis_refresh_due(inner, param)
+        if averaged:  # every rank must build the same basis, so it is built from the averaged gradient
+            self._average(param.grad)
+        else:
+            self._local.add(param)
+        before = _refresh_count(inner, param)
+        inner.accumulate_grad(param)
+        if distributed and not averaged and _refresh_count(inner, param) != before:
+            raise RuntimeError(
+                "the inner optimizer refreshed a projection basis from a local gradient that was not averaged "
+                "over the ranks (its refresh rule is not the fixed gap this engine predicts); the ranks' bases "
+                "would differ"
+            )
+
+    def _step_param(self, param: torch.Tensor) -> None:
+        index, group_index = self._position[param]
+        inner = self._inner[index]
+        if param in self._lowrank and self.accumulation_steps > 1:
+            grad = inner.state[param]["grad_accum"]
+            if param in self._local and self._distributed():
+                self._average(grad)
+        else:
+            grad = param.grad
+            if self._distributed():
+                self._average(grad)
+        norm = gradient_norm(grad)
+        self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm)
+        coefficient = self._clip_coef
+        if self.config.max_grad_norm is not None and self.config.clip_mode == "per-param":
+            coefficient = clip_coefficient(norm, self.config.max_grad_norm)
+        if coefficient is not None:
+            grad.mul_(coefficient.to(grad.device, grad.dtype))
+        # Hyperparameters live in our groups (schedulers write there); the inner group follows them.
+        inner_group = inner.param_groups[0]
+        for key, value in self.param_groups[group_index].items():
+            if key not in _NOT_SYNCED:
+                inner_group[key] = value
+        inner.step()
+        param.grad = None
+        self._pending.discard(param)
+        self._local.discard(param)
+
+    @torch.no_grad()
+    def _on_backward_end(self) -> None:
+        self._end_queued = False
+        self._micro += 1
+        if self._micro < self.accumulation_steps:
+            return
+        for param in [p for p in self._params if p in self._pending]:  # fixed order: ranks must agree
+            self._step_param(param)
+        self._finish_step()
+
+    def _finish_step(self) -> None:
+        norm = self._sq_norm.sqrt() if self._sq_norm is not None else None
+        if norm is not None:
+            self._last_norm = norm
+            if self.config.max_grad_norm is not None and self.config.clip_mode == "global-previous":
+                self._clip_coef = clip_coefficient(norm, self.config.max_grad_norm)
+        self._steps += 1
+        self._reset_accumulation()
+        # LR schedulers warn unless they saw optimizer.step() run; the step ran here instead.
+        self._opt_called = True
+
+    def _reset_accumulation(self) -> None:
+        self._micro = 0
+        self._end_queued = False
+        self._pending: set[torch.Tensor] = set()
+        self._local: set[torch.Tensor] = set()
+        self._sq_norm: torch.Tensor | None = None
+
+    # ----- zero_grad and checkpoints ------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears gradients and discards a partial accumulation (projected accumulators included).
+
+        After a completed step there is nothing to clear; mid-accumulation this drops the micro-batches seen so
+        far (as ``zero_grad`` does in an ordinary loop) and restarts the micro-batch count.
+        """
+        for param, inner in zip(self._params, self._inner, strict=True):
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.detach_().zero_()
+            if param in self._lowrank and param in inner.state:
+                inner.state[param].pop("grad_accum", None)
+        self._reset_accumulation()
+
+    def _check_boundary(self, action: str) -> None:
+        if self._micro or self._pending:
+            raise RuntimeError(
+                f"{action} in the middle of an accumulated step (after backward {self._micro} of "
+                f"{self.accumulation_steps}): do it at a step boundary, or call zero_grad() to drop the partial step"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Outer groups, one inner ``state_dict()`` per parameter, and the engine's counters (all tensors)."""
+        self._check_boundary("state_dict()")
+        state_dict = super().state_dict()
+        state_dict["inner"] = [inner.state_dict() for inner in self._inner]
+        engine = {"steps": torch.tensor(self._steps, dtype=torch.int64)}
+        if self._last_norm is not None:
+            engine["last_grad_norm"] = self._last_norm.detach().to("cpu", torch.float32, copy=True)
+        state_dict["layerwise"] = engine
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads what :meth:`state_dict` produced (e.g. through ``torch.load(..., weights_only=True)``).
+
+        Raises:
+            ValueError: when the saved optimizer manages a different number of parameters.
+            RuntimeError: in the middle of an accumulated step.
+        """
+        self._check_boundary("load_state_dict()")
+        inner_states = state_dict["inner"]
+        if len(inner_states) != len(self._inner):
+            raise ValueError(
+                f"the state dict holds {len(inner_states)} inner optimizers, this optimizer manages "
+                f"{len(self._inner)} parameters"
+            )
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        for inner, saved in zip(self._inner, inner_states, strict=True):
+            inner.load_state_dict(saved)
+        engine = state_dict["layerwise"]
+        self._steps = int(engine["steps"])
+        device = self._params[0].device
+        self._last_norm = engine["last_grad_norm"].to(device) if "last_grad_norm" in engine else None
+        self._clip_coef = None
+        if self._last_norm is not None and self.config.max_grad_norm is not None:
+            if self.config.clip_mode == "global-previous":
+                self._clip_coef = clip_coefficient(self._last_norm, self.config.max_grad_norm)
+        self._reset_accumulation()
+
+    def __repr__(self) -> str:
+        kinds = sorted({type(inner).__name__ for inner in self._inner})
+        return (
+            f"LayerwiseOptimizer(params={len(self._params)}, inner={kinds}, "
+            f"accumulation_steps={self.accumulation_steps}, max_grad_norm={self.config.max_grad_norm}, "
+            f"clip_mode={self.config.clip_mode!r})"
+        )

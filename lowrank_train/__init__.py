@@ -1,10 +1,13 @@
 """lowrank_train: train and fine-tune large language models in far less memory than AdamW needs."""
 
+from lowrank_train.nn import QuantLinear, dequantize_model, quantize_model
 from lowrank_train.optim import (
     GaLore,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    LayerwiseOptimizer,
+    QGaLoreAdamW8bit,
     lowrank_param_groups,
 )
 
@@ -15,6 +18,11 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "LayerwiseOptimizer",
+    "QGaLoreAdamW8bit",
+    "QuantLinear",
     "__version__",
+    "dequantize_model",
     "lowrank_param_groups",
+    "quantize_model",
 ]

@@ -66,7 +66,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "proj_seed": 0,
     "seed_offset": 0,  # added to the parameter's index: lets per-parameter optimizers keep distinct streams
     "oversample": 8,
-    "power_iters": 2,
+    "power_iters": 1,
     "full_rank_fallback": False,
     # Q-GaLore (issue 3); the defaults leave plain GaLore unchanged.
     "proj_bits": None,
@@ -138,7 +138,7 @@ class GaLore(torch.optim.Optimizer):
             name ("adamw", "adamw8bit", "adafactor", "adam", "sgd").
         **defaults: base optimizer keyword arguments (``lr``, ``betas``, ``weight_decay``...) and GaLore
             group defaults (``update_gap`` 200, ``scale`` 0.25, ``projector`` "svd", ``proj_seed`` 0,
-            ``oversample`` 8 and ``power_iters`` 2 for "rsvd", ``full_rank_fallback`` False).
+            ``oversample`` 8 and ``power_iters`` 1 for "rsvd", ``full_rank_fallback`` False).
 
     Example:
         >>> groups = lowrank_param_groups(model, rank=128, update_gap=200, scale=0.25)

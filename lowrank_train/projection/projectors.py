@@ -75,7 +75,7 @@ def rsvd_basis(
     generator: torch.Generator | None = None,
     *,
     oversample: int = 8,
-    power_iters: int = 2,
+    power_iters: int = 1,
 ) -> torch.Tensor:
     """Top-``rank`` left singular subspace by a randomized range finder (Halko et al. 2011, alg. 4.4).
 
@@ -87,7 +87,9 @@ def rsvd_basis(
         rank: basis size.
         generator: drives the Gaussian test matrix, so a refresh is reproducible.
         oversample: extra sketch columns; improves accuracy when the spectrum decays slowly.
-        power_iters: subspace iterations; each sharpens the spectral gap at the cost of two matmuls.
+        power_iters: subspace iterations; each sharpens the spectral gap at the cost of two matmuls. One is the
+            default: on a 4096 x 11008 gradient at rank 1024 it is ~8x faster than an exact SVD and keeps >99% of
+            the gradient energy the exact basis captures (benchmarks/optimizer_step.py).
 
     Returns:
         (rows, rank) fp32 tensor with orthonormal columns.

@@ -164,11 +164,21 @@ class GaLore(torch.optim.Optimizer):
         """True when ``param`` is updated through a projection (not a plain or full-rank-fallback param)."""
         return param in self._shadows
 
+    # FSDP2 shards parameters as DTensors; the plain projection math would fail on them with an opaque error.
+    _supports_dtensor = False
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "rank" in group:
             _validate_lowrank_group(group)
+            if not self._supports_dtensor:
+                for i, p in enumerate(group["params"]):
+                    if any(cls.__name__ == "DTensor" for cls in type(p).__mro__):
+                        raise ValueError(
+                            f"{_param_label(group, i, p)} is an FSDP2-sharded DTensor: use "
+                            "lowrank_train.integrations.fsdp.FSDP2GaLore (same arguments) for sharded models"
+                        )
             identity = group["projector"] == "identity"
             for p in group["params"]:
                 if identity or group["rank"] < min(p.shape):

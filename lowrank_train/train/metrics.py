@@ -1,0 +1,121 @@
+"""Run metrics: JSON lines always, TensorBoard / Weights & Biases when installed and asked for; memory probes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+    """Writes one JSON object per line to ``<output_dir>/metrics.jsonl`` and mirrors scalars to optional sinks.
+
+    Args:
+        output_dir: the run folder.
+        sinks: any of ``"jsonl"``, ``"tensorboard"``, ``"wandb"``.
+        resume_step: when resuming, records of later steps (written by the interrupted run after its last
+            checkpoint) are dropped so the file reads like one uninterrupted run.
+        run_name: name for wandb.
+        config: the run's config, logged to wandb.
+
+    Raises:
+        ModuleNotFoundError: a sink was asked for whose package is not installed.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike[str],
+        sinks: Sequence[str] = ("jsonl",),
+        *,
+        resume_step: int | None = None,
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        else:
+            _truncate_after(self.path, resume_step)
+        self._tensorboard = None
+        self._wandb = None
+        if "tensorboard" in sinks:
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ModuleNotFoundError(
+                    "run.metrics has tensorboard, which is not installed: pip install tensorboard"
+                )
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        if "wandb" in sinks:
+            if importlib.util.find_spec("wandb") is None:
+                raise ModuleNotFoundError("run.metrics has wandb, which is not installed: pip install wandb")
+            import wandb
+
+            self._wandb = wandb.init(name=run_name, config=dict(config or {}), resume="allow")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` (must have ``"step"`` and ``"split"``) and send its numbers to the other sinks."""
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(dict(record), sort_keys=True) + "\n")
+        step = int(record["step"])
+        scalars = {
+            f"{record['split']}/{k}": v
+            for k, v in record.items()
+            if k not in ("step", "split") and isinstance(v, (int, float))
+        }
+        if self._tensorboard is not None:
+            for key, value in scalars.items():
+                self._tensorboard.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        """Flush and close the optional sinks."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl``."""
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    if not path.exists():
+        path.write_text("", encoding="utf-8")
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in kept if json.loads(line)["step"] <= step]
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def format_bytes(count: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,62 @@
+"""WeLore (Jaiswal et al., 2024): spectrum-driven low-rank compression of pretrained LLMs, and LRC fine-tuning.
+
+Layout: ``spectrum`` (block linears, calibration statistics, cached singular values), ``allocation`` (rank per
+matrix from a parameter budget, strategies by name), ``compress`` (config, model conversion, trainable modes),
+``io`` (save/load without SVD, merge and dense export).
+"""
+
+from lowrank_train.welore.allocation import (
+    STRATEGIES,
+    Allocation,
+    AllocationStrategy,
+    allocate_ranks,
+    get_strategy,
+    is_low_rank_component,
+    paper_tau,
+    register_strategy,
+)
+from lowrank_train.welore.compress import (
+    TRAINABLE_MODES,
+    CompressionReport,
+    MatrixReport,
+    WeLoreConfig,
+    compress_model,
+    mark_trainable,
+)
+from lowrank_train.welore.io import export_dense, load_compressed, lowrank_layers, merge_lowrank, save_compressed
+from lowrank_train.welore.spectrum import (
+    collect_input_statistics,
+    compute_spectra,
+    find_block_linears,
+    limit_threads,
+    model_fingerprint,
+    whitening_factor,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "TRAINABLE_MODES",
+    "Allocation",
+    "AllocationStrategy",
+    "CompressionReport",
+    "MatrixReport",
+    "WeLoreConfig",
+    "allocate_ranks",
+    "collect_input_statistics",
+    "compress_model",
+    "compute_spectra",
+    "export_dense",
+    "find_block_linears",
+    "get_strategy",
+    "is_low_rank_component",
+    "limit_threads",
+    "load_compressed",
+    "lowrank_layers",
+    "mark_trainable",
+    "merge_lowrank",
+    "model_fingerprint",
+    "paper_tau",
+    "register_strategy",
+    "save_compressed",
+    "whitening_factor",
+]

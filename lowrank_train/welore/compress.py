@@ -1,0 +1,389 @@
+"""Model conversion: ``WeLoreConfig``, ``compress_model`` and ``mark_trainable``.
+
+``compress_model`` computes every replacement layer first and swaps them in only at the end, so a failure
+half-way (bad calibration data, an SVD that does not converge, running out of memory) leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lowrank_train.nn.lowrank_linear import LowRankLinear
+from lowrank_train.welore.allocation import STRATEGIES, allocate_ranks, get_strategy
+from lowrank_train.welore.spectrum import (
+    InputStatistics,
+    collect_input_statistics,
+    compute_spectra,
+    find_block_linears,
+    limit_threads,
+    load_spectra_cache,
+    model_fingerprint,
+    prepare_calibration,
+    save_spectra_cache,
+    whitening_factor,
+)
+
+__all__ = [
+    "TRAINABLE_MODES",
+    "CompressionReport",
+    "MatrixReport",
+    "WeLoreConfig",
+    "compress_model",
+    "mark_trainable",
+    "replace_module",
+]
+
+TRAINABLE_MODES = ("lrc", "all", "lrc+galore")
+
+
+@dataclass(frozen=True)
+class WeLoreConfig:
+    """How to compress a model.
+
+    Attributes:
+        target: fraction of the block-linear parameters to remove, in ``(0, 1)``. For ``"welore-table"`` it is the
+            paper's rank-reduction target (its tau table is indexed by that), in ``[0.1, 0.7]``.
+        strategy: allocation strategy name, see :data:`lowrank_train.welore.allocation.STRATEGIES`.
+        min_ratio: a matrix is factorized (LRC) only if it loses at least this fraction of its rank (paper: 0.5).
+        damping: ridge added to the input second moment before whitening, relative to its mean diagonal.
+        asvd_alpha: exponent of ASVD's channel scale ``E[|x|]^alpha``.
+        num_threads: torch threads for SVDs and the calibration pass (``None``: leave as is).
+        cache_path: optional safetensors file caching singular values across runs.
+    """
+
+    target: float
+    strategy: str = "welore"
+    min_ratio: float = 0.5
+    damping: float = 1e-3
+    asvd_alpha: float = 0.5
+    num_threads: int | None = 1
+    cache_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"target must be a fraction of parameters to remove in (0, 1), got {self.target}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if not 0.0 <= self.min_ratio < 1.0:
+            raise ValueError(f"min_ratio must be in [0, 1), got {self.min_ratio}")
+        if self.damping < 0.0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.asvd_alpha <= 0.0:
+            raise ValueError(f"asvd_alpha must be > 0, got {self.asvd_alpha}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+
+
+@dataclass(frozen=True)
+class MatrixReport:
+    """One block linear after compression.
+
+    Attributes:
+        name: qualified module name.
+        shape: ``(out, in)``.
+        full_rank: ``min(out, in)``.
+        proposed_rank: rank the strategy proposed.
+        rank: rank in the compressed model (``full_rank`` when dense).
+        lrc: factorized (Low-Rank Component) or kept dense (N-LRC).
+        params_before: ``out * in``.
+        params_after: ``rank * (out + in)`` for an LRC, else ``out * in`` (biases not counted).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    full_rank: int
+    proposed_rank: int
+    rank: int
+    lrc: bool
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What ``compress_model`` did; totals are over the block linears only.
+
+    Attributes:
+        strategy: allocation strategy name.
+        target: requested target.
+        threshold: the score threshold used (``tau`` for the WeLore rules).
+        min_ratio: LRC/N-LRC rule used.
+        matrices: one entry per block linear, in module order.
+    """
+
+    strategy: str
+    target: float
+    threshold: float
+    min_ratio: float
+    matrices: tuple[MatrixReport, ...] = field(default_factory=tuple)
+
+    @property
+    def params_before(self) -> int:
+        return sum(m.params_before for m in self.matrices)
+
+    @property
+    def params_after(self) -> int:
+        return sum(m.params_after for m in self.matrices)
+
+    @property
+    def param_reduction(self) -> float:
+        """Fraction of block-linear parameters removed."""
+        return 1.0 - self.params_after / self.params_before
+
+    @property
+    def rank_reduction(self) -> float:
+        """Fraction of the summed full ranks removed in the compressed model."""
+        return 1.0 - sum(m.rank for m in self.matrices) / sum(m.full_rank for m in self.matrices)
+
+    @property
+    def proposed_rank_reduction(self) -> float:
+        """Rank reduction the strategy's rule proposed, before the LRC/N-LRC split (the paper's number)."""
+        return 1.0 - sum(m.proposed_rank for m in self.matrices) / sum(m.full_rank for m in self.matrices)
+
+    @property
+    def num_lrc(self) -> int:
+        return sum(m.lrc for m in self.matrices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict with the per-matrix entries and the totals."""
+        totals = {
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "param_reduction": self.param_reduction,
+            "rank_reduction": self.rank_reduction,
+            "proposed_rank_reduction": self.proposed_rank_reduction,
+            "num_lrc": self.num_lrc,
+        }
+        return {**asdict(self), "totals": totals}
+
+    def summary(self) -> str:
+        """One line: strategy, target, achieved parameter and rank reduction, number of LRCs."""
+        return (
+            f"{self.strategy}: target {self.target:.2f}, threshold {self.threshold:.4g}, param reduction "
+            f"{self.param_reduction:.3f}, rank reduction {self.rank_reduction:.3f} (proposed "
+            f"{self.proposed_rank_reduction:.3f}), LRC {self.num_lrc}/{len(self.matrices)}"
+        )
+
+
+def asvd_scale(mean_abs: Tensor, alpha: float) -> Tensor:
+    """ASVD's channel scale ``E[|x_j|]^alpha``, floored so that dead channels stay invertible.
+
+    Args:
+        mean_abs: ``(in,)`` mean absolute input per channel.
+        alpha: exponent (ASVD uses 0.5).
+
+    Returns:
+        ``(in,)`` float32 positive scales.
+    """
+    floor = 1e-6 * float(mean_abs.max()) if mean_abs.numel() else 1e-6
+    return mean_abs.clamp_min(max(floor, 1e-12)).pow(alpha).float()
+
+
+def _statistics_key(stats: Mapping[str, InputStatistics], names: Mapping[str, object]) -> str:
+    # Identifies the calibration data for the spectra cache; diagonals and channel means are enough to tell
+    # calibration sets apart without hashing every full second-moment matrix.
+    digest = hashlib.sha256()
+    for name in names:
+        entry = stats[name]
+        digest.update(f"{name}:{entry.num_tokens};".encode())
+        digest.update(entry.second_moment.diagonal().double().cpu().numpy().tobytes())
+        digest.update(entry.mean_abs.double().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _input_vocab_size(model: nn.Module) -> int:
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if isinstance(embedding, nn.Embedding):
+        return embedding.num_embeddings
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    if not embeddings:
+        raise ValueError("cannot check calibration token ids: the model has no nn.Embedding")
+    return embeddings[0].num_embeddings
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Set the submodule at qualified ``name`` to ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    config: WeLoreConfig,
+    calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None = None,
+) -> CompressionReport:
+    """Replace the block linears selected by the allocation with :class:`LowRankLinear` layers, in place.
+
+    Args:
+        model: a causal LM (any module whose transformer blocks sit in an ``nn.ModuleList``).
+        config: target, strategy and numerics.
+        calibration: token ids for data-aware strategies: a ``(num_sequences, seq_len)`` tensor or a list of
+            ``(seq_len,)`` tensors (a few dozen sequences suffice), or the statistics that
+            :func:`~lowrank_train.welore.spectrum.collect_input_statistics` returned for this model, to compress at
+            several targets with one calibration pass. Ignored by data-free strategies.
+
+    Returns:
+        Per-matrix ranks, LRC/N-LRC, and parameter totals.
+
+    Raises:
+        ValueError: no block linears, missing/empty/out-of-vocabulary calibration data, a spectra cache from a
+            different model, or an unreachable target. The model is unchanged in every error case.
+    """
+    strategy = get_strategy(config.strategy)
+    linears = find_block_linears(model)
+    shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
+
+    weightings: dict[str, dict[str, Tensor]] | None = None
+    kind = "plain"
+    if strategy.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"strategy {config.strategy!r} is data-aware and needs a calibration set")
+        if isinstance(calibration, Mapping):
+            stats = dict(calibration)
+            missing = sorted(set(linears) - set(stats))
+            if missing:
+                raise ValueError(f"calibration statistics miss {len(missing)} block linears, e.g. {missing[0]!r}")
+        else:
+            sequences = prepare_calibration(calibration, _input_vocab_size(model))
+            stats = collect_input_statistics(model, linears, sequences, config.num_threads)
+        key = _statistics_key(stats, linears)
+        with limit_threads(config.num_threads):
+            if strategy.weighting == "whiten":
+                weightings = {
+                    n: {"whitening": whitening_factor(s.second_moment, config.damping)} for n, s in stats.items()
+                }
+                kind = f"whiten:{config.damping:g}:{key}"
+            else:
+                # ASVD: scale channel j by E|x_j|^alpha; the floor keeps dead channels invertible.
+                weightings = {n: {"input_scale": asvd_scale(s.mean_abs, config.asvd_alpha)} for n, s in stats.items()}
+                kind = f"scale:{config.asvd_alpha:g}:{key}"
+
+    spectra = None
+    fingerprint = ""
+    if config.cache_path is not None:
+        fingerprint = model_fingerprint(linears)
+        spectra = load_spectra_cache(config.cache_path, fingerprint, kind)
+        if spectra is not None and set(spectra) != set(linears):
+            spectra = None  # written for another set of layers of the same weights: recompute
+    if spectra is None:
+        spectra = compute_spectra(linears, weightings, config.num_threads)
+        if config.cache_path is not None:
+            save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
+
+    allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio)
+
+    # Build every replacement before touching the model.
+    replacements: dict[str, LowRankLinear] = {}
+    with limit_threads(config.num_threads):
+        for name, linear in linears.items():
+            if allocation.lrc[name]:
+                extra = weightings[name] if weightings is not None else {}
+                replacements[name] = LowRankLinear.from_linear(linear, allocation.ranks[name], **extra)
+    for name, layer in replacements.items():
+        replace_module(model, name, layer)
+
+    matrices = []
+    for name, (m, n) in shapes.items():
+        rank, lrc = allocation.ranks[name], allocation.lrc[name]
+        matrices.append(
+            MatrixReport(
+                name=name,
+                shape=(m, n),
+                full_rank=min(m, n),
+                proposed_rank=allocation.proposed[name],
+                rank=rank,
+                lrc=lrc,
+                params_before=m * n,
+                params_after=rank * (m + n) if lrc else m * n,
+            )
+        )
+    return CompressionReport(config.strategy, config.target, allocation.threshold, config.min_ratio, tuple(matrices))
+
+
+def _block_modules(model: nn.Module) -> dict[str, nn.Module]:
+    found: dict[str, nn.Module] = {}
+    for list_name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            prefix = f"{list_name}." if list_name else ""
+            for name, sub in module.named_modules():
+                if name:
+                    found.setdefault(prefix + name, sub)
+    return found
+
+
+def mark_trainable(
+    model: nn.Module,
+    mode: str,
+    galore_rank: int = 128,
+    galore_options: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Freeze everything, then unfreeze the components ``mode`` trains; return optimizer param groups.
+
+    Embeddings, the output head and norms always stay frozen (WeLore, Sec. 4).
+
+    Modes:
+        ``"lrc"``: only the factors (and biases) of the LowRankLinear layers: WeLore's LRC fine-tuning.
+        ``"all"``: the LRCs and the dense block linears (N-LRCs).
+        ``"lrc+galore"``: as ``"all"``, but the N-LRC weight matrices go into their own group carrying
+            ``"rank": galore_rank`` (plus ``galore_options``) for a GaLore optimizer (``lowrank_train.optim``).
+
+    Args:
+        model: a model compressed by :func:`compress_model` (or loaded by ``load_compressed``).
+        mode: one of :data:`TRAINABLE_MODES`.
+        galore_rank: projection rank for the N-LRC group in ``"lrc+galore"`` mode.
+        galore_options: extra keys for that group (e.g. ``{"update_gap": 200, "scale": 0.25}``).
+
+    Returns:
+        Param groups (``{"params": [...], "param_names": [...], ...}``), empty groups left out; they feed
+        ``torch.optim`` optimizers and ``lowrank_train.optim.GaLore`` alike.
+
+    Raises:
+        ValueError: for an unknown mode, or ``"lrc"`` on a model without LowRankLinear layers.
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {TRAINABLE_MODES}")
+    if galore_rank < 1:
+        raise ValueError(f"galore_rank must be >= 1, got {galore_rank}")
+    lrc_params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            lrc_params.extend(module.parameters())
+    if mode == "lrc" and not lrc_params:
+        raise ValueError("the model has no LowRankLinear layers; run compress_model first or use mode='all'")
+    dense_weights: list[nn.Parameter] = []
+    dense_biases: list[nn.Parameter] = []
+    if mode != "lrc":
+        for module in _block_modules(model).values():
+            if type(module) is nn.Linear:
+                dense_weights.append(module.weight)
+                if module.bias is not None:
+                    dense_biases.append(module.bias)
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in (*lrc_params, *dense_weights, *dense_biases):
+        param.requires_grad_(True)
+
+    names = {id(param): name for name, param in model.named_parameters()}
+
+    def group(params: list[nn.Parameter], **options: Any) -> dict[str, Any]:
+        # "param_names" lets lowrank_train.optim name a parameter in its error messages.
+        return {"params": params, "param_names": [names[id(p)] for p in params], **options}
+
+    if mode == "lrc+galore":
+        groups = [
+            group(lrc_params + dense_biases),
+            group(dense_weights, rank=galore_rank, **dict(galore_options or {})),
+        ]
+    else:
+        groups = [group(lrc_params + dense_weights + dense_biases)]
+    return [group for group in groups if group["params"]]

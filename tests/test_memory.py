@@ -1,0 +1,163 @@
+"""The memory estimator against measurement: live tensor bytes after a real step, saved activations."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowrank_train import lowrank_param_groups
+from lowrank_train.memory import (
+    ModelShape,
+    SavedTensorBytes,
+    TrainingSetup,
+    estimate_memory,
+    llama_shape,
+    measure_live_bytes,
+    quantized_bytes,
+)
+from lowrank_train.nn import quantize_model
+from lowrank_train.nn.chunked_loss import causal_lm_loss
+from lowrank_train.optim import GaLore, QGaLoreAdamW8bit
+
+CONFIG = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=352,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def _optimizer(model, kind, rank):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if kind == "adamw8bit":
+        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
+    if kind == "qgalore":
+        quantize_model(model, bits=8, group_size=256)
+        return QGaLoreAdamW8bit(lowrank_param_groups(model, rank=rank), lr=1e-3)
+    base = {"galore": "adamw", "galore8bit": "adamw8bit"}[kind]
+    return GaLore(lowrank_param_groups(model, rank=rank), base=base, lr=1e-3)
+
+
+# (dtype, optimizer, rank): bitsandbytes' 8-bit and 32-bit paths are both exercised (its min size is 4096).
+STEP_CASES = [
+    ("float32", "adamw", None),
+    ("bfloat16", "adamw8bit", None),
+    ("bfloat16", "galore", 16),
+    ("float32", "galore8bit", 16),
+    ("bfloat16", "qgalore", 16),
+]
+
+
+@pytest.mark.parametrize(("dtype", "kind", "rank"), STEP_CASES)
+def test_static_and_gradient_bytes_match_a_real_step(dtype, kind, rank):
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    opt = _optimizer(model, kind, rank)
+    ids = torch.randint(0, 512, (2, 16))
+    causal_lm_loss(model, ids).backward()
+    opt.step()
+    measured = measure_live_bytes(model, opt)
+    predicted = estimate_memory(
+        config, {"batch_size": 2, "seq_len": 16, "dtype": dtype, "optimizer": kind, "rank": rank}
+    )
+    for component, value in measured.items():
+        assert getattr(predicted, component) == pytest.approx(value, rel=0.10), component
+    total = sum(measured.values())
+    assert predicted.static + predicted.gradients == pytest.approx(total, rel=0.02)
+
+
+# (dtype, kv heads, checkpointing, batch, seq)
+ACTIVATION_CASES = [
+    ("float32", 4, False, 2, 24),
+    ("bfloat16", 2, False, 3, 16),
+    ("float32", 2, True, 2, 32),
+    ("bfloat16", 4, True, 1, 40),
+]
+
+
+@pytest.mark.parametrize(("dtype", "kv_heads", "checkpointing", "batch", "seq"), ACTIVATION_CASES)
+def test_activation_bytes_match_saved_tensors(dtype, kv_heads, checkpointing, batch, seq):
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**CONFIG, "num_key_value_heads": kv_heads, "num_hidden_layers": 3})
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 512, (batch, seq))
+    with SavedTensorBytes() as saved:
+        model.lm_head(model.model(input_ids=ids).last_hidden_state)  # the head saves the final hidden state
+    predicted = estimate_memory(
+        config,
+        TrainingSetup(batch_size=batch, seq_len=seq, dtype=dtype, activation_checkpointing=checkpointing),
+    )
+    assert predicted.activations == pytest.approx(saved.bytes, rel=0.10)
+
+
+def test_layerwise_gradients_are_the_largest_single_gradient(tiny_llama):
+    largest = max(p.numel() * p.element_size() for p in tiny_llama.parameters())
+    est = estimate_memory(tiny_llama.config, {"dtype": "float32", "optimizer": "galore", "rank": 8, "layerwise": True})
+    assert est.gradients == largest
+    ordinary = estimate_memory(tiny_llama.config, {"dtype": "float32", "optimizer": "galore", "rank": 8})
+    assert ordinary.gradients == sum(p.numel() * 4 for p in tiny_llama.parameters())
+
+
+def test_llama_7b_arithmetic():
+    shape = llama_shape("7b")
+    assert shape.num_parameters() == 6_738_415_616  # LLaMA-7B's published parameter count
+    est = estimate_memory(
+        shape,
+        dict(
+            batch_size=16,
+            seq_len=256,
+            dtype="bfloat16",
+            optimizer="qgalore",
+            rank=1024,
+            layerwise=True,
+            activation_checkpointing=True,
+            chunked_loss=True,
+        ),
+    )
+    linear = 32 * sum(m * n for m, n in shape.block_linear_shapes())
+    assert est.weights >= quantized_bytes(linear, 8, 256) + 2 * 32000 * 4096 * 2
+    assert est.projection_bases < 32 * 7 * 4096 * 1024  # INT4 codes: well under a byte per basis entry
+    chunk_logits = estimate_memory(shape, dict(batch_size=16, seq_len=256, chunked_loss=True)).logits
+    assert chunk_logits < estimate_memory(shape, dict(batch_size=16, seq_len=256)).logits / 3
+    assert "peak" in est.table() and est.peak > est.static
+
+
+def test_accepts_hf_configs_dicts_and_aliases():
+    a = estimate_memory(LlamaConfig(**CONFIG), {"batch": 2, "seq": 16, "dtype": "bf16", "lr": 1e-3})
+    b = estimate_memory(
+        dict(vocab=512, hidden=128, intermediate=352, layers=2, heads=4, kv_heads=2),
+        TrainingSetup(batch_size=2, seq_len=16, dtype="bfloat16"),
+    )
+    assert a.as_dict() == b.as_dict()
+    assert ModelShape.from_config(CONFIG).kv_size == 64
+
+
+@pytest.mark.parametrize(
+    ("train", "match"),
+    [
+        ({"optimizer": "sgd"}, "optimizer"),
+        ({"optimizer": "galore"}, "rank"),
+        ({"optimizer": "galore", "rank": 128}, "not below"),
+        ({"optimizer": "adamw", "weight_bits": 8}, "GaLore optimizer"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"proj_bits": 2}, "proj_bits"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_configs(train, match):
+    with pytest.raises(ValueError, match=match):
+        estimate_memory(CONFIG, train)
+
+
+def test_bad_model_config():
+    with pytest.raises(ValueError, match="lacks"):
+        estimate_memory({"vocab_size": 10}, {})
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        estimate_memory({**CONFIG, "num_key_value_heads": 3}, {})

@@ -32,13 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("adamw", "adamw8bit", "galore", "qgalore", "qgalore_layerwise")
+METHODS = ("adamw", "adamw8bit", "galore", "qgalore", "qgalore_layerwise", "qgalore_4bit_moments")
 LABELS = {
     "adamw": "AdamW",
     "adamw8bit": "8-bit AdamW",
     "galore": "GaLore (AdamW)",
     "qgalore": "Q-GaLore",
     "qgalore_layerwise": "Q-GaLore layer-wise",
+    "qgalore_4bit_moments": "Q-GaLore, 4-bit moments (torchao)",
 }
 
 
@@ -78,7 +79,7 @@ def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
     import bitsandbytes as bnb
 
     from lowrank_train import lowrank_param_groups
-    from lowrank_train.optim import GaLoreAdamW, QGaLoreAdamW8bit
+    from lowrank_train.optim import GaLoreAdamW, QGaLoreAdamW4bit, QGaLoreAdamW8bit
     from lowrank_train.optim.layerwise import LayerwiseOptimizer
 
     if method == "adamw":
@@ -90,6 +91,8 @@ def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
         return GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
     if method == "qgalore":
         return QGaLoreAdamW8bit(groups, lr=lr, weight_decay=0.0)
+    if method == "qgalore_4bit_moments":
+        return QGaLoreAdamW4bit(groups, lr=lr, weight_decay=0.0)
     return LayerwiseOptimizer(groups, lambda g: QGaLoreAdamW8bit(g, lr=lr, weight_decay=0.0))
 
 

@@ -14,6 +14,7 @@ BASE_OPTIMIZERS: dict[str, str] = {
     "adamw8bit": "bitsandbytes.optim:AdamW8bit",
     "paged_adamw8bit": "bitsandbytes.optim:PagedAdamW8bit",
     "adafactor": "transformers.optimization:Adafactor",
+    "adamw4bit": "torchao.optim:AdamW4bit",
 }
 
 

@@ -203,7 +203,12 @@ class GaLore(torch.optim.Optimizer):
         # low-rank weight is applied to the full weight in apply_weight_update.
         for group, base_group in zip(self.param_groups, self._base.param_groups, strict=True):
             for key in self._base.defaults:
-                if key in group:
+                if key not in group:
+                    continue
+                current = base_group.get(key)
+                if torch.is_tensor(current) and not torch.is_tensor(group[key]):
+                    current.fill_(group[key])  # e.g. torchao's low-bit optimizers keep lr as a tensor
+                else:
                     base_group[key] = group[key]
 
     # ----- state --------------------------------------------------------------------------------

@@ -284,3 +284,22 @@ def test_accumulate_rejects_plain_parameters():
     params[3].grad = torch.ones(16)
     with pytest.raises(ValueError, match=r"bias \(shape \(16,\)\) is not projected"):
         opt.accumulate_grad(params[3])
+
+
+def test_four_bit_moments_track_torchao_adamw4bit_on_projected_gradients():
+    torchao_optim = pytest.importorskip("torchao.optim")
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(64, 1024))  # r x n = 8192 elements: torchao quantizes the moments
+    w0 = w.detach().clone()
+    grads = [torch.randn(64, 1024) for _ in range(4)]
+    opt = GaLore(
+        [{"params": [w], "rank": 8, "update_gap": 1000, "scale": 0.5}], base="adamw4bit", lr=1e-2, weight_decay=0.0
+    )
+    basis = svd_basis(grads[0], 8)
+    expected = accumulate_reference(torchao_optim.AdamW4bit, w0, grads, basis, 0.5, lr=1e-2, weight_decay=0.0)
+    for g, want in zip(grads, expected, strict=True):
+        w.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(w.detach(), want, atol=2e-5, rtol=1e-5)
+    (base_state,) = opt._base.state.values()
+    assert type(base_state["exp_avg"]).__name__ == "OptimState4bit"

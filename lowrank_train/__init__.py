@@ -1,5 +1,6 @@
 """lowrank_train: train and fine-tune large language models in far less memory than AdamW needs."""
 
+from lowrank_train.memory import MemoryEstimate, estimate_memory
 from lowrank_train.nn import QuantLinear, dequantize_model, quantize_model
 from lowrank_train.optim import (
     GaLore,
@@ -7,6 +8,7 @@ from lowrank_train.optim import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
     LayerwiseOptimizer,
+    QGaLoreAdamW4bit,
     QGaLoreAdamW8bit,
     lowrank_param_groups,
 )
@@ -19,10 +21,13 @@ __all__ = [
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "LayerwiseOptimizer",
+    "MemoryEstimate",
+    "QGaLoreAdamW4bit",
     "QGaLoreAdamW8bit",
     "QuantLinear",
     "__version__",
     "dequantize_model",
+    "estimate_memory",
     "lowrank_param_groups",
     "quantize_model",
 ]

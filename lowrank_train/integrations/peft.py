@@ -86,3 +86,47 @@ def peft_param_groups(
     if plain["params"]:
         result.append(plain)
     return result
+
+
+def welore_lora_model(model: nn.Module, lora_config: Any) -> nn.Module:
+    """LoRA adapters on the dense (N-LRC) block linears of a WeLore-compressed model, LRC factors trained directly.
+
+    Where the combination makes sense: WeLore's low-rank components are already factorized and train as they are
+    (WeLore, Sec. 4), while the matrices kept dense are frozen; LoRA gives those a cheap low-rank update instead of
+    leaving them untouched. ``lora_config.target_modules`` is filled with the dense block linears' names when it
+    is empty. Train the result with any optimizer on its trainable parameters (all of them are already low-rank,
+    so they belong in a plain group); ``merge_and_unload()`` followed by ``merge_lowrank`` gives a dense model.
+
+    Args:
+        model: a model compressed by :func:`lowrank_train.welore.compress_model` (or ``load_compressed``).
+        lora_config: a ``peft.LoraConfig``.
+
+    Returns:
+        The ``PeftModel``: LoRA adapters and the LowRankLinear factors (and their biases) trainable, nothing else.
+
+    Raises:
+        ValueError: when the model has no LowRankLinear layer, or no dense block linear is left for LoRA.
+    """
+    import dataclasses
+
+    from peft import get_peft_model
+
+    from lowrank_train.nn import LowRankLinear
+    from lowrank_train.welore.spectrum import find_block_linears
+
+    factorized = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    if not factorized:
+        raise ValueError("the model has no LowRankLinear layer: compress it with lowrank_train.welore first")
+    try:
+        dense = list(find_block_linears(model))
+    except ValueError:  # every block linear was factorized
+        dense = []
+    if not dense and not lora_config.target_modules:
+        raise ValueError("every block linear is factorized: there is no dense (N-LRC) layer left for LoRA")
+    if not lora_config.target_modules:
+        lora_config = dataclasses.replace(lora_config, target_modules=dense)
+    peft_model = get_peft_model(model, lora_config)  # freezes every base parameter
+    for module in factorized:
+        for param in module.parameters():
+            param.requires_grad_(True)
+    return peft_model

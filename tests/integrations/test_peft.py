@@ -75,3 +75,45 @@ def test_galore_on_lora_model_trains_and_matches_adamw_at_full_rank(lora_llama):
     assert losses[-1] < losses[0]
     for name, p in lora_llama.named_parameters():
         assert torch.equal(p, initial[name]) == (not p.requires_grad), name
+
+
+def test_welore_lrcs_train_directly_and_lora_adapts_the_dense_layers(tiny_llama):
+    from lowrank_train.integrations.peft import welore_lora_model
+    from lowrank_train.nn import LowRankLinear
+    from lowrank_train.welore import WeLoreConfig, compress_model, merge_lowrank
+
+    compress_model(tiny_llama, WeLoreConfig(target=0.1, strategy="welore", min_ratio=0.3))  # 6 of 14 factorized
+    lrc_names = {n for n, m in tiny_llama.named_modules() if isinstance(m, LowRankLinear)}
+    assert lrc_names
+    model = welore_lora_model(tiny_llama, LoraConfig(r=2, lora_alpha=4))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n or any(f"{lrc}." in n for lrc in lrc_names) for n in trainable)
+    assert any(".lora_" in n for n in trainable) and any("factor_" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for name, param in model.named_parameters():  # frozen weights never move
+        if name not in trainable:
+            assert torch.equal(param, before[name]), name
+
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        dense = merge_lowrank(model.merge_and_unload())
+        assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
+        torch.testing.assert_close(dense(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_welore_lora_needs_a_compressed_model(tiny_llama):
+    from lowrank_train.integrations.peft import welore_lora_model
+
+    with pytest.raises(ValueError, match="no LowRankLinear layer"):
+        welore_lora_model(tiny_llama, LoraConfig(r=2))

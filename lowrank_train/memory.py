@@ -178,8 +178,8 @@ class TrainingSetup:
         proj_group_size: elements per basis quantization group.
         weight_bits: None (float weights) or 8/4 for the block linear layers. "qgalore" defaults to 8.
         weight_group_size: elements per weight quantization group.
-        moment_bits: overrides the width of the projected (GaLore) or full moments: 32, 8 or 4 (a what-if for
-            4-bit moments, which no optimizer of this library implements yet). None: implied by ``optimizer``.
+        moment_bits: overrides the width of the projected (GaLore) or full moments: 32, 8 or 4 (4: the plain
+            group's too, as with ``QGaLoreAdamW4bit``). None: implied by ``optimizer``.
         layerwise: parameters are stepped inside backward and their gradients freed at once (issue 4).
         activation_checkpointing: only block inputs are kept; one block is recomputed during its backward.
         chunked_loss: cross-entropy by chunks (:func:`lowrank_train.nn.chunked_cross_entropy`).
@@ -357,7 +357,8 @@ def quantized_bytes(numel: int, bits: int, group_size: int) -> int:
 def adam_state_bytes(numel: int, dtype_bytes: int, moment_bits: int) -> int:
     """Two moments of ``numel`` values: torch AdamW (param dtype, + fp32 step), bitsandbytes 8-bit, or 4-bit.
 
-    The 4-bit case assumes packed codes with one fp32 absmax per 128 values (a what-if: not implemented here).
+    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values;
+    like bitsandbytes it keeps tensors under 4096 values in 32 bits.
     """
     if moment_bits == 32:
         return 2 * numel * dtype_bytes + 4
@@ -459,7 +460,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     weights = sum(details[k] for k in ("embedding + head", "norms", "rope buffers", "block linears"))
 
     # Optimizer states.
-    plain_moment_bits = 8 if eight_bit else 32
+    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
+    plain_moment_bits = 4 if setup.moment_bits == 4 else (8 if eight_bit else 32)
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
     if lowrank:
@@ -604,7 +606,12 @@ def _storage_key(tensor: Tensor) -> tuple[str, int]:
 
 
 def _iter_tensors(obj: Any, key: str = "") -> Iterator[tuple[str, Tensor]]:
-    if isinstance(obj, Tensor):
+    if isinstance(obj, Tensor) and type(obj) is not Tensor and hasattr(obj, "__tensor_flatten__"):
+        # Wrapper subclasses (torchao's 4-bit optimizer states) own no storage: count their inner tensors.
+        names, _ = obj.__tensor_flatten__()
+        for name in names:
+            yield from _iter_tensors(getattr(obj, name), key)
+    elif isinstance(obj, Tensor):
         yield key, obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():

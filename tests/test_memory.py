@@ -17,7 +17,7 @@ from lowrank_train.memory import (
 )
 from lowrank_train.nn import quantize_model
 from lowrank_train.nn.chunked_loss import causal_lm_loss
-from lowrank_train.optim import GaLore, QGaLoreAdamW8bit
+from lowrank_train.optim import GaLore, QGaLoreAdamW4bit, QGaLoreAdamW8bit
 
 CONFIG = dict(
     vocab_size=512,
@@ -34,9 +34,10 @@ def _optimizer(model, kind, rank):
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     if kind == "adamw8bit":
         return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3)
-    if kind == "qgalore":
+    if kind in ("qgalore", "qgalore4bit"):
         quantize_model(model, bits=8, group_size=256)
-        return QGaLoreAdamW8bit(lowrank_param_groups(model, rank=rank), lr=1e-3)
+        cls = QGaLoreAdamW4bit if kind == "qgalore4bit" else QGaLoreAdamW8bit
+        return cls(lowrank_param_groups(model, rank=rank), lr=1e-3)
     base = {"galore": "adamw", "galore8bit": "adamw8bit"}[kind]
     return GaLore(lowrank_param_groups(model, rank=rank), base=base, lr=1e-3)
 
@@ -48,6 +49,7 @@ STEP_CASES = [
     ("bfloat16", "galore", 16),
     ("float32", "galore8bit", 16),
     ("bfloat16", "qgalore", 16),
+    ("float32", "qgalore4bit", 16),
 ]
 
 
@@ -61,9 +63,10 @@ def test_static_and_gradient_bytes_match_a_real_step(dtype, kind, rank):
     causal_lm_loss(model, ids).backward()
     opt.step()
     measured = measure_live_bytes(model, opt)
-    predicted = estimate_memory(
-        config, {"batch_size": 2, "seq_len": 16, "dtype": dtype, "optimizer": kind, "rank": rank}
-    )
+    setup = {"batch_size": 2, "seq_len": 16, "dtype": dtype, "optimizer": kind, "rank": rank}
+    if kind == "qgalore4bit":  # torchao's 4-bit moments: the estimator's moment_bits=4
+        setup.update(optimizer="qgalore", moment_bits=4)
+    predicted = estimate_memory(config, setup)
     for component, value in measured.items():
         assert getattr(predicted, component) == pytest.approx(value, rel=0.10), component
     total = sum(measured.values())

@@ -21,7 +21,8 @@ from typing import Any, Union
 
 import yaml
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore")
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore", "qgalore4bit")
+QGALORE = ("qgalore", "qgalore4bit")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
@@ -50,6 +51,8 @@ class RunConfig:
         save_final: write a checkpoint at the end of the run.
         dtype: parameter dtype, ``float32`` or ``bfloat16``.
         activation_checkpointing: recompute block activations in the backward pass.
+        loss_chunk_size: tokens per chunk of a chunked cross-entropy that never holds the whole batch's logits
+            (``lowrank_train.nn.causal_lm_loss``); 0 uses the model's own loss.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         num_threads: torch CPU threads (``None``: leave torch's default).
         metrics: where metrics go: ``jsonl`` always works; ``tensorboard`` / ``wandb`` need their packages.
@@ -70,6 +73,7 @@ class RunConfig:
     save_final: bool = True
     dtype: str = "float32"
     activation_checkpointing: bool = False
+    loss_chunk_size: int = 0
     device: str = "auto"
     num_threads: int | None = None
     metrics: tuple[str, ...] = ("jsonl",)
@@ -81,7 +85,7 @@ class RunConfig:
         _positive("run.max_steps", self.max_steps)
         _positive("run.log_every", self.log_every)
         _positive("run.keep_checkpoints", self.keep_checkpoints)
-        for key in ("eval_every", "eval_batches", "save_every"):
+        for key in ("eval_every", "eval_batches", "save_every", "loss_chunk_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
         _choice("run.dtype", self.dtype, DTYPES)
@@ -187,7 +191,7 @@ class OptimizerConfig:
     Attributes:
         name: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``galore`` (GaLore around AdamW), ``galore8bit``
             (GaLore around 8-bit AdamW), ``qgalore`` (Q-GaLore: 8-bit states, quantized basis, adaptive refresh,
-            INT8 weights).
+            INT8 weights), ``qgalore4bit`` (the same with 4-bit states from torchao's AdamW4bit).
         lr: peak learning rate.
         weight_decay: decoupled weight decay.
         betas: Adam's betas.
@@ -246,29 +250,29 @@ class OptimizerConfig:
             for key, default in galore_only.items():
                 if getattr(self, key) not in (default, False):
                     raise ConfigError(
-                        f"optimizer.{key} applies to the GaLore family (galore, galore8bit, qgalore), "
+                        f"optimizer.{key} applies to the GaLore family (galore, galore8bit, qgalore, qgalore4bit), "
                         f"not to optimizer.name={self.name!r}"
                     )
 
     @property
     def is_galore(self) -> bool:
         """True for the optimizers that project gradients."""
-        return self.name in ("galore", "galore8bit", "qgalore")
+        return self.name in ("galore", "galore8bit", *QGALORE)
 
     @property
     def resolved_proj_bits(self) -> int | None:
         """``proj_bits`` with Q-GaLore's default (4) filled in."""
-        return 4 if self.proj_bits is None and self.name == "qgalore" else self.proj_bits
+        return 4 if self.proj_bits is None and self.name in QGALORE else self.proj_bits
 
     @property
     def resolved_adaptive_refresh(self) -> bool:
         """``adaptive_refresh`` with Q-GaLore's default (on) filled in."""
-        return self.name == "qgalore" if self.adaptive_refresh is None else self.adaptive_refresh
+        return self.name in QGALORE if self.adaptive_refresh is None else self.adaptive_refresh
 
     @property
     def resolved_weight_bits(self) -> int | None:
         """``weight_bits`` with Q-GaLore's default (8) filled in."""
-        return 8 if self.weight_bits is None and self.name == "qgalore" else self.weight_bits
+        return 8 if self.weight_bits is None and self.name in QGALORE else self.weight_bits
 
 
 @dataclass(frozen=True)

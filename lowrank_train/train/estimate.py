@@ -47,9 +47,11 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
         "batch_size": config.data.batch_size,
         "seq_len": config.data.seq_len,
         "dtype": config.run.dtype,
-        "optimizer": opt.name,
+        "optimizer": "qgalore" if opt.name == "qgalore4bit" else opt.name,
         "layerwise": opt.layerwise,
         "activation_checkpointing": config.run.activation_checkpointing,
+        "chunked_loss": config.run.loss_chunk_size > 0,
+        "loss_chunk_size": config.run.loss_chunk_size or 1024,
         "accumulation_steps": config.data.grad_accum,
     }
     if opt.is_galore:
@@ -60,6 +62,8 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
             weight_bits=opt.resolved_weight_bits,
             weight_group_size=opt.weight_group_size,
         )
+    if opt.name == "qgalore4bit":
+        setup["moment_bits"] = 4
     return setup
 
 

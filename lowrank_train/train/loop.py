@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.checkpoint import (
     checkpoint_root,
     latest_checkpoint,
@@ -117,9 +118,10 @@ def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -
     """INT8 weights (``optimizer.weight_bits``), activation checkpointing, then move to ``device``."""
     bits = config.optimizer.resolved_weight_bits
     if bits is not None:
-        from lowrank_train.nn import quantize_model
+        from lowrank_train.nn import QuantLinear, quantize_model
 
-        quantize_model(model, bits=bits, group_size=config.optimizer.weight_group_size)
+        if not any(isinstance(m, QuantLinear) for m in model.modules()):  # built quantized from shapes already
+            quantize_model(model, bits=bits, group_size=config.optimizer.weight_group_size)
     if config.run.activation_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ConfigError(f"run.activation_checkpointing: {type(model).__name__} does not support it")
@@ -159,9 +161,14 @@ def optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]
         import bitsandbytes as bnb
 
         return lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)
-    from lowrank_train.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit
+    from lowrank_train.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW4bit, QGaLoreAdamW8bit
 
-    cls = {"galore": GaLoreAdamW, "galore8bit": GaLoreAdamW8bit, "qgalore": QGaLoreAdamW8bit}[config.name]
+    cls = {
+        "galore": GaLoreAdamW,
+        "galore8bit": GaLoreAdamW8bit,
+        "qgalore": QGaLoreAdamW8bit,
+        "qgalore4bit": QGaLoreAdamW4bit,
+    }[config.name]
     return lambda groups: cls(groups, **kwargs)
 
 
@@ -299,7 +306,13 @@ def train(
     (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
 
     torch.manual_seed(run.seed)
-    model, model_tokenizer = build_model(config.model, dtype)
+    model, model_tokenizer = build_model(
+        config.model,
+        dtype,
+        weight_bits=config.optimizer.resolved_weight_bits if mode == "pretrain" else None,
+        weight_group_size=config.optimizer.weight_group_size,
+        seed=run.seed,
+    )
     tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
     packed = load_run_data(config, tokenizer, model.get_input_embeddings().num_embeddings)
     model = prepare_model(model, config, device)
@@ -385,7 +398,10 @@ def train(
         step_loss = torch.zeros((), device=device)
         for _ in range(data.grad_accum):
             batch = next(batches).to(device)
-            loss = model(input_ids=batch, labels=batch).loss
+            if run.loss_chunk_size:
+                loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
+            else:
+                loss = model(input_ids=batch, labels=batch).loss
             (loss / data.grad_accum).backward()
             step_loss += loss.detach().float() / data.grad_accum
         if not layerwise:

@@ -31,18 +31,39 @@ def llama_config(config: ModelConfig) -> LlamaConfig:
 
 
 def build_model(
-    config: ModelConfig, dtype: torch.dtype = torch.float32
+    config: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    *,
+    weight_bits: int | None = None,
+    weight_group_size: int = 256,
+    seed: int = 0,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """The model a run trains, and the tokenizer that came with it (``None`` for a model built from shapes).
 
     Args:
         config: shapes, or ``pretrained`` (a folder, a hub id, ``smollm2-offline``, or a WeLore folder).
         dtype: parameter dtype.
+        weight_bits: for a model built from shapes, build its block linears straight as INT8 (or INT4)
+            ``QuantLinear`` layers on the meta device, layer by layer, so the full-precision model never exists
+            (a 7B model would need 27 GB of fp32 host memory otherwise). Pretrained models are quantized later.
+        weight_group_size: quantization group size with ``weight_bits``.
+        seed: weight initialisation seed with ``weight_bits``.
 
     Raises:
         FileNotFoundError: a pretrained path that does not exist.
     """
     if config.pretrained is None:
+        if weight_bits is not None:
+            from lowrank_train.nn import materialize_llama
+
+            model = materialize_llama(
+                llama_config(config),
+                dtype=dtype,
+                weight_bits=weight_bits,
+                weight_group_size=weight_group_size,
+                seed=seed,
+            )
+            return model, None
         model = LlamaForCausalLM(llama_config(config))
         return model.to(dtype), None
     if config.pretrained == SMOLLM2_OFFLINE:

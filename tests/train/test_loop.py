@@ -117,3 +117,33 @@ def test_grad_accum_bf16_checkpointing_layerwise_smoke(tiny):
     )
     summary = train(config, log=lambda line: None)
     assert summary["steps"] == 2 and summary["final_eval_loss"] < 11.5
+
+
+def test_chunked_loss_trains_like_the_model_loss(tiny, tmp_path):
+    """run.loss_chunk_size: the same loss curve as the model's own loss, without the whole batch's logits."""
+    common = ["optimizer.name=galore", "run.eval_every=0", "run.save_final=false"]
+    train(_config(tiny, *common, f"run.output_dir={tmp_path / 'full'}"), log=lambda line: None)
+    chunked_config = _config(tiny, *common, f"run.output_dir={tmp_path / 'chunk'}", "run.loss_chunk_size=16")
+    train(chunked_config, log=lambda line: None)
+    full, chunked = _losses(tmp_path / "full"), _losses(tmp_path / "chunk")
+    assert [s for s, _ in full] == [s for s, _ in chunked]
+    for (_, a), (_, b) in zip(full, chunked, strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+
+
+def test_quantized_pretraining_builds_int8_layers_directly(tiny, monkeypatch):
+    """With optimizer.weight_bits the model is built straight into QuantLinear layers (no float model first)."""
+    from lowrank_train.nn import QuantLinear
+    from lowrank_train.train import model as model_module
+
+    built = {}
+    real_build = model_module.build_model
+
+    def spy(*args, **kwargs):
+        model, tokenizer = real_build(*args, **kwargs)
+        built["quantized"] = sum(isinstance(m, QuantLinear) for m in model.modules())
+        return model, tokenizer
+
+    monkeypatch.setattr("lowrank_train.train.loop.build_model", spy)
+    train(_config(tiny, "optimizer.name=qgalore", "run.max_steps=2", "run.eval_every=0"), log=lambda line: None)
+    assert built["quantized"] == 2 * 7

@@ -17,7 +17,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from lowrank_train.train.config import ConfigError, TrainConfig, load_config
+# Optional GPU kernels that are absent on a CPU machine make torchao / bitsandbytes log at import time; in a
+# command-line run that chatter would bury the training output. Library users keep their own logging settings.
+for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+from lowrank_train.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 
 COMMANDS = ("pretrain", "compress", "finetune", "estimate")
 

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_train.memory import measure_live_bytes
 from lowrank_train.train.metrics import format_bytes
-
-# Optimizer-state keys that hold a GaLore projection basis (float or quantized codes + scales).
-BASIS_KEYS = ("basis", "basis_codes", "basis_scales")
-
-
-def _tensors(value: Any, key: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if torch.is_tensor(value):
-        yield key, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _tensors(v, str(k))
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v, key)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
@@ -33,28 +19,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
         ``{"states": ..., "bases": ...}``: projection bases (``basis``, ``basis_codes``, ``basis_scales``) apart
         from everything else (moments, quantization statistics, step counters).
     """
-    totals = {"states": 0, "bases": 0}
-    for key, tensor in _tensors(optimizer.state_dict()):
-        totals["bases" if key in BASIS_KEYS else "states"] += tensor.numel() * tensor.element_size()
-    return totals
+    live = measure_live_bytes(nn.Module(), optimizer)
+    return {"states": live["optimizer_states"], "bases": live["projection_bases"]}
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers as stored (INT8 codes + scales for quantized layers).
-
-    A quantized layer's ``weight`` Parameter is a stride-0 carrier of its gradient: it holds no values and is
-    not counted; its codes and scales are buffers.
-    """
-    seen: set[int] = set()
-    total = 0
-    for tensor in (*model.parameters(), *model.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if 0 in tensor.stride() and tensor.numel() > 1:
-            continue
-        total += tensor.numel() * tensor.element_size()
-    return total
+    """Bytes of the model's parameters and buffers as stored (INT8 codes + scales for quantized layers; a
+    quantized layer's ``weight`` is a one-element carrier of its gradient)."""
+    return measure_live_bytes(model)["weights"]
 
 
 def adamw_reference_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int]:

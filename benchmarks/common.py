@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -70,3 +71,70 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
+
+
+def compact_kjv_blocks(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Train / held-out ``(N, seq_len)`` KJV blocks (GPT-2 tokenizer) with the vocabulary compacted to the ids that
+    occur in the corpus (a bijective re-indexing: no token is lost), so a tiny model is not dominated by its head."""
+    from lowrank_train.data import build_packed_corpus, load_tokenizer
+
+    packed = build_packed_corpus("kjv", load_tokenizer("gpt2-offline"), seq_len=seq_len)
+    used = torch.unique(torch.cat([packed.train.reshape(-1), packed.heldout.reshape(-1)]))
+    remap = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
+    remap[used] = torch.arange(used.numel())
+    return remap[packed.train], remap[packed.heldout], used.numel()
+
+
+def small_llama(
+    vocab: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    seq: int,
+    *,
+    seed: int,
+    tied: bool = False,
+    quantized: bool = False,
+) -> torch.nn.Module:
+    """A randomly initialised LlamaForCausalLM; ``quantized`` swaps its block linears for INT8 QuantLinear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank_train.nn import quantize_model
+
+    torch.manual_seed(seed)  # the same initial weights for every method
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=seq,
+        tie_word_embeddings=tied,
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(config)
+    if quantized:
+        quantize_model(model, bits=8, group_size=256)  # Q-GaLore trains INT8 block weights
+    return model
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% (GaLore's pretraining schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, heldout: torch.Tensor, batch: int) -> float:
+    """Mean next-token loss over all held-out blocks."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, heldout.shape[0], batch):
+        ids = heldout[start : start + batch]
+        total += float(model(input_ids=ids, labels=ids).loss) * ids.shape[0]
+        count += ids.shape[0]
+    model.train()
+    return total / count

@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from common import markdown_table, set_threads  # noqa: E402
+from common import compact_kjv_blocks, heldout_loss, markdown_table, set_threads, small_llama, warmup_cosine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("galore", "galore_adaptive", "qgalore_fixed", "qgalore")
@@ -53,37 +53,18 @@ LABELS = {
 PAIRS = (("galore_adaptive", "galore"), ("qgalore", "qgalore_fixed"), ("qgalore", "galore"))
 
 
-def load_data(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Train / held-out ``(N, seq_len)`` blocks with the vocabulary compacted to the ids present in the corpus."""
-    from lowrank_train.data import build_packed_corpus, load_tokenizer
-
-    packed = build_packed_corpus("kjv", load_tokenizer("gpt2-offline"), seq_len=seq_len)
-    used = torch.unique(torch.cat([packed.train.reshape(-1), packed.heldout.reshape(-1)]))
-    remap = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
-    remap[used] = torch.arange(used.numel())
-    return remap[packed.train], remap[packed.heldout], used.numel()
-
-
-def build_model(vocab: int, args: argparse.Namespace, quantized: bool) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowrank_train.nn import quantize_model
-
-    torch.manual_seed(args.seed)  # same initial weights for every method
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
-        tie_word_embeddings=True,
-        use_cache=False,
+def _model(vocab: int, args: argparse.Namespace, quantized: bool) -> torch.nn.Module:
+    return small_llama(
+        vocab,
+        args.hidden,
+        args.intermediate,
+        args.layers,
+        args.heads,
+        args.seq,
+        seed=args.seed,
+        tied=True,
+        quantized=quantized,
     )
-    model = LlamaForCausalLM(config)
-    if quantized:
-        quantize_model(model, bits=8, group_size=256)  # INT8 block linears, as Q-GaLore trains them
-    return model
 
 
 def make_optimizer(model: torch.nn.Module, method: str, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -103,33 +84,12 @@ def make_optimizer(model: torch.nn.Module, method: str, args: argparse.Namespace
     return QGaLoreAdamW8bit(groups, lr=args.lr, weight_decay=0.0, **adaptive)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% (GaLore's pretraining schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, heldout: torch.Tensor, batch: int) -> float:
-    """Mean next-token loss over all held-out blocks."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, heldout.shape[0], batch):
-        ids = heldout[start : start + batch]
-        total += float(model(input_ids=ids, labels=ids).loss) * ids.shape[0]
-        count += ids.shape[0]
-    model.train()
-    return total / count
-
-
 def run(method: str, train: torch.Tensor, heldout: torch.Tensor, vocab: int, args: argparse.Namespace) -> dict:
     from lowrank_train.data import iterate_batches
 
-    model = build_model(vocab, args, quantized=method.startswith("qgalore"))
+    model = _model(vocab, args, quantized=method.startswith("qgalore"))
     optimizer = make_optimizer(model, method, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, args.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, args.warmup))
     batches = iterate_batches(train, args.batch, seed=args.seed)  # same order for every method
     losses, cumulative = [], []
     began = time.perf_counter()
@@ -146,7 +106,7 @@ def run(method: str, train: torch.Tensor, heldout: torch.Tensor, vocab: int, arg
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             cumulative.append((step + 1, sum(s["refreshes"] for s in optimizer.refresh_stats())))
     train_s = time.perf_counter() - began
-    eval_loss = evaluate(model, heldout, args.batch) if math.isfinite(losses[-1]) else math.nan
+    eval_loss = heldout_loss(model, heldout, args.batch) if math.isfinite(losses[-1]) else math.nan
     stats = optimizer.refresh_stats()
     return {
         "method": method,
@@ -319,7 +279,7 @@ def main() -> None:
     set_threads(args.threads)
     began = time.perf_counter()
 
-    train, heldout, vocab = load_data(args.seq)
+    train, heldout, vocab = compact_kjv_blocks(args.seq)
     args.heldout_blocks = heldout.shape[0]
     results = {}
     for method in args.methods:
@@ -330,7 +290,7 @@ def main() -> None:
             f"train(last20) {r['train_loss_last20']:.4f} {r['wall_s']:.0f} s",
             flush=True,
         )
-    n_params = sum(p.numel() for p in build_model(vocab, args, quantized=False).parameters())
+    n_params = sum(p.numel() for p in _model(vocab, args, quantized=False).parameters())
     text = report(results, args, vocab, n_params, time.perf_counter() - began)
     if not args.no_write:
         args.output.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import compact_kjv_blocks, heldout_loss, small_llama, warmup_cosine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("adamw", "adamw8bit", "galore", "qgalore", "qgalore_layerwise", "qgalore_4bit_moments")
@@ -43,36 +44,10 @@ LABELS = {
 }
 
 
-def load_data(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Train / held-out blocks with the vocabulary compacted to the ids present in the corpus."""
-    from lowrank_train.data import build_packed_corpus, load_tokenizer
-
-    packed = build_packed_corpus("kjv", load_tokenizer("gpt2-offline"), seq_len=seq_len)
-    used = torch.unique(torch.cat([packed.train.reshape(-1), packed.heldout.reshape(-1)]))
-    remap = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
-    remap[used] = torch.arange(used.numel())
-    return remap[packed.train], remap[packed.heldout], used.numel()
-
-
-def build_model(vocab: int, args: argparse.Namespace, seed: int, quantized: bool):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lowrank_train.nn import quantize_model
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_position_embeddings=args.seq,
-        use_cache=False,
+def _model(vocab: int, args: argparse.Namespace, quantized: bool) -> torch.nn.Module:
+    return small_llama(
+        vocab, args.hidden, args.intermediate, args.layers, args.heads, args.seq, seed=0, quantized=quantized
     )
-    model = LlamaForCausalLM(config)
-    if quantized:
-        quantize_model(model, bits=8, group_size=256)  # Q-GaLore trains INT8 block weights
-    return model
 
 
 def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
@@ -96,33 +71,13 @@ def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
     return LayerwiseOptimizer(groups, lambda g: QGaLoreAdamW8bit(g, lr=lr, weight_decay=0.0))
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% (GaLore's pretraining schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def evaluate(model, heldout: torch.Tensor, batch: int) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, heldout.shape[0], batch):
-        ids = heldout[start : start + batch]
-        total += float(model(input_ids=ids, labels=ids).loss) * ids.shape[0]
-        count += ids.shape[0]
-    model.train()
-    return total / count
-
-
 def run(method: str, lr: float, train: torch.Tensor, heldout: torch.Tensor, vocab: int, args) -> dict:
     from lowrank_train.memory import measure_live_bytes
 
-    model = build_model(vocab, args, seed=0, quantized=method.startswith("qgalore"))
+    model = _model(vocab, args, quantized=method.startswith("qgalore"))
     optimizer = make_optimizer(model, method, lr, args)
     layerwise = method.endswith("layerwise")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, args.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, args.warmup))
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(1))
     losses, times = [], []
     for step in range(args.steps):
@@ -140,7 +95,7 @@ def run(method: str, lr: float, train: torch.Tensor, heldout: torch.Tensor, voca
         if not math.isfinite(losses[-1]):
             break
     live = measure_live_bytes(model, optimizer)
-    eval_loss = evaluate(model, heldout[: args.eval_blocks], args.batch) if math.isfinite(losses[-1]) else math.nan
+    eval_loss = heldout_loss(model, heldout[: args.eval_blocks], args.batch) if math.isfinite(losses[-1]) else math.nan
     return {
         "method": method,
         "lr": lr,
@@ -218,7 +173,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
 
-    train, heldout, vocab = load_data(args.seq)
+    train, heldout, vocab = compact_kjv_blocks(args.seq)
     results = []
     for method in args.methods:
         for lr in args.lrs:
@@ -234,7 +189,7 @@ def main() -> None:
         if candidates:
             best[method] = min(candidates, key=lambda r: r["eval_loss"])
     elapsed = time.perf_counter() - began
-    n_params = sum(p.numel() for p in build_model(vocab, args, 0, False).parameters())
+    n_params = sum(p.numel() for p in _model(vocab, args, quantized=False).parameters())
     tokens = args.steps * args.batch * args.seq
 
     reference = best.get("adamw")

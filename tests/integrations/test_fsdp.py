@@ -68,3 +68,22 @@ def test_tiny_llama_under_fsdp2_matches_single_process(tmp_path):
     for name, expected in reference.items():
         assert not torch.equal(expected, initial[name]), name
         torch.testing.assert_close(results[case][name], expected, rtol=0, atol=2e-5, msg=name)
+
+
+def test_plain_galore_points_sharded_parameters_to_fsdp2galore(tmp_path):
+    """A DTensor parameter in plain GaLore is refused with a message naming the FSDP2 optimizer."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lowrank_train.optim import GaLoreAdamW
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = nn.Parameter(distribute_tensor(torch.randn(8, 16), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"w \(shape \(8, 16\)\) is an FSDP2-sharded DTensor.*FSDP2GaLore"):
+            GaLoreAdamW([{"params": [weight], "param_names": ["w"], "rank": 2}])
+    finally:
+        dist.destroy_process_group()

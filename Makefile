@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-fast test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$(THREADS) $(PY) -m lowrank_train.demo
 
+# Every test, the slow multi-process ones included (about 3 min on 2 CPU cores); only benchmarks stay out.
 test: $(VENV)/.installed
+	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q -m "not benchmark" -rs
+
+test-fast: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q
 
 test-all: $(VENV)/.installed

@@ -1,4 +1,4 @@
-"""Optimizers: the GaLore wrapper around any base optimizer, presets, and param groups."""
+"""Optimizers: the GaLore wrapper around any base optimizer, presets, param groups, and the method registry."""
 
 from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
 from lowrank_train.optim.galore import GaLore
@@ -11,18 +11,34 @@ from lowrank_train.optim.presets import (
     QGaLoreAdamW4bit,
     QGaLoreAdamW8bit,
 )
+from lowrank_train.optim.registry import (
+    GALORE_GROUP_OPTIONS,
+    OptimizerMethod,
+    get_optimizer_method,
+    optimizer_names,
+    register_optimizer,
+    registered_optimizer,
+    unregister_optimizer,
+)
 
 __all__ = [
     "BASE_OPTIMIZERS",
+    "GALORE_GROUP_OPTIONS",
     "LINEAR_TYPES",
     "GaLore",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "LayerwiseOptimizer",
+    "OptimizerMethod",
     "QGaLoreAdamW4bit",
     "QGaLoreAdamW8bit",
+    "get_optimizer_method",
     "lowrank_param_groups",
+    "optimizer_names",
     "register_linear_type",
+    "register_optimizer",
+    "registered_optimizer",
     "resolve_base",
+    "unregister_optimizer",
 ]

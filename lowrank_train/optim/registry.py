@@ -1,0 +1,248 @@
+"""The optimizer registry: one entry per training method, read by everything that names an optimizer.
+
+Config validation (``optimizer.name``), the training loop, the memory estimator, ``lowrank-train --help`` and the
+Trainer glue all look methods up here, so adding a method is one :func:`register_optimizer` call (plus its tests):
+
+>>> register_optimizer(OptimizerMethod(
+...     name="galore_sgd", description="GaLore around torch SGD", base="sgd", moment_bits=32, lowrank=True,
+...     build=lambda groups, **hp: GaLore(groups, base="sgd", lr=hp["lr"]), group_options=GALORE_GROUP_OPTIONS))
+
+Entries only name their classes: bitsandbytes and torchao are imported when a method that needs them is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
+from lowrank_train.optim.galore import GALORE_DEFAULTS
+from lowrank_train.optim.presets import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW4bit, QGaLoreAdamW8bit
+
+Builder = Callable[..., torch.optim.Optimizer]
+# Keys a GaLore low-rank param group takes (see lowrank_train.optim.galore): rank plus the wrapper's defaults.
+GALORE_GROUP_OPTIONS = frozenset({"rank", *GALORE_DEFAULTS})
+_MOMENT_BITS = (32, 8, 4)
+
+
+@dataclass(frozen=True)
+class OptimizerMethod:
+    """What every consumer needs to know about one optimizer method.
+
+    Attributes:
+        name: the registry key (``optimizer.name`` in recipes, ``method`` in the Trainer glue, the estimator's
+            ``optimizer``): lower case, no spaces.
+        description: one line for ``--help`` and error messages.
+        base: the inner optimizer's name in :data:`lowrank_train.optim.BASE_OPTIMIZERS` (the optimizer itself for
+            methods that do not project).
+        moment_bits: bits per Adam moment element of the inner optimizer: 32, 8 (bitsandbytes' blockwise) or 4
+            (torchao's ``AdamW4bit``).
+        lowrank: GaLore family: projects the gradients of linear weights (takes low-rank param groups, can write
+            INT8 weights back with stochastic rounding).
+        build: ``build(param_groups, **hyperparameters) -> Optimizer``; the hyperparameters are ``lr``,
+            ``weight_decay``, ``betas`` and ``eps``. Import optional packages inside it, not at module level.
+        weight_bits: default bits of the block linear weights: 8 for INT8 weights (Q-GaLore), ``None`` for float.
+        proj_bits: default bits of the stored projection basis (4 or 8), ``None`` for fp32.
+        adaptive_refresh: default of the layer-adaptive refresh gap.
+        group_options: the param-group keys the method accepts beyond ``params`` / ``param_names`` and the base
+            optimizer's hyperparameters (:data:`GALORE_GROUP_OPTIONS` for the GaLore family).
+        any_base: the method is the plain GaLore wrapper, so integrations may put any registered base optimizer
+            inside it (the Trainer glue's ``base=``) or its FSDP2 variant around sharded parameters.
+    """
+
+    name: str
+    description: str
+    base: str
+    moment_bits: int
+    lowrank: bool
+    build: Builder
+    weight_bits: int | None = None
+    proj_bits: int | None = None
+    adaptive_refresh: bool = False
+    group_options: frozenset[str] = field(default_factory=frozenset)
+    any_base: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name != self.name.lower() or " " in self.name:
+            raise ValueError(f"an optimizer method name is a lower-case string without spaces, got {self.name!r}")
+        where = f"optimizer method {self.name!r}"
+        if self.base not in BASE_OPTIMIZERS:
+            raise ValueError(f"{where}: base must be one of {sorted(BASE_OPTIMIZERS)}, got {self.base!r}")
+        if self.moment_bits not in _MOMENT_BITS:
+            raise ValueError(f"{where}: moment_bits must be 32, 8 or 4, got {self.moment_bits!r}")
+        if not callable(self.build):
+            raise ValueError(f"{where}: build must be callable, got {self.build!r}")
+        if self.weight_bits not in (None, 8):
+            raise ValueError(f"{where}: weight_bits must be 8 or None, got {self.weight_bits!r}")
+        if self.proj_bits not in (None, 4, 8):
+            raise ValueError(f"{where}: proj_bits must be 4, 8 or None, got {self.proj_bits!r}")
+        object.__setattr__(self, "group_options", frozenset(self.group_options))
+        # Only a projecting optimizer has a basis, and only its write-back can update INT8 weights.
+        projecting = ("weight_bits", "proj_bits", "adaptive_refresh", "any_base", "group_options")
+        misplaced = [key for key in projecting if getattr(self, key)]
+        if not self.lowrank and misplaced:
+            raise ValueError(f"{where} does not project gradients (lowrank=False), so it cannot set {misplaced}")
+
+    def accepts(self, option: str) -> bool:
+        """True when ``option`` is a param-group key this method takes (``proj_bits``, ``adaptive_refresh``...)."""
+        return option in self.group_options
+
+
+_REGISTRY: dict[str, OptimizerMethod] = {}
+
+
+def register_optimizer(method: OptimizerMethod, *, replace: bool = False) -> OptimizerMethod:
+    """Adds ``method`` to the registry and returns it.
+
+    Raises:
+        ValueError: when the name is taken and ``replace`` is False, or ``method`` is not an OptimizerMethod.
+    """
+    if not isinstance(method, OptimizerMethod):
+        raise ValueError(f"register_optimizer takes an OptimizerMethod, got {type(method).__name__}")
+    if method.name in _REGISTRY and not replace:
+        raise ValueError(f"optimizer method {method.name!r} is already registered (pass replace=True to replace it)")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def unregister_optimizer(name: str) -> OptimizerMethod:
+    """Removes a method from the registry and returns its entry.
+
+    Raises:
+        ValueError: for a name that is not registered.
+    """
+    method = get_optimizer_method(name)
+    del _REGISTRY[method.name]
+    return method
+
+
+@contextlib.contextmanager
+def registered_optimizer(method: OptimizerMethod) -> Iterator[OptimizerMethod]:
+    """Registers ``method`` for the ``with`` block only (restoring an entry it replaced); for tests and notebooks."""
+    previous = _REGISTRY.get(method.name)
+    register_optimizer(method, replace=True)
+    try:
+        yield method
+    finally:
+        if previous is None:
+            _REGISTRY.pop(method.name, None)
+        else:
+            _REGISTRY[method.name] = previous
+
+
+def get_optimizer_method(name: str) -> OptimizerMethod:
+    """The registry entry of ``name`` (case-insensitive).
+
+    Raises:
+        ValueError: for an unknown name; the message lists the registered names and the closest match.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    method = _REGISTRY.get(key)
+    if method is not None:
+        return method
+    close = difflib.get_close_matches(str(key), list(_REGISTRY), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown optimizer {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
+
+
+def optimizer_names(*, lowrank: bool | None = None) -> tuple[str, ...]:
+    """Registered method names in registration order; ``lowrank`` keeps only the GaLore family (True) or the rest."""
+    return tuple(n for n, m in _REGISTRY.items() if lowrank is None or m.lowrank == lowrank)
+
+
+def describe_optimizers() -> str:
+    """One line per method, ``name: description``, for ``--help`` texts."""
+    return "\n".join(f"{m.name}: {m.description}" for m in _REGISTRY.values())
+
+
+def _base_builder(base: str) -> Builder:
+    """Builds the registered base optimizer ``base`` itself over the groups (no projection)."""
+
+    def build(param_groups: list[dict[str, Any]], **hyperparameters: Any) -> torch.optim.Optimizer:
+        return resolve_base(base)(param_groups, **hyperparameters)
+
+    build.__name__ = f"build_{base}"
+    return build
+
+
+# The built-in methods. Q-GaLore's defaults follow Zhang et al. 2024 (arXiv 2407.08296): INT8 weights, INT4 basis,
+# adaptive refresh; the presets set the same defaults for direct users of the classes.
+for _method in (
+    OptimizerMethod(
+        name="adamw",
+        description="torch AdamW on every parameter (the reference)",
+        base="adamw",
+        moment_bits=32,
+        lowrank=False,
+        build=_base_builder("adamw"),
+    ),
+    OptimizerMethod(
+        name="adamw8bit",
+        description="bitsandbytes' blockwise 8-bit AdamW on every parameter",
+        base="adamw8bit",
+        moment_bits=8,
+        lowrank=False,
+        build=_base_builder("adamw8bit"),
+    ),
+    OptimizerMethod(
+        name="galore",
+        description="GaLore around AdamW: projected linear-weight gradients",
+        base="adamw",
+        moment_bits=32,
+        lowrank=True,
+        build=GaLoreAdamW,
+        group_options=GALORE_GROUP_OPTIONS,
+        any_base=True,
+    ),
+    OptimizerMethod(
+        name="galore8bit",
+        description="GaLore around bitsandbytes' 8-bit AdamW",
+        base="adamw8bit",
+        moment_bits=8,
+        lowrank=True,
+        build=GaLoreAdamW8bit,
+        group_options=GALORE_GROUP_OPTIONS,
+    ),
+    OptimizerMethod(
+        name="qgalore",
+        description="Q-GaLore: 8-bit AdamW states, INT4 basis, adaptive refresh, INT8 weights",
+        base="adamw8bit",
+        moment_bits=8,
+        lowrank=True,
+        build=QGaLoreAdamW8bit,
+        weight_bits=8,
+        proj_bits=4,
+        adaptive_refresh=True,
+        group_options=GALORE_GROUP_OPTIONS,
+    ),
+    OptimizerMethod(
+        name="qgalore4bit",
+        description="Q-GaLore with 4-bit states (torchao's AdamW4bit)",
+        base="adamw4bit",
+        moment_bits=4,
+        lowrank=True,
+        build=QGaLoreAdamW4bit,
+        weight_bits=8,
+        proj_bits=4,
+        adaptive_refresh=True,
+        group_options=GALORE_GROUP_OPTIONS,
+    ),
+):
+    register_optimizer(_method)
+del _method
+
+__all__ = [
+    "GALORE_GROUP_OPTIONS",
+    "OptimizerMethod",
+    "describe_optimizers",
+    "get_optimizer_method",
+    "optimizer_names",
+    "register_optimizer",
+    "registered_optimizer",
+    "unregister_optimizer",
+]

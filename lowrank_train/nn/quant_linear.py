@@ -19,7 +19,6 @@ instead of silently writing into the one-element carrier.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowrank_train.nn.autocast import autocast_disabled, autocast_dtype
+from lowrank_train.nn.surgery import (
+    TargetModules,
+    find_target_modules,
+    is_dense_linear,
+    register_linear_type,
+    replace_module,
+)
 from lowrank_train.quant import QuantizedTensor
 
 # In-place methods that a carrier may still run (they do not touch its values).
@@ -151,7 +158,13 @@ def is_quantized_weight(param: Tensor) -> bool:
 
 
 class _QuantLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` with ``W`` dequantized from codes in forward and again in backward (never kept)."""
+    """``y = x W^T + b`` with ``W`` dequantized from codes in forward and again in backward (never kept).
+
+    Dtypes (see :mod:`lowrank_train.nn.autocast`): the matmuls run in the compute dtype, which is the autocast
+    dtype when autocast is on for ``x``'s device and ``x``'s dtype otherwise; ``x`` is saved in that dtype, as
+    ``nn.Linear`` under autocast saves its cast input. ``grad_x`` is returned in ``x``'s dtype, the bias gradient
+    in the bias's dtype and the weight gradient in the carrier's dtype (the parameter's high precision).
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -164,23 +177,36 @@ class _QuantLinearFunction(torch.autograd.Function):
         bits: int,
         group_size: int,
     ) -> Tensor:
-        quantized = QuantizedTensor(codes, scales, tuple(carrier.shape), bits, group_size)
-        ctx.save_for_backward(x, codes, scales)
-        ctx.meta = (tuple(carrier.shape), bits, group_size, carrier.dtype, bias is not None)
-        return F.linear(x, quantized.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        compute = autocast_dtype(x) or x.dtype
+        with autocast_disabled(x):
+            x_compute = x.to(compute)
+            weight = QuantizedTensor(codes, scales, tuple(carrier.shape), bits, group_size).dequantize(compute)
+            out = F.linear(x_compute, weight, None if bias is None else bias.to(compute))
+        ctx.save_for_backward(x_compute, codes, scales)
+        ctx.meta = (
+            tuple(carrier.shape),
+            bits,
+            group_size,
+            carrier.dtype,
+            x.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, codes, scales = ctx.saved_tensors
-        shape, bits, group_size, grad_dtype, has_bias = ctx.meta
+        shape, bits, group_size, grad_dtype, x_dtype, bias_dtype = ctx.meta
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            weight = QuantizedTensor(codes, scales, shape, bits, group_size).dequantize(grad_out.dtype)
-            grad_x = grad_out @ weight
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_out.reshape(-1, shape[0]).mT @ x.reshape(-1, shape[1])).to(grad_dtype)
-        if has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad_out.reshape(-1, shape[0]).sum(dim=0)
+        with autocast_disabled(x):
+            grad = grad_out.to(x.dtype)  # x was saved in the compute dtype
+            if ctx.needs_input_grad[0]:
+                weight = QuantizedTensor(codes, scales, shape, bits, group_size).dequantize(x.dtype)
+                grad_x = (grad @ weight).to(x_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad.reshape(-1, shape[0]).mT @ x.reshape(-1, shape[1])).to(grad_dtype)
+            if bias_dtype is not None and ctx.needs_input_grad[2]:
+                grad_b = grad.reshape(-1, shape[0]).sum(dim=0).to(bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -321,6 +347,10 @@ class QuantLinear(nn.Module):
         )
 
 
+# The carrier is a 2-D `weight`: lowrank_param_groups and "all-linear" treat QuantLinear as a linear layer.
+register_linear_type(QuantLinear)
+
+
 @torch.no_grad()
 def apply_quantized_update(
     param: Tensor,
@@ -368,49 +398,36 @@ def apply_quantized_update(
     current.scales.copy_(fresh.scales)
 
 
-def _is_output_layer(name: str, module: nn.Linear, embedding_weights: set[int]) -> bool:
-    return name.split(".")[-1] == "lm_head" or id(module.weight) in embedding_weights
+def quantization_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
+    """Names of the ``nn.Linear`` layers that ``target_modules`` selects for quantization (see
+    :func:`lowrank_train.nn.surgery.find_target_modules`).
 
-
-def _inside_module_list(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    for list_name, child in model.named_modules():
-        if isinstance(child, nn.ModuleList):
-            prefix = f"{list_name}." if list_name else ""
-            names.update(prefix + name for name, _ in child.named_modules() if name)
-    return names
-
-
-def _select_targets(model: nn.Module, target_modules: None | str | list[str]) -> list[str]:
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if target_modules is None:
-        # Default (issue 3): the linear layers inside the repeated transformer blocks, i.e. under an
-        # nn.ModuleList, never lm_head or embedding-tied outputs. Models without blocks fall back to "all-linear".
-        in_blocks = _inside_module_list(model)
-        chosen = [n for n, m in linears.items() if n in in_blocks and not _is_output_layer(n, m, embedding_weights)]
-        if chosen:
-            return chosen
-        target_modules = "all-linear"
-    if target_modules == "all-linear":
-        # PEFT's meaning: every nn.Linear except the output layer (lm_head / tied to an embedding).
-        return [n for n, m in linears.items() if not _is_output_layer(n, m, embedding_weights)]
-    if isinstance(target_modules, str):
-        pattern = re.compile(target_modules)
-        return [n for n in linears if pattern.fullmatch(n)]
-    if isinstance(target_modules, (list, tuple)):
-        # PEFT's meaning of a list: a module matches when its name equals or ends with ".<entry>".
-        return [n for n in linears if any(n == t or n.endswith(f".{t}") for t in target_modules)]
-    raise ValueError(
-        f"target_modules must be None, 'all-linear', a regex string or a list of names, got {target_modules!r}"
-    )
+    Raises:
+        ValueError: nothing matched, or a selected weight is shared with another module (a tied LM head would be
+            quantized while its embedding stayed float: the tie would silently break).
+    """
+    targets = find_target_modules(model, target_modules, candidate=is_dense_linear)
+    if not targets:
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer in the model")
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(name)
+    for name, module in targets.items():
+        sharing = [owner for owner in owners[id(module.weight)] if owner != name]
+        if sharing:
+            raise ValueError(
+                f"target_modules={target_modules!r} selects {name!r}, whose weight is shared with {sharing[0]!r} "
+                "(tied embeddings); quantizing it would untie them. Leave it out of target_modules."
+            )
+    return list(targets)
 
 
 def quantize_model(
     model: nn.Module,
     bits: int = 8,
     group_size: int = 256,
-    target_modules: None | str | list[str] = None,
+    target_modules: TargetModules = None,
 ) -> nn.Module:
     """Swaps target ``nn.Linear`` layers for :class:`QuantLinear` in place (round-to-nearest initial codes).
 
@@ -418,16 +435,18 @@ def quantize_model(
         model: any module tree.
         bits: 8 (Q-GaLore's weights) or 4.
         group_size: elements per quantization group; the last group is zero-padded when it does not divide.
-        target_modules: ``None`` for the linear layers inside transformer blocks (under an ``nn.ModuleList``;
-            every linear except the output layer when there are no blocks), ``"all-linear"`` (all but lm_head /
-            embedding-tied), a regex fully matching qualified module names, or a list of name suffixes.
+        target_modules: which ``nn.Linear`` layers, with the package's one meaning
+            (:func:`lowrank_train.nn.surgery.find_target_modules`): ``None`` for the linear layers inside the
+            repeated blocks (every linear but the output head when there are none), ``"all-linear"``, a regular
+            expression fully matching qualified module names, or a list of names / dotted name suffixes.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: bad ``bits``/``group_size``, no layer matched, or ``model`` already holds QuantLinear layers
-            (quantizing twice would quantize the quantization error; dequantize_model first).
+        ValueError: bad ``bits``/``group_size``/``target_modules``, no layer matched, a selected weight tied to
+            another module, or ``model`` already holds QuantLinear layers (quantizing twice would quantize the
+            quantization error; dequantize_model first).
     """
     already = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if already:
@@ -439,13 +458,8 @@ def quantize_model(
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    targets = _select_targets(model, target_modules)
-    if not targets:
-        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear layer in the model")
-    for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, QuantLinear.from_linear(getattr(parent, child_name), bits, group_size))
+    for name in quantization_targets(model, target_modules):
+        replace_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
     return model
 
 
@@ -463,7 +477,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         return model.to_linear(dtype)
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            parent_name, _, child_name = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child_name, module.to_linear(dtype))
+            replace_module(model, name, module.to_linear(dtype))
     return model

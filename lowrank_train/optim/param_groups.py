@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from lowrank_train.nn.quant_linear import QuantLinear
+# The linear-type registry and target_modules matching live in lowrank_train.nn.surgery (one meaning everywhere);
+# LINEAR_TYPES / register_linear_type stay importable from here. Importing lowrank_train.nn registers QuantLinear.
+from lowrank_train.nn.surgery import LINEAR_TYPES, find_target_modules, register_linear_type
 
-# Module types whose 2-D ``weight`` can be projected; other packages register theirs.
-LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, QuantLinear]
-
-
-def register_linear_type(module_type: type[nn.Module]) -> None:
-    """Lets :func:`lowrank_param_groups` treat ``module_type``'s 2-D ``weight`` like an ``nn.Linear`` weight."""
-    if module_type not in LINEAR_TYPES:
-        LINEAR_TYPES.append(module_type)
-
-
-def _output_head_ids(model: nn.Module) -> set[int]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {id(head)} if head is not None else set()
-
-
-def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+__all__ = ["LINEAR_TYPES", "lowrank_param_groups", "register_linear_type"]
 
 
 def lowrank_param_groups(
@@ -38,7 +20,7 @@ def lowrank_param_groups(
     update_gap: int = 200,
     scale: float = 0.25,
     projector: str = "svd",
-    target_modules: str | Sequence[str] = "all-linear",
+    target_modules: str | Sequence[str] | None = "all-linear",
     **group_options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for a GaLore optimizer: projected linear weights, and everything else.
@@ -49,9 +31,11 @@ def lowrank_param_groups(
         update_gap: steps between basis refreshes.
         scale: GaLore's alpha.
         projector: registered projector name ("svd", "rsvd", "random").
-        target_modules: "all-linear" (every linear layer except the output head, and except weights tied to
-            it), a list of module names or name suffixes (``["q_proj", "v_proj"]``), or a regular expression
-            matched against the full module name.
+        target_modules: which linear layers (registered types, :data:`LINEAR_TYPES`) are projected, with the
+            package's one meaning (:func:`lowrank_train.nn.surgery.find_target_modules`): "all-linear" (every
+            linear layer except the output head and weights tied to it), a list of module names or dotted name
+            suffixes (``["q_proj", "v_proj"]``), a regular expression fully matching the qualified module name,
+            or ``None`` (the linear layers inside the repeated blocks).
         **group_options: extra keys for the low-rank group (e.g. ``proj_bits``, ``lr``).
 
     Returns:
@@ -61,17 +45,8 @@ def lowrank_param_groups(
     Raises:
         ValueError: when no linear weight matches ``target_modules``.
     """
-    head_ids = _output_head_ids(model)
-    head_weights = {id(m.weight) for m in model.modules() if id(m) in head_ids and hasattr(m, "weight")}
-    chosen: set[int] = set()
-    for name, module in model.named_modules():
-        if not isinstance(module, tuple(LINEAR_TYPES)) or id(module) in head_ids:
-            continue
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.dim() != 2 or not weight.requires_grad or id(weight) in head_weights:
-            continue
-        if target_modules == "all-linear" or _matches(name, target_modules):
-            chosen.add(id(weight))
+    selected = find_target_modules(model, target_modules).values()
+    chosen = {id(module.weight) for module in selected if module.weight.requires_grad}
     if not chosen:
         raise ValueError(f"no trainable linear weight matches target_modules={target_modules!r}")
     lowrank: dict[str, Any] = {"params": [], "param_names": []}

@@ -24,18 +24,17 @@ supported under FSDP2. Checkpoints are per rank: ``torch.save(optimizer.state_di
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from lowrank_train.optim.functional import refresh_due
+from lowrank_train.optim.backend import BasisBuild, DenseBackend
 from lowrank_train.optim.galore import GaLore
-from lowrank_train.projection import get_projector, projects_rows
-
-# Tensors of a GaLore state that every rank must hold identically after a refresh.
-_REPLICATED_STATE = ("basis", "basis_codes", "basis_scales", "gap", "similarity")
+from lowrank_train.projection import projects_rows
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -103,22 +102,104 @@ def broadcast_from_first(tensor: torch.Tensor, mesh: Any) -> None:
     tensor.copy_(buffer)
 
 
-def count_nonfinite(grad: DTensor) -> int:
-    """Number of NaN/Inf entries of a sharded gradient over all ranks (one all-reduce)."""
-    local = (~grad.to_local().isfinite()).sum().to(torch.float32).reshape(1)
-    mesh = grad.device_mesh
-    placements = [Partial() if isinstance(p, Shard) else Replicate() for p in grad.placements]
-    total = DTensor.from_local(local, mesh, placements, run_check=False)
-    return int(total.redistribute(mesh, [Replicate()] * mesh.ndim).to_local().item())
+def sharded_finite_flags(grads: Sequence[DTensor]) -> torch.Tensor:
+    """One "no NaN/Inf on any rank" flag per sharded gradient: one all-reduce per (mesh, placements) layout.
+
+    Args:
+        grads: DTensor gradients, sharded on dim 0 (or replicated) over their device meshes.
+
+    Returns:
+        (len(grads),) bool tensor on the first gradient's local device, the same on every rank.
+    """
+    device = grads[0].to_local().device
+    bad = torch.zeros(len(grads), device=device)
+    layouts: dict[tuple[int, tuple[Any, ...]], list[int]] = {}
+    for i, grad in enumerate(grads):
+        layouts.setdefault((id(grad.device_mesh), tuple(grad.placements)), []).append(i)
+    for indices in layouts.values():
+        first = grads[indices[0]]
+        local = torch.stack([(~grads[i].to_local().isfinite()).sum().to(torch.float32) for i in indices])
+        mesh = first.device_mesh
+        placements = [Partial() if isinstance(p, Shard) else Replicate() for p in first.placements]
+        total = DTensor.from_local(local, mesh, placements, run_check=False)
+        bad[indices] = total.redistribute(mesh, [Replicate()] * mesh.ndim).to_local().to(device)
+    return bad == 0
+
+
+@dataclass(frozen=True)
+class FSDP2Backend:
+    """:class:`~lowrank_train.optim.backend.ProjectionBackend` for row-sharded DTensors (FSDP2, HSDP).
+
+    Ordinary tensors in the same optimizer take :class:`~lowrank_train.optim.backend.DenseBackend`'s path.
+    """
+
+    dense: DenseBackend = DenseBackend()
+
+    def check_param(self, param: torch.Tensor, label: str) -> None:
+        if is_sharded(param):
+            check_row_sharded(param, label)
+        else:
+            self.dense.check_param(param, label)
+
+    def finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        sharded = [i for i, g in enumerate(grads) if is_sharded(g)]
+        if not sharded:
+            return self.dense.finite_flags(grads)
+        flags = sharded_finite_flags([grads[i] for i in sharded])  # every rank sees the same flags
+        plain = [i for i in range(len(grads)) if i not in set(sharded)]
+        if not plain:
+            return flags
+        merged = torch.ones(len(grads), dtype=torch.bool, device=flags.device)
+        merged[sharded] = flags
+        merged[plain] = self.dense.finite_flags([grads[i] for i in plain]).to(flags.device)
+        return merged
+
+    def build_basis(self, param: torch.Tensor, build: BasisBuild) -> torch.Tensor:
+        if not is_sharded(param):
+            return self.dense.build_basis(param, build)
+        # One m x n all-gather per refresh; every rank builds from the same matrix, and the first rank's basis is
+        # broadcast so that the ranks agree bit for bit even if an SVD routine were not deterministic. What is
+        # derived from it (quantized codes, the adaptive gap) is then computed from identical inputs everywhere.
+        basis = build((param.grad if param.grad is not None else param).full_tensor())
+        broadcast_from_first(basis, param.device_mesh)
+        return basis
+
+    def local_basis(self, basis: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return local_basis(basis, param) if is_sharded(param) else basis
+
+    def project_gradient(self, grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        if is_sharded(grad):
+            return project_sharded_gradient(grad, basis)
+        return self.dense.project_gradient(grad, basis)
+
+    def projected_shape(self, param: torch.Tensor, rank: int) -> tuple[int, int]:
+        if not is_sharded(param):
+            return self.dense.projected_shape(param, rank)
+        # Rows side: the all-reduced r x n projection; columns side: this rank's r x m_k columns.
+        return (rank, param.shape[1]) if projects_rows(param.shape) else (rank, param.to_local().shape[0])
+
+    def write_back(
+        self,
+        param: torch.Tensor,
+        update: torch.Tensor,
+        *,
+        lr: float | torch.Tensor,
+        weight_decay: float,
+        scale: float,
+        generator: torch.Generator | None,
+    ) -> None:
+        # ``update`` holds this rank's rows already (the basis was local); to_local() returns the shard, no copy.
+        target = param.to_local() if is_sharded(param) else param
+        self.dense.write_back(target, update, lr=lr, weight_decay=weight_decay, scale=scale, generator=generator)
 
 
 class FSDP2GaLore(GaLore):
     """:class:`~lowrank_train.optim.GaLore` whose low-rank weights may be FSDP2 (row-sharded DTensor) parameters.
 
-    Same arguments, math, state keys and presets as ``GaLore``; ordinary tensors take the unchanged path, so
-    the same optimizer also serves DDP or single-process runs. Plain (non-projected) DTensor parameters go to
-    the base optimizer as they are (``torch.optim`` optimizers support DTensors; bitsandbytes' 8-bit ones do
-    not).
+    Same arguments, math, state keys and presets as ``GaLore``: it only supplies :class:`FSDP2Backend` as the
+    ``backend``. Ordinary tensors take the unchanged path, so the same optimizer also serves DDP or single-process
+    runs. Plain (non-projected) DTensor parameters go to the base optimizer as they are (``torch.optim``
+    optimizers support DTensors; bitsandbytes' 8-bit ones do not).
 
     Example:
         >>> for layer in model.model.layers:
@@ -127,66 +208,7 @@ class FSDP2GaLore(GaLore):
         >>> opt = FSDP2GaLore(lowrank_param_groups(model, rank=128), base="adamw", lr=1e-3)
     """
 
-    _supports_dtensor = True
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        for i, p in enumerate(group["params"]):
-            if is_sharded(p) and self.is_lowrank(p):
-                names = group.get("param_names")
-                check_row_sharded(p, names[i] if names else f"params[{i}]")
-
-    def _check_refresh_inputs(self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]) -> None:
-        super()._check_refresh_inputs([item for item in todo if not is_sharded(item[0])])
-        for p, group, _ in todo:
-            if not is_sharded(p) or p.grad is None or not get_projector(group["projector"]).uses_gradient:
-                continue
-            state = self.state.get(p)
-            if state and not refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"])):
-                continue
-            if count_nonfinite(p.grad):  # every rank sees the same total, so every rank raises
-                raise ValueError(
-                    f"non-finite gradient (NaN/Inf) where a projection basis was due for a refresh: "
-                    f"{self._locate(p)[2]}. The basis was not rebuilt and no parameter was updated"
-                )
-
-    def _basis(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """This rank's view of the basis (see :func:`local_basis`), refreshed from the full gradient when due."""
-        if not is_sharded(param):
-            return super()._basis(param, group, state)
-        kind = get_projector(group["projector"])
-        due = refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
-        if due and kind.uses_gradient:
-            # GaLore._basis reads only the values (through .grad, else the tensor itself) and the shape of its
-            # argument: hand it the all-gathered (m x n) gradient as a plain tensor.
-            matrix = (param.grad if param.grad is not None else param).full_tensor()
-        else:
-            # Between refreshes (and for seeded projectors) only the shape and device matter: a stride-0 view.
-            matrix = torch.zeros((), device=param.device).expand(param.shape)
-        refreshes = int(state["refreshes"])
-        basis = super()._basis(matrix, group, state)
-        if kind.stores_basis and int(state["refreshes"]) != refreshes:
-            for key in _REPLICATED_STATE:
-                if key in state:
-                    broadcast_from_first(state[key], param.device_mesh)
-            basis = self._load_basis(state, group, matrix)
-        return local_basis(basis, param)
-
-    def _take_projected_grad(
-        self, param: torch.Tensor, state: dict[str, torch.Tensor], basis: torch.Tensor
-    ) -> torch.Tensor:
-        if not is_sharded(param):
-            return super()._take_projected_grad(param, state, basis)
-        low = state.pop("grad_accum", None)
-        if param.grad is not None:
-            projected = project_sharded_gradient(param.grad, basis)
-            low = projected if low is None else low.add_(projected)
-        return low
-
-    def _write_back(
-        self, param: torch.Tensor, update: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
-    ) -> None:
-        # ``update`` already holds this rank's rows (the basis was local); write them into the local shard, which
-        # to_local() returns without a copy.
-        super()._write_back(param.to_local() if is_sharded(param) else param, update, group, state)
+    def __init__(self, params: Iterable[Any], base: type[torch.optim.Optimizer] | str = "adamw", **defaults: Any):
+        if "backend" in defaults:
+            raise ValueError("FSDP2GaLore supplies its own backend (FSDP2Backend); use GaLore to pass another one")
+        super().__init__(params, base, backend=FSDP2Backend(), **defaults)

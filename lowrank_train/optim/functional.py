@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lowrank_train.nn.quant_linear import apply_quantized_update, is_quantized_weight
@@ -62,3 +64,27 @@ def apply_weight_update(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     param.add_(update.to(param.dtype), alpha=scale)
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One "holds no NaN/Inf" flag per tensor, computed on the device without a host synchronisation.
+
+    Each tensor is reduced to its largest absolute value: NaN and Inf propagate through a maximum and, unlike a
+    sum of squares, a maximum cannot overflow, so a finite tensor of huge values is not reported.
+
+    Args:
+        tensors: tensors of any shapes, dtypes and devices.
+
+    Returns:
+        (len(tensors),) bool tensor on the first tensor's device (the CPU for an empty list).
+    """
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    device = tensors[0].device
+    maxima = [
+        torch.linalg.vector_norm(t, float("inf")).to(device, torch.float32)
+        if t.numel()
+        else torch.zeros((), device=device)
+        for t in tensors
+    ]
+    return torch.stack(maxima).isfinite()

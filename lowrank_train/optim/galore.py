@@ -44,15 +44,15 @@ import torch
 from torch import nn
 
 from lowrank_train.nn.quant_linear import is_quantized_weight
+from lowrank_train.optim.backend import DenseBackend, ProjectionBackend
 from lowrank_train.optim.bases import resolve_base
-from lowrank_train.optim.functional import apply_weight_update, basis_generator, refresh_due, rounding_generator
+from lowrank_train.optim.functional import basis_generator, refresh_due, rounding_generator
 from lowrank_train.projection import (
     basis_rows,
     get_projector,
     next_refresh_gap,
     orient,
     project_back,
-    project_gradient,
     push_similarity,
     subspace_overlap,
     validate_adaptive_options,
@@ -136,6 +136,9 @@ class GaLore(torch.optim.Optimizer):
         params: parameters or param groups, typically from :func:`lowrank_param_groups`.
         base: optimizer class (``torch.optim.AdamW``, ``bitsandbytes.optim.AdamW8bit``, ...) or a registered
             name ("adamw", "adamw8bit", "adafactor", "adam", "sgd").
+        backend: the layout-dependent operations (:class:`~lowrank_train.optim.backend.ProjectionBackend`);
+            ``None`` for ordinary tensors. :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore` passes the one
+            for FSDP2 shards.
         **defaults: base optimizer keyword arguments (``lr``, ``betas``, ``weight_decay``...) and GaLore
             group defaults (``update_gap`` 200, ``scale`` 0.25, ``projector`` "svd", ``proj_seed`` 0,
             ``oversample`` 8 and ``power_iters`` 1 for "rsvd", ``full_rank_fallback`` False).
@@ -145,8 +148,20 @@ class GaLore(torch.optim.Optimizer):
         >>> opt = GaLore(groups, base=torch.optim.AdamW, lr=1e-3)
     """
 
-    def __init__(self, params: Iterable[Any], base: type[torch.optim.Optimizer] | str = "adamw", **defaults: Any):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base: type[torch.optim.Optimizer] | str = "adamw",
+        *,
+        backend: ProjectionBackend | None = None,
+        **defaults: Any,
+    ):
         self._base_cls = resolve_base(base)
+        if backend is None:
+            backend = DenseBackend()
+        if not isinstance(backend, ProjectionBackend):
+            raise ValueError(f"backend must implement lowrank_train.optim.backend.ProjectionBackend, got {backend!r}")
+        self.backend = backend
         galore_defaults = {k: defaults.pop(k, v) for k, v in GALORE_DEFAULTS.items()}
         if "rank" in defaults:
             raise ValueError("pass rank in a param group (see lowrank_param_groups), not as an optimizer default")
@@ -164,21 +179,13 @@ class GaLore(torch.optim.Optimizer):
         """True when ``param`` is updated through a projection (not a plain or full-rank-fallback param)."""
         return param in self._shadows
 
-    # FSDP2 shards parameters as DTensors; the plain projection math would fail on them with an opaque error.
-    _supports_dtensor = False
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if "rank" in group:
             _validate_lowrank_group(group)
-            if not self._supports_dtensor:
-                for i, p in enumerate(group["params"]):
-                    if any(cls.__name__ == "DTensor" for cls in type(p).__mro__):
-                        raise ValueError(
-                            f"{_param_label(group, i, p)} is an FSDP2-sharded DTensor: use "
-                            "lowrank_train.integrations.fsdp.FSDP2GaLore (same arguments) for sharded models"
-                        )
+            for i, p in enumerate(group["params"]):
+                self.backend.check_param(p, _param_label(group, i, p))
             identity = group["projector"] == "identity"
             for p in group["params"]:
                 if identity or group["rank"] < min(p.shape):
@@ -258,7 +265,7 @@ class GaLore(torch.optim.Optimizer):
                 due.append((p, group))
         if not due:
             return
-        finite = torch.stack([p.grad.isfinite().all() for p, _ in due]).cpu()  # one sync per refresh step
+        finite = self.backend.finite_flags([p.grad for p, _ in due]).cpu()  # one sync per refresh step
         if bool(finite.all()):
             return
         bad = [
@@ -272,30 +279,34 @@ class GaLore(torch.optim.Optimizer):
         )
 
     def _basis(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The current (min(m, n) x r) basis of ``param``, refreshed first when due."""
+        """The basis this process uses for ``param`` (see ``ProjectionBackend.local_basis``), refreshed when due."""
         kind = get_projector(group["projector"])
         step, last = int(state["step"]), int(state["last_refresh"])
-        # Between refreshes an accumulated step may have no .grad left; the basis builders only need the shape then.
-        grad = orient(param.grad if param.grad is not None else param)
         rank = min(param.shape) if kind.name == "identity" else group["rank"]
+        seed = int(state["seed"])
+
+        def build(matrix: torch.Tensor) -> torch.Tensor:
+            oriented = orient(matrix)
+            generator = basis_generator(seed, last, oriented.device)
+            if kind.name == "rsvd":
+                return kind.build(
+                    oriented, rank, generator, oversample=group["oversample"], power_iters=group["power_iters"]
+                )
+            return kind.build(oriented, rank, generator)
+
+        # Seeded projectors read only the shape and device of the full weight: a stride-0 view, no values.
+        shape_only = torch.zeros((), device=param.device).expand(param.shape)
         if refresh_due(step, last, int(state["gap"])):
             last = step
             if kind.stores_basis:
-                generator = basis_generator(int(state["seed"]), last, grad.device)
-                if kind.name == "rsvd":
-                    basis = kind.build(
-                        grad, rank, generator, oversample=group["oversample"], power_iters=group["power_iters"]
-                    )
-                else:
-                    basis = kind.build(grad, rank, generator)
+                basis = self.backend.build_basis(param, build) if kind.uses_gradient else build(shape_only)
                 if group["adaptive_refresh"] and ("basis" in state or "basis_codes" in state):
                     self._adapt_gap(state, group, self._load_basis(state, group, param), basis)
                 self._store_basis(state, basis, group)
             state["last_refresh"].fill_(last)
             state["refreshes"].add_(1)
-        if kind.stores_basis:
-            return self._load_basis(state, group, param)
-        return kind.build(grad, rank, basis_generator(int(state["seed"]), last, grad.device))
+        full = self._load_basis(state, group, param) if kind.stores_basis else build(shape_only)
+        return self.backend.local_basis(full, param)
 
     def _adapt_gap(
         self, state: dict[str, torch.Tensor], group: dict[str, Any], old: torch.Tensor, new: torch.Tensor
@@ -363,14 +374,14 @@ class GaLore(torch.optim.Optimizer):
     def _write_back(
         self, param: torch.Tensor, update: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
     ) -> None:
-        """Adds the projected-back (m x n) ``update`` to ``param`` (overridden for FSDP2 shards, issue 6)."""
+        """Adds the projected-back ``update`` (this process's rows of it) to ``param``."""
         # INT8 weights are re-quantized with stochastic rounding; the stream depends on (seed, step) only.
         generator = (
             rounding_generator(int(state["seed"]), int(state["step"]), param.device)
             if is_quantized_weight(param)
             else None
         )
-        apply_weight_update(
+        self.backend.write_back(
             param,
             update,
             lr=group["lr"],
@@ -385,7 +396,7 @@ class GaLore(torch.optim.Optimizer):
         """Projected gradient of this step: the accumulator (emptied) plus the projection of ``param.grad``."""
         low = state.pop("grad_accum", None)
         if param.grad is not None:
-            projected = project_gradient(param.grad, basis)
+            projected = self.backend.project_gradient(param.grad, basis)
             low = projected if low is None else low.add_(projected)
         return low
 

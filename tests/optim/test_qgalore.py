@@ -19,7 +19,8 @@ class Blocks(nn.Module):
     def __init__(self, width: int = 32, depth: int = 2) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(width, 2 * width), nn.Tanh()) for _ in range(depth))
-        self.out = nn.ModuleList([nn.Linear(2 * width, width)])
+        # A block of its own (a list of bare linear layers holds no blocks, see nn.surgery.find_blocks).
+        self.out = nn.ModuleList([nn.Sequential(nn.Linear(2 * width, width))])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

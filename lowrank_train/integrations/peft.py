@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_train.nn.surgery import block_modules, find_target_modules, is_dense_linear
 from lowrank_train.optim import lowrank_param_groups
 
 
@@ -37,6 +38,32 @@ def adapter_parameter_ids(model: nn.Module) -> set[int]:
     return adapters
 
 
+def base_model_names(model: nn.Module) -> dict[str, str]:
+    """Qualified name in ``model`` -> the name the module has in the wrapped base model, where PEFT matches.
+
+    PEFT matches ``LoraConfig.target_modules`` against the base model's names (``model.layers.0.mlp.up_proj``),
+    before it wraps anything. Here the ``base_model.model.`` prefix is dropped, a tuner layer's wrapped layer
+    (``...q_proj.base_layer``) takes the tuner's name (``...q_proj``), and so do both copies inside a
+    ``modules_to_save`` wrapper (``...lm_head.original_module``, ``...lm_head.modules_to_save.default``). Adapter
+    modules keep their (base-relative) names. Without peft installed, every name maps to itself.
+    """
+    getter = getattr(model, "get_base_model", None)
+    base = getter() if callable(getter) else model
+    names = {id(module): name for name, module in base.named_modules()}
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import ModulesToSaveWrapper
+    except ImportError:
+        BaseTunerLayer = ModulesToSaveWrapper = ()  # noqa: N806 - no tuner layers without peft
+    for name, module in base.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names[id(module.get_base_layer())] = name
+        if isinstance(module, ModulesToSaveWrapper):
+            for copy in (module.original_module, *module.modules_to_save.values()):
+                names[id(copy)] = name
+    return {qualified: names.get(id(module), qualified) for qualified, module in model.named_modules()}
+
+
 def peft_param_groups(
     model: nn.Module,
     rank: int,
@@ -46,12 +73,15 @@ def peft_param_groups(
     target_modules: str | Sequence[str] = "all-linear",
     **group_options: Any,
 ) -> list[dict[str, Any]]:
-    """:func:`~lowrank_train.optim.lowrank_param_groups` for a PEFT model: adapters go to the plain group.
+    r""":func:`~lowrank_train.optim.lowrank_param_groups` for a PEFT model: adapters go to the plain group.
 
     Args:
         model: a ``PeftModel`` (or any model holding PEFT tuner layers).
-        rank, update_gap, scale, projector, target_modules, **group_options: as for ``lowrank_param_groups``;
-            ``target_modules`` is matched against the PEFT model's full module names (``...mlp.up_proj``).
+        rank, update_gap, scale, projector, **group_options: as for ``lowrank_param_groups``.
+        target_modules: the package's one meaning (:func:`lowrank_train.nn.surgery.find_target_modules`),
+            matched, as PEFT's own ``LoraConfig.target_modules`` is, against the names in the wrapped base model
+            (:func:`base_model_names`): ``["up_proj"]`` or ``r"model\.layers\.\d+\.mlp\..*"`` select the same
+            layers here as in the model before ``get_peft_model``.
 
     Returns:
         The low-rank group (full-trained linear weights only) if any, and the plain group (adapters and every
@@ -60,13 +90,17 @@ def peft_param_groups(
     Raises:
         ValueError: when no trainable linear weight at all (adapter or not) matches ``target_modules``.
     """
+    names = base_model_names(model)
+    selected = find_target_modules(model, target_modules, match_name=names.__getitem__)
+    if not any(module.weight.requires_grad for module in selected.values()):
+        raise ValueError(f"no trainable linear weight matches target_modules={target_modules!r}")
     groups = lowrank_param_groups(
         model,
         rank=rank,
         update_gap=update_gap,
         scale=scale,
         projector=projector,
-        target_modules=target_modules,
+        target_modules=list(selected),  # qualified names: a list entry matches its own module exactly
         **group_options,
     )
     adapters = adapter_parameter_ids(model)
@@ -112,15 +146,11 @@ def welore_lora_model(model: nn.Module, lora_config: Any) -> nn.Module:
     from peft import get_peft_model
 
     from lowrank_train.nn import LowRankLinear
-    from lowrank_train.welore.spectrum import find_block_linears
 
     factorized = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     if not factorized:
         raise ValueError("the model has no LowRankLinear layer: compress it with lowrank_train.welore first")
-    try:
-        dense = list(find_block_linears(model))
-    except ValueError:  # every block linear was factorized
-        dense = []
+    dense = list(block_modules(model, is_dense_linear))  # empty when every block linear was factorized
     if not dense and not lora_config.target_modules:
         raise ValueError("every block linear is factorized: there is no dense (N-LRC) layer left for LoRA")
     if not lora_config.target_modules:

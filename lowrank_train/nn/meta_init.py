@@ -13,12 +13,13 @@ embedding weights (the padding row zeroed), ones for RMSNorm; RoPE buffers are r
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from lowrank_train.nn.quant_linear import QuantLinear
+from lowrank_train.nn.quant_linear import QuantLinear, quantization_targets
+from lowrank_train.nn.surgery import TargetModules, find_blocks, replace_module
 
 
 @contextlib.contextmanager
@@ -42,10 +43,6 @@ def build_meta_llama(config: object, dtype: torch.dtype = torch.bfloat16) -> nn.
 
     with torch.device("meta"), _default_dtype(dtype):
         return LlamaForCausalLM(config)
-
-
-def _is_target(name: str, target_modules: Sequence[str] | None) -> bool:
-    return target_modules is None or any(name == t or name.endswith(f".{t}") for t in target_modules)
 
 
 def _materialize_linear(
@@ -99,7 +96,7 @@ def materialize_llama(
     device: torch.device | str = "cpu",
     weight_bits: int | None = None,
     weight_group_size: int = 256,
-    target_modules: Sequence[str] | None = None,
+    target_modules: TargetModules = None,
     seed: int = 0,
 ) -> nn.Module:
     """Builds a randomly initialised ``LlamaForCausalLM`` without ever holding the full-precision model.
@@ -110,15 +107,18 @@ def materialize_llama(
         device: where the weights are materialised.
         weight_bits: ``None`` for float linear layers, 8 (Q-GaLore's INT8) or 4 for :class:`QuantLinear` layers.
         weight_group_size: elements per quantization group.
-        target_modules: name suffixes of the block linear layers to quantize (``["q_proj", "down_proj"]``);
-            ``None``: all linear layers inside the decoder blocks (never the LM head), like ``quantize_model``.
+        target_modules: with ``weight_bits``, the linear layers built quantized, with the meaning
+            ``quantize_model`` gives it (:func:`lowrank_train.nn.surgery.find_target_modules`): ``None`` for all
+            linear layers inside the decoder blocks (never the LM head), ``"all-linear"``, a regular expression
+            on qualified names, or a list of names / dotted suffixes (``["q_proj", "down_proj"]``).
         seed: seeds the weight draws; the same seed gives the same model.
 
     Returns:
         The model, in training mode, with no meta tensors left.
 
     Raises:
-        ValueError: bad ``weight_bits`` or a model with meta tensors left after materialisation.
+        ValueError: bad ``weight_bits`` or ``target_modules`` (one that matches nothing or selects the tied LM
+            head), or a model with meta tensors left after materialisation.
     """
     if weight_bits not in (None, 4, 8):
         raise ValueError(f"weight_bits must be None, 4 or 8, got {weight_bits!r}")
@@ -128,25 +128,29 @@ def materialize_llama(
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
     generator = torch.Generator(device=device).manual_seed(seed)
     model = build_meta_llama(config, dtype)
+    # Targets are chosen on the meta model, by the same rule quantize_model applies to a built one.
+    quantized = set(quantization_targets(model, target_modules)) if weight_bits is not None else set()
     body = model.get_decoder()
     _materialize_small(body.embed_tokens, std, generator, device)
-    for layer in body.layers:  # one block at a time: the peak is one fp32 linear beyond the finished part
-        for name, child in list(layer.named_modules()):
+    for block_name, block in find_blocks(model).items():  # one block at a time: peak is one fp32 linear more
+        for name, child in list(block.named_modules()):
             if isinstance(child, nn.Linear):
-                bits = weight_bits if _is_target(name, target_modules) else None
-                parent_name, _, attr = name.rpartition(".")
-                parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(
-                    parent, attr, _materialize_linear(child, std, generator, device, dtype, bits, weight_group_size)
-                )
+                full_name = f"{block_name}.{name}"
+                bits = weight_bits if full_name in quantized else None
+                built = _materialize_linear(child, std, generator, device, dtype, bits, weight_group_size)
+                replace_module(model, full_name, built)
             elif not isinstance(child, QuantLinear) and any(True for _ in child.parameters(recurse=False)):
                 _materialize_small(child, std, generator, device)
     _materialize_small(body.norm, std, generator, device)
     head = model.get_output_embeddings()
+    head_name = next(name for name, module in model.named_modules() if module is head)
     if getattr(config, "tie_word_embeddings", False):
         head.weight = body.embed_tokens.weight
     else:
-        model.lm_head = _materialize_linear(head, std, generator, device, dtype, None, weight_group_size)
+        bits = weight_bits if head_name in quantized else None
+        replace_module(
+            model, head_name, _materialize_linear(head, std, generator, device, dtype, bits, weight_group_size)
+        )
     # RoPE's inv_freq is a computed, non-persistent buffer: rebuild it for real (fp32, as HF computes it).
     with _default_dtype(torch.float32):
         body.rotary_emb = LlamaRotaryEmbedding(config).to(device)

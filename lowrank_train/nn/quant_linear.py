@@ -398,8 +398,8 @@ def apply_quantized_update(
     current.scales.copy_(fresh.scales)
 
 
-def quantization_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
-    """Names of the ``nn.Linear`` layers that ``target_modules`` selects for quantization (see
+def quantization_targets(model: nn.Module, target_modules: TargetModules) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` layers, by qualified name, that ``target_modules`` selects for quantization (see
     :func:`lowrank_train.nn.surgery.find_target_modules`).
 
     Raises:
@@ -420,7 +420,7 @@ def quantization_targets(model: nn.Module, target_modules: TargetModules) -> lis
                 f"target_modules={target_modules!r} selects {name!r}, whose weight is shared with {sharing[0]!r} "
                 "(tied embeddings); quantizing it would untie them. Leave it out of target_modules."
             )
-    return list(targets)
+    return targets  # type: ignore[return-value]
 
 
 def quantize_model(
@@ -458,8 +458,8 @@ def quantize_model(
         raise ValueError(f"bits must be 4 or 8, got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    for name in quantization_targets(model, target_modules):
-        replace_module(model, name, QuantLinear.from_linear(model.get_submodule(name), bits, group_size))
+    for name, linear in quantization_targets(model, target_modules).items():
+        replace_module(model, name, QuantLinear.from_linear(linear, bits, group_size))
     return model
 
 

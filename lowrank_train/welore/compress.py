@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lowrank_train.nn.lowrank_linear import LowRankLinear
+from lowrank_train.nn.surgery import block_modules, is_dense_linear, replace_module
 from lowrank_train.welore.allocation import STRATEGIES, allocate_ranks, get_strategy
 from lowrank_train.welore.spectrum import (
     InputStatistics,
@@ -208,13 +209,6 @@ def _input_vocab_size(model: nn.Module) -> int:
     return embeddings[0].num_embeddings
 
 
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Set the submodule at qualified ``name`` to ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -309,17 +303,6 @@ def compress_model(
     return CompressionReport(config.strategy, config.target, allocation.threshold, config.min_ratio, tuple(matrices))
 
 
-def _block_modules(model: nn.Module) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
-    for list_name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            prefix = f"{list_name}." if list_name else ""
-            for name, sub in module.named_modules():
-                if name:
-                    found.setdefault(prefix + name, sub)
-    return found
-
-
 def mark_trainable(
     model: nn.Module,
     mode: str,
@@ -362,11 +345,10 @@ def mark_trainable(
     dense_weights: list[nn.Parameter] = []
     dense_biases: list[nn.Parameter] = []
     if mode != "lrc":
-        for module in _block_modules(model).values():
-            if type(module) is nn.Linear:
-                dense_weights.append(module.weight)
-                if module.bias is not None:
-                    dense_biases.append(module.bias)
+        for module in block_modules(model, is_dense_linear).values():
+            dense_weights.append(module.weight)
+            if module.bias is not None:
+                dense_biases.append(module.bias)
 
     for param in model.parameters():
         param.requires_grad_(False)

@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lowrank_train.nn.lowrank_linear import LowRankLinear
-from lowrank_train.welore.compress import replace_module
+from lowrank_train.nn.surgery import replace_module
 
 __all__ = ["export_dense", "load_compressed", "lowrank_layers", "merge_lowrank", "save_compressed"]
 

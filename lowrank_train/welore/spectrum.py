@@ -1,8 +1,8 @@
 """Finding the block linears of a model, measuring their inputs, and computing (cached) singular value spectra.
 
-Everything here works on any ``nn.Module`` tree: transformer blocks are found as the entries of an
-``nn.ModuleList`` and linears by type, so embeddings and the output head (which live outside the block list)
-are never touched.
+Everything here works on any ``nn.Module`` tree: transformer blocks and their linears are found by
+:mod:`lowrank_train.nn.surgery` (by type and structure), so embeddings and the output head (which live outside the
+block list) are never touched.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lowrank_train.nn.lowrank_linear import weighted_matrix
+from lowrank_train.nn.surgery import block_modules, is_dense_linear
 
 __all__ = [
     "InputStatistics",
@@ -58,10 +59,12 @@ def limit_threads(num_threads: int | None) -> Iterator[None]:
 
 
 def find_block_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """All ``nn.Linear`` modules inside the model's repeated blocks, by qualified name, in module order.
+    """All plain ``nn.Linear`` modules inside the model's repeated blocks, by qualified name, in module order.
 
-    Blocks are the children of every ``nn.ModuleList`` in the tree (``model.layers`` in LLaMA, ``transformer.h``
-    in GPT-2); embeddings and the output head sit outside those lists and are therefore excluded.
+    The blocks and the layers are :func:`lowrank_train.nn.surgery.block_modules` with
+    :func:`~lowrank_train.nn.surgery.is_dense_linear`: the entries of the block ``nn.ModuleList`` (``model.layers``
+    in LLaMA), exact ``nn.Linear`` type only (quantized or other subclassed linears carry their own storage).
+    Embeddings and the output head sit outside the blocks and are therefore excluded.
 
     Args:
         model: any module tree, typically a Hugging Face causal LM.
@@ -72,21 +75,13 @@ def find_block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     Raises:
         ValueError: if the model has no linear layer inside a block.
     """
-    found: dict[str, nn.Linear] = {}
-    for list_name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        prefix = f"{list_name}." if list_name else ""
-        for name, sub in module.named_modules():
-            # Exact type match on purpose: subclasses such as quantized linears carry their own storage format.
-            if type(sub) is nn.Linear:
-                found.setdefault(prefix + name, sub)
+    found = block_modules(model, is_dense_linear)
     if not found:
         raise ValueError(
             "found no nn.Linear inside the model's blocks (nn.ModuleList children); WeLore needs a model with "
             "dense linear layers in its transformer blocks"
         )
-    return found
+    return found  # type: ignore[return-value]
 
 
 def model_fingerprint(linears: Mapping[str, nn.Linear]) -> str:

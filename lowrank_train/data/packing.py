@@ -1,36 +1,43 @@
-"""Tokenize a corpus, pack it into fixed-length blocks, cache the blocks, and serve resumable batches.
+"""Pack a corpus into fixed-length blocks in memory, and serve resumable batches from blocks.
 
-The token stream is every document's tokens followed by the tokenizer's EOS token, concatenated in
-corpus order. The held-out split is the *tail* of that stream (a separate region of the text, never
-interleaved with training blocks); both regions are cut into ``seq_len`` blocks, dropping the
-remainder. Blocks are cached as a safetensors file keyed by the corpus, the tokenizer's content and
-the packing settings, so a second run with the same settings skips tokenization.
+The token stream is every document's tokens followed by the tokenizer's EOS token, concatenated in corpus
+order. The held-out split is the *tail* of that stream (see :mod:`lowrank_train.data.blocks`). This module holds
+the in-memory path (:func:`tokenize_documents`, :func:`split_train_heldout`, :class:`PackedCorpus`), kept for
+small corpora and as the reference the streaming path is tested against, and the batch order
+(:func:`epoch_permutation`, :func:`iterate_batches`) that both paths share. :func:`build_packed_corpus` reads
+the corpus through the cached token file of :mod:`lowrank_train.data.token_file` (tokenized once, in bounded
+memory) and copies the blocks into tensors; training on a large corpus should use
+:func:`lowrank_train.data.open_training_data`, which never copies the corpus into memory.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from lowrank_train.data.cache import cache_root
-from lowrank_train.data.corpora import corpus_fingerprint, iter_documents
+from lowrank_train.data.blocks import TokenBlocks, check_split_settings, heldout_block_count, split_token_blocks
+from lowrank_train.data.token_file import TokenFile, build_token_file, token_file_path
+from lowrank_train.data.tokenizer import tokenizer_fingerprint
 
-logger = logging.getLogger(__name__)
-
-# Bump when the packing layout changes, so old cache files are not read as new ones.
-PACKING_FORMAT_VERSION = 1
+__all__ = [
+    "PackedCorpus",
+    "build_packed_corpus",
+    "check_vocab_fits",
+    "epoch_permutation",
+    "iterate_batches",
+    "pack_blocks",
+    "packed_cache_path",
+    "split_train_heldout",
+    "tokenize_documents",
+    "tokenizer_fingerprint",
+]
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value, so no generated __eq__
@@ -119,40 +126,9 @@ def split_train_heldout(
     Returns:
         ``(train, heldout)`` of shapes ``(N, seq_len)`` and ``(M, seq_len)``.
     """
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    total_blocks = stream.numel() // seq_len
-    heldout_blocks = 0
-    if heldout_fraction > 0:
-        heldout_blocks = max(1, round(heldout_fraction * stream.numel() / seq_len))
-    if total_blocks - heldout_blocks < 1:
-        raise ValueError(
-            f"the corpus has {stream.numel()} tokens: too few for one training block of {seq_len} tokens plus "
-            f"{heldout_blocks} held-out block(s); use a larger corpus or a shorter seq_len"
-        )
+    heldout_blocks = heldout_block_count(stream.numel(), seq_len, heldout_fraction)
     boundary = stream.numel() - heldout_blocks * seq_len
     return pack_blocks(stream[:boundary], seq_len), pack_blocks(stream[boundary:], seq_len)
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of what decides the token ids: the tokenizer's model, normaliser, pre-tokeniser and EOS."""
-    digest = hashlib.sha256()
-    digest.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.eos_token_id}".encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # The serialized tokenizer starts with the per-call truncation and padding settings, which do not
-        # change token ids; hash from the first field after them (re-serializing the ~1.5 MB JSON is slow).
-        serialized = backend.to_str()
-        start = serialized.find('"added_tokens":')
-        if start < 0:
-            state = json.loads(serialized)
-            state.pop("truncation", None)
-            state.pop("padding", None)
-            serialized, start = json.dumps(state, sort_keys=True), 0
-        digest.update(serialized[start:].encode())
-    else:
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return digest.hexdigest()
 
 
 def packed_cache_path(
@@ -167,20 +143,21 @@ def packed_cache_path(
     max_documents: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Where :func:`build_packed_corpus` caches the blocks for these settings."""
-    key_parts = {
-        "format": PACKING_FORMAT_VERSION,
-        "corpus": corpus_fingerprint(
-            source, hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
-        ),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "seq_len": seq_len,
-        "heldout_fraction": heldout_fraction,
-    }
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "packed"
-    readable = _slug(f"{Path(source).name or source}-{Path(tokenizer.name_or_path).name}")
-    return folder / f"{readable}-L{seq_len}-{key}.safetensors"
+    """The token file :func:`build_packed_corpus` reads for these settings.
+
+    One token file serves every ``seq_len`` and held-out fraction (blocks are cut when read); the two
+    arguments are kept so existing calls work.
+    """
+    del seq_len, heldout_fraction
+    return token_file_path(
+        source,
+        tokenizer,
+        hub_config=hub_config,
+        split=split,
+        text_field=text_field,
+        max_documents=max_documents,
+        cache_dir=cache_dir,
+    )
 
 
 def build_packed_corpus(
@@ -196,7 +173,10 @@ def build_packed_corpus(
     cache_dir: str | os.PathLike[str] | None = None,
     use_cache: bool = True,
 ) -> PackedCorpus:
-    """Tokenize and pack a corpus, or load the blocks from the cache when they were built before.
+    """Tokenize a corpus into its cached token file (or read it) and copy its blocks into tensors.
+
+    For corpora that fit in memory as int64 blocks; large ones should use
+    :func:`lowrank_train.data.open_training_data`, which reads blocks from the file on demand.
 
     Args:
         source: a corpus source (see :mod:`lowrank_train.data.corpora`).
@@ -207,46 +187,35 @@ def build_packed_corpus(
         split: dataset split for hub sources.
         text_field: the text field of ``.jsonl`` lines and hub examples.
         max_documents: read at most this many documents.
-        cache_dir: folder of the cache files; default ``<cache>/packed``.
-        use_cache: read and write the cache.
+        cache_dir: folder of the token files; default ``<cache>/tokens``.
+        use_cache: read and write the cache; if False the corpus is tokenized into a temporary file.
 
     Returns:
         The packed corpus.
     """
-    path = packed_cache_path(
-        source,
-        tokenizer,
-        seq_len,
-        heldout_fraction=heldout_fraction,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        cache_dir=cache_dir,
-    )
-    if use_cache and path.exists():
-        logger.info("loading packed corpus from %s", path)
-        return _read_packed(path)
-
-    logger.info("tokenizing %s with %s", source, tokenizer.name_or_path)
-    documents = iter_documents(
-        source, hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
-    )
-    stream = tokenize_documents(documents, tokenizer)
-    train, heldout = split_train_heldout(stream, seq_len, heldout_fraction)
-    packed = PackedCorpus(
-        train=train,
-        heldout=heldout,
-        seq_len=seq_len,
-        eos_token_id=int(tokenizer.eos_token_id),
-        max_token_id=int(stream.max()),
-        num_tokens=stream.numel(),
-        source=source,
-        tokenizer_name=str(tokenizer.name_or_path),
-    )
+    check_split_settings(seq_len, heldout_fraction)
+    options = {"hub_config": hub_config, "split": split, "text_field": text_field, "max_documents": max_documents}
     if use_cache:
-        _write_packed(path, packed)
-    return packed
+        token_file = build_token_file(source, tokenizer, cache_dir=cache_dir, **options)
+        return _packed_from_token_file(token_file, seq_len, heldout_fraction)
+    with tempfile.TemporaryDirectory(prefix="lowrank_train-tokens-") as folder:
+        token_file = build_token_file(source, tokenizer, cache_dir=folder, **options)
+        return _packed_from_token_file(token_file, seq_len, heldout_fraction)
+
+
+def _packed_from_token_file(token_file: TokenFile, seq_len: int, heldout_fraction: float) -> PackedCorpus:
+    train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction)
+    header = token_file.header
+    return PackedCorpus(
+        train=train.to_tensor(),
+        heldout=heldout.to_tensor(),
+        seq_len=seq_len,
+        eos_token_id=header.eos_token_id,
+        max_token_id=header.max_token_id,
+        num_tokens=header.num_tokens,
+        source=header.source,
+        tokenizer_name=header.tokenizer_name,
+    )
 
 
 def check_vocab_fits(
@@ -281,7 +250,7 @@ def epoch_permutation(num_blocks: int, *, seed: int, epoch: int) -> torch.Tensor
 
 
 def iterate_batches(
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | TokenBlocks,
     batch_size: int,
     *,
     seed: int = 0,
@@ -296,7 +265,8 @@ def iterate_batches(
     positions in the next epoch's order).
 
     Args:
-        blocks: ``(N, seq_len)`` token ids.
+        blocks: ``(N, seq_len)`` token ids: a tensor, or :class:`~lowrank_train.data.blocks.TokenBlocks` read
+            from a token file batch by batch.
         batch_size: blocks per batch, at most ``N``.
         seed: fixes the shuffling.
         start_step: index of the first batch to yield (the number of batches already consumed).
@@ -314,45 +284,3 @@ def iterate_batches(
         for step_in_epoch in range(position, steps_per_epoch):
             yield blocks[order[step_in_epoch * batch_size : (step_in_epoch + 1) * batch_size]]
         epoch, position = epoch + 1, 0
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:80] or "corpus"
-
-
-def _write_packed(path: Path, packed: PackedCorpus) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {
-        "format": str(PACKING_FORMAT_VERSION),
-        "seq_len": str(packed.seq_len),
-        "eos_token_id": str(packed.eos_token_id),
-        "max_token_id": str(packed.max_token_id),
-        "num_tokens": str(packed.num_tokens),
-        "source": packed.source,
-        "tokenizer_name": packed.tokenizer_name,
-    }
-    # Write to a temporary file and rename, so an interrupted run never leaves a truncated cache entry.
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({"train": packed.train.contiguous(), "heldout": packed.heldout.contiguous()}, temporary, metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _read_packed(path: Path) -> PackedCorpus:
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(path))
-    return PackedCorpus(
-        train=tensors["train"],
-        heldout=tensors["heldout"],
-        seq_len=int(metadata["seq_len"]),
-        eos_token_id=int(metadata["eos_token_id"]),
-        max_token_id=int(metadata["max_token_id"]),
-        num_tokens=int(metadata["num_tokens"]),
-        source=metadata["source"],
-        tokenizer_name=metadata["tokenizer_name"],
-    )

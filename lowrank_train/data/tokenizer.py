@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -54,6 +56,27 @@ def gpt2_offline_tokenizer() -> GPT2TokenizerFast:
             "delete the folder to rebuild it"
         )
     return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides the token ids: the tokenizer's model, normaliser, pre-tokeniser and EOS."""
+    digest = hashlib.sha256()
+    digest.update(f"{type(tokenizer).__name__}:{len(tokenizer)}:{tokenizer.eos_token_id}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # The serialized tokenizer starts with the per-call truncation and padding settings, which do not
+        # change token ids; hash from the first field after them (re-serializing the ~1.5 MB JSON is slow).
+        serialized = backend.to_str()
+        start = serialized.find('"added_tokens":')
+        if start < 0:
+            state = json.loads(serialized)
+            state.pop("truncation", None)
+            state.pop("padding", None)
+            serialized, start = json.dumps(state, sort_keys=True), 0
+        digest.update(serialized[start:].encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return digest.hexdigest()
 
 
 def _package_data_folder() -> Path:

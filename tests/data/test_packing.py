@@ -5,7 +5,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from lowrank_train.data import packing
+from lowrank_train.data import packing, token_file
 from lowrank_train.data.packing import (
     build_packed_corpus,
     check_vocab_fits,
@@ -109,27 +109,36 @@ def test_kjv_packs_with_gpt2(gpt2_tokenizer, tmp_path):
 
 def test_second_build_reads_the_cache_without_tokenizing(gpt2_tokenizer, jsonl_corpus, tmp_path, monkeypatch):
     first = build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 16, cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("*.tokens"))) == len(list(tmp_path.glob("*.json"))) == 1
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again although the cache holds this corpus")
 
-    monkeypatch.setattr(packing, "tokenize_documents", no_tokenizing)
+    monkeypatch.setattr(token_file, "iter_token_chunks", no_tokenizing)
     second = build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 16, cache_dir=tmp_path)
     assert torch.equal(first.train, second.train)
     assert torch.equal(first.heldout, second.heldout)
     for field in ("seq_len", "eos_token_id", "max_token_id", "num_tokens", "source", "tokenizer_name"):
         assert getattr(first, field) == getattr(second, field), field
 
-    # Different settings or a changed file are different cache entries, so they tokenize.
-    with pytest.raises(AssertionError, match="tokenized again"):
-        build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 8, cache_dir=tmp_path)
+    # Another seq_len reads the same token file: the blocks are cut when read.
+    shorter = build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 8, cache_dir=tmp_path)
+    stream = tokenize_documents(DOCUMENTS, gpt2_tokenizer)
+    assert torch.equal(shorter.train.flatten(), stream[: shorter.train.numel()])
+
+    # No cache, or a changed file, tokenizes.
     with pytest.raises(AssertionError, match="tokenized again"):
         build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 16, cache_dir=tmp_path, use_cache=False)
     jsonl_corpus.write_text(json.dumps({"text": "changed"}) + "\n", encoding="utf-8")
     os.utime(jsonl_corpus, ns=(1, 1))
     with pytest.raises(AssertionError, match="tokenized again"):
         build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 16, cache_dir=tmp_path)
+
+
+def test_uncached_build_leaves_no_file(gpt2_tokenizer, jsonl_corpus, tmp_path):
+    packed = build_packed_corpus(str(jsonl_corpus), gpt2_tokenizer, 16, cache_dir=tmp_path, use_cache=False)
+    assert torch.equal(packed.train.flatten(), tokenize_documents(DOCUMENTS, gpt2_tokenizer)[: packed.train.numel()])
+    assert list(tmp_path.iterdir()) == [jsonl_corpus]
 
 
 def test_cache_key_depends_on_tokenizer_content(gpt2_tokenizer, jsonl_corpus, tmp_path):
@@ -149,8 +158,9 @@ def test_cache_key_ignores_truncation_settings_left_by_a_call(gpt2_tokenizer, tm
 
 def test_default_cache_folder_follows_the_environment(gpt2_tokenizer, jsonl_corpus, cache):
     path = packing.packed_cache_path(str(jsonl_corpus), gpt2_tokenizer, 16)
-    assert path.parent == cache / "packed"
-    assert path.name.startswith("corpus.jsonl-gpt2-offline-L16-")
+    assert path.parent == cache / "tokens"
+    assert path.name.startswith("corpus.jsonl-gpt2-offline-")
+    assert path.suffix == ".tokens"
 
 
 # ------------------------------------------------------------------ batches

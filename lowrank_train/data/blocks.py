@@ -1,0 +1,121 @@
+"""Fixed-length blocks of a token stream, sliced on demand, and the train / held-out split of the stream.
+
+The held-out split is the *tail* of the stream (a separate region of the text, never interleaved with training
+blocks): ``heldout_block_count`` whole blocks at the end; the training blocks are cut from the start of the rest,
+dropping its remainder. :class:`TokenBlocks` reads a block only when it is indexed, so the stream may be a
+memmap of any size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def check_split_settings(seq_len: int, heldout_fraction: float) -> None:
+    """Raise a ``ValueError`` unless ``seq_len`` is a positive integer and ``heldout_fraction`` is in ``[0, 1)``."""
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len <= 0:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if not 0.0 <= heldout_fraction < 1.0:  # also false for NaN
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+
+
+def heldout_block_count(num_tokens: int, seq_len: int, heldout_fraction: float) -> int:
+    """Held-out blocks for a stream: ``round(fraction * num_tokens / seq_len)``, at least one for a positive fraction.
+
+    Raises:
+        ValueError: the fraction is outside ``[0, 1)``, ``seq_len`` is not positive, or the stream is too short
+            for one training block next to the held-out blocks.
+    """
+    check_split_settings(seq_len, heldout_fraction)
+    heldout_blocks = 0
+    if heldout_fraction > 0:
+        heldout_blocks = max(1, round(heldout_fraction * num_tokens / seq_len))
+    if num_tokens // seq_len - heldout_blocks < 1:
+        raise ValueError(
+            f"the corpus has {num_tokens} tokens: too few for one training block of {seq_len} tokens plus "
+            f"{heldout_blocks} held-out block(s); use a larger corpus or a shorter seq_len"
+        )
+    return heldout_blocks
+
+
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value, so no generated __eq__
+class TokenBlocks:
+    """``num_blocks`` consecutive blocks of ``seq_len`` tokens starting at ``offset`` in a 1-D token array.
+
+    Indexing reads only the blocks asked for and returns int64 tensors: an ``int`` gives ``(seq_len,)``, a
+    slice or an index tensor / array / list gives ``(k, seq_len)``. So a memmap-backed ``TokenBlocks`` stands
+    in for an ``(N, seq_len)`` tensor wherever blocks are sliced or gathered (batches, evaluation).
+
+    Attributes:
+        tokens: ``(T,)`` token ids of any integer dtype (a ``np.memmap`` or an in-memory array).
+        offset: index in ``tokens`` of the first token of block 0.
+        num_blocks: blocks in the view.
+        seq_len: tokens per block.
+    """
+
+    tokens: np.ndarray
+    offset: int
+    num_blocks: int
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {self.tokens.shape}")
+        if self.seq_len <= 0 or self.offset < 0 or self.num_blocks < 0:
+            raise ValueError(f"invalid blocks: offset {self.offset}, {self.num_blocks} blocks of {self.seq_len}")
+        if self.offset + self.num_blocks * self.seq_len > self.tokens.shape[0]:
+            raise ValueError(
+                f"{self.num_blocks} blocks of {self.seq_len} from offset {self.offset} run past the "
+                f"{self.tokens.shape[0]} tokens"
+            )
+
+    @classmethod
+    def from_stream(cls, tokens: np.ndarray, seq_len: int) -> TokenBlocks:
+        """All whole blocks of a stream from its start (the remainder dropped)."""
+        return cls(tokens, 0, tokens.shape[0] // seq_len, seq_len)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(num_blocks, seq_len)``, as the tensor this view stands for."""
+        return (self.num_blocks, self.seq_len)
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def __getitem__(self, index: int | slice | torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.num_blocks)
+            if step == 1:
+                count = max(0, stop - start)
+                first = self.offset + start * self.seq_len
+                window = self.tokens[first : first + count * self.seq_len]
+                return torch.from_numpy(np.array(window, dtype=np.int64).reshape(count, self.seq_len))
+            index = list(range(start, stop, step))
+        if isinstance(index, (int, np.integer)):
+            row = int(index) + self.num_blocks if index < 0 else int(index)
+            if not 0 <= row < self.num_blocks:
+                raise IndexError(f"block {index} out of range for {self.num_blocks} blocks")
+            first = self.offset + row * self.seq_len
+            return torch.from_numpy(np.array(self.tokens[first : first + self.seq_len], dtype=np.int64))
+        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        rows = rows.astype(np.int64, copy=False).reshape(-1)
+        rows = np.where(rows < 0, rows + self.num_blocks, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_blocks):
+            raise IndexError(f"block indices out of range for {self.num_blocks} blocks")
+        positions = (self.offset + rows * self.seq_len)[:, None] + np.arange(self.seq_len)
+        return torch.from_numpy(np.array(self.tokens[positions], dtype=np.int64))
+
+    def to_tensor(self) -> torch.Tensor:
+        """Every block, read into one ``(num_blocks, seq_len)`` int64 tensor."""
+        return self[:]
+
+
+def split_token_blocks(tokens: np.ndarray, seq_len: int, heldout_fraction: float) -> tuple[TokenBlocks, TokenBlocks]:
+    """The training and held-out blocks of a ``(T,)`` stream (see :func:`heldout_block_count`)."""
+    num_tokens = int(tokens.shape[0])
+    heldout_blocks = heldout_block_count(num_tokens, seq_len, heldout_fraction)
+    boundary = num_tokens - heldout_blocks * seq_len
+    return TokenBlocks(tokens, 0, boundary // seq_len, seq_len), TokenBlocks(tokens, boundary, heldout_blocks, seq_len)

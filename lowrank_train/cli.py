@@ -22,6 +22,7 @@ from collections.abc import Sequence
 for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
+from lowrank_train.optim.registry import describe_optimizers  # noqa: E402
 from lowrank_train.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
 
 COMMANDS = ("pretrain", "compress", "finetune", "estimate")
@@ -33,9 +34,15 @@ def _print(line: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lowrank-train``."""
+    # The optimizer list comes from the registry, so a method registered before main() shows up here too.
+    methods = "optimizer.name (lowrank_train.optim registry):\n" + "\n".join(
+        f"  {line}" for line in describe_optimizers().splitlines()
+    )
     parser = argparse.ArgumentParser(
         prog="lowrank-train",
         description="Pretrain and fine-tune LLMs in little memory (GaLore, Q-GaLore, layer-wise, WeLore).",
+        epilog=methods,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
@@ -45,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         "estimate": "print the predicted memory of a run, component by component",
     }
     for name in COMMANDS:
-        command = sub.add_parser(name, help=helps[name], description=helps[name])
+        command = sub.add_parser(
+            name,
+            help=helps[name],
+            description=helps[name],
+            epilog=methods if name != "compress" else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         command.add_argument("config", help="YAML config, e.g. recipes/configs/demo.yaml")
         command.add_argument(
             "overrides",

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore")
-_LOWRANK_OPTIMIZERS = ("galore", "galore8bit", "qgalore")
+from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
+
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 _PROJECTORS = ("svd", "rsvd", "random")
 # bitsandbytes' blockwise 8-bit optimizers: one fp32 absmax per 256 values, two 256-entry fp32 code maps per
@@ -170,16 +170,21 @@ class TrainingSetup:
         batch_size: sequences per micro-batch.
         seq_len: tokens per sequence.
         dtype: parameter / activation dtype: "bfloat16", "float16" or "float32".
-        optimizer: "adamw" (torch), "adamw8bit" (bitsandbytes), "galore" (GaLore around AdamW), "galore8bit"
-            (GaLore around 8-bit AdamW) or "qgalore" (GaLore 8-bit + quantized basis + INT8 weights).
+        optimizer: a registered optimizer method (:mod:`lowrank_train.optim.registry`): "adamw" (torch),
+            "adamw8bit" (bitsandbytes), "galore" (GaLore around AdamW), "galore8bit" (GaLore around 8-bit AdamW),
+            "qgalore" (GaLore 8-bit + quantized basis + INT8 weights), "qgalore4bit" (the same with torchao's
+            4-bit moments), ... Its entry says whether gradients are projected, its moment bits and defaults.
         rank: projection rank of the linear layers inside the blocks (GaLore kinds only).
         projector: "svd", "rsvd" or "random" (the last stores no basis).
-        proj_bits: basis storage: None (fp32), 8 or 4 (packed). "qgalore" defaults to 4.
+        proj_bits: basis storage: None (the method's default: fp32, or 4 for Q-GaLore), 8 or 4 (packed).
         proj_group_size: elements per basis quantization group.
-        weight_bits: None (float weights) or 8/4 for the block linear layers. "qgalore" defaults to 8.
+        weight_bits: None (the method's default: float weights, or 8 for Q-GaLore) or 8/4 for the block linear
+            layers.
         weight_group_size: elements per weight quantization group.
+        adaptive_refresh: layer-adaptive refresh keeps a similarity history per weight (None: the method's
+            default).
         moment_bits: overrides the width of the projected (GaLore) or full moments: 32, 8 or 4 (4: the plain
-            group's too, as with ``QGaLoreAdamW4bit``). None: implied by ``optimizer``.
+            group's too, as with ``QGaLoreAdamW4bit``). None: the method's own.
         layerwise: parameters are stepped inside backward and their gradients freed at once (issue 4).
         activation_checkpointing: only block inputs are kept; one block is recomputed during its backward.
         chunked_loss: cross-entropy by chunks (:func:`lowrank_train.nn.chunked_cross_entropy`).
@@ -200,6 +205,7 @@ class TrainingSetup:
     proj_group_size: int = 256
     weight_bits: int | None = None
     weight_group_size: int = 256
+    adaptive_refresh: bool | None = None
     moment_bits: int | None = None
     layerwise: bool = False
     activation_checkpointing: bool = False
@@ -223,28 +229,29 @@ class TrainingSetup:
             raise ValueError(f"dtype must be one of {sorted(_DTYPE_BYTES)}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dtype)
         optimizer = str(self.optimizer).lower()
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        try:
+            method = get_optimizer_method(optimizer)
+        except ValueError as error:
+            raise ValueError(f"optimizer: {error}") from None
         object.__setattr__(self, "optimizer", optimizer)
-        if optimizer in _LOWRANK_OPTIMIZERS:
+        if method.lowrank:
             if self.rank is None or isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
                 raise ValueError(f"optimizer {optimizer!r} projects gradients: rank must be a positive integer")
             if self.projector not in _PROJECTORS:
                 raise ValueError(f"projector must be one of {_PROJECTORS}, got {self.projector!r}")
-        if optimizer == "qgalore":
-            # Q-GaLore's defaults (arXiv 2407.08296): INT4 basis, INT8 weights.
-            if self.proj_bits is None:
-                object.__setattr__(self, "proj_bits", 4)
-            if self.weight_bits is None:
-                object.__setattr__(self, "weight_bits", 8)
+        # The method's defaults (Q-GaLore, arXiv 2407.08296: INT4 basis, INT8 weights, adaptive refresh).
+        for name in ("proj_bits", "weight_bits", "adaptive_refresh"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(method, name))
         if self.proj_bits not in (None, 4, 8):
             raise ValueError(f"proj_bits must be None, 4 or 8, got {self.proj_bits!r}")
         if self.weight_bits not in (None, 4, 8):
             raise ValueError(f"weight_bits must be None, 4 or 8, got {self.weight_bits!r}")
-        if self.weight_bits is not None and optimizer not in _LOWRANK_OPTIMIZERS:
+        if self.weight_bits is not None and not method.lowrank:
+            family = ", ".join(optimizer_names(lowrank=True))
             raise ValueError(
-                f"weight_bits={self.weight_bits} needs a GaLore optimizer (galore, galore8bit, qgalore): only its "
-                f"stochastic-rounding write-back can update quantized weights, not {optimizer!r}"
+                f"weight_bits={self.weight_bits} needs a GaLore optimizer ({family}): only its stochastic-rounding "
+                f"write-back can update quantized weights, not {optimizer!r}"
             )
         if self.moment_bits not in (None, 4, 8, 32):
             raise ValueError(f"moment_bits must be None, 4, 8 or 32, got {self.moment_bits!r}")
@@ -255,6 +262,11 @@ class TrainingSetup:
         if isinstance(config, TrainingSetup):
             return config
         return cls(**_pick(_as_mapping(config), _TRAIN_ALIASES, tuple(f.name for f in dataclasses.fields(cls))))
+
+    @property
+    def method(self) -> OptimizerMethod:
+        """The optimizer's registry entry."""
+        return get_optimizer_method(self.optimizer)
 
     @property
     def dtype_bytes(self) -> int:
@@ -435,9 +447,11 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     setup = TrainingSetup.from_config(train_config)
     dtype_bytes = setup.dtype_bytes
     h, vocab, layers = shape.hidden_size, shape.vocab_size, shape.num_layers
-    lowrank = setup.optimizer in _LOWRANK_OPTIMIZERS
-    eight_bit = setup.optimizer in ("adamw8bit", "galore8bit", "qgalore")
-    moment_bits = setup.moment_bits or (8 if eight_bit else 32)
+    method = setup.method
+    lowrank = method.lowrank
+    # bitsandbytes' blockwise 8-bit states (code maps, 32-bit small tensors, fp32 temporaries on the CPU).
+    eight_bit = method.moment_bits == 8
+    moment_bits = setup.moment_bits or method.moment_bits
     if lowrank:
         for m, n in shape.block_linear_shapes():
             if setup.rank >= min(m, n):
@@ -461,12 +475,13 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
 
     # Optimizer states.
     # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
-    plain_moment_bits = 4 if setup.moment_bits == 4 else (8 if eight_bit else 32)
+    plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
     if lowrank:
         rank = setup.rank
-        per_weight_counters = 5 * 8 + (5 * 4 if setup.optimizer == "qgalore" else 0)
+        # Five int64 counters; adaptive refresh adds its fp32 similarity history (refresh_history = 5).
+        per_weight_counters = 5 * 8 + (5 * 4 if setup.adaptive_refresh else 0)
         states_linear = 0
         for m, n in shape.block_linear_shapes():
             states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters
@@ -739,9 +754,15 @@ def measure_peak(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, int]:
     return result, tracker.peak
 
 
+def __getattr__(name: str) -> Any:
+    # The estimator's optimizer names are the registry's; OPTIMIZERS stays importable, always current.
+    if name == "OPTIMIZERS":
+        return optimizer_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "GIB",
-    "OPTIMIZERS",
     "MemoryEstimate",
     "PeakTensorBytes",
     "SavedTensorBytes",

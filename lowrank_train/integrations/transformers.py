@@ -30,10 +30,10 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from lowrank_train.integrations.deepspeed import check_deepspeed_config
 from lowrank_train.integrations.fsdp import FSDP2GaLore, is_sharded
-from lowrank_train.optim import BASE_OPTIMIZERS, GaLore, QGaLoreAdamW8bit, lowrank_param_groups
+from lowrank_train.optim import BASE_OPTIMIZERS, GaLore, lowrank_param_groups
 from lowrank_train.optim.layerwise import LayerwiseOptimizer
+from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
 
-METHODS = ("galore", "qgalore")
 # Base optimizers that take Adam's betas and eps from TrainingArguments.
 _ADAM_BASES = ("adamw", "adam", "adamw8bit", "paged_adamw8bit")
 # Trainer.get_decay_parameter_names: no weight decay on biases and normalization weights.
@@ -45,15 +45,18 @@ class LowRankOptimizerConfig:
     """Which low-rank optimizer a Trainer run uses; learning rate, decay and betas come from ``TrainingArguments``.
 
     Attributes:
-        method: "galore" (any base optimizer) or "qgalore" (:class:`~lowrank_train.optim.QGaLoreAdamW8bit`:
-            8-bit AdamW, INT4 basis, adaptive refresh; quantize the model first for INT8 weights).
+        method: a GaLore-family method of the optimizer registry (:mod:`lowrank_train.optim.registry`): "galore"
+            (any base optimizer), "qgalore" (:class:`~lowrank_train.optim.QGaLoreAdamW8bit`: 8-bit AdamW, INT4
+            basis, adaptive refresh; quantize the model first for INT8 weights), "galore8bit", "qgalore4bit", or
+            one registered by the user.
         layerwise: step each parameter inside backward (:class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer`).
         rank: projection rank.
         update_gap: steps between basis refreshes.
         scale: GaLore's alpha.
         projector: "svd", "rsvd", "random" (see :mod:`lowrank_train.projection`).
         target_modules: "all-linear", a tuple of module-name suffixes, or a regular expression.
-        base: inner optimizer name for "galore" (one of ``BASE_OPTIMIZERS``); must stay None for "qgalore".
+        base: inner optimizer name (one of ``BASE_OPTIMIZERS``) for a method that takes any base ("galore");
+            must stay None for the others, which build their own ("qgalore": 8-bit AdamW).
         group_options: more low-rank group keys (``proj_bits``, ``adaptive_refresh``, ``full_rank_fallback``...).
     """
 
@@ -68,8 +71,7 @@ class LowRankOptimizerConfig:
     group_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = _lowrank_method(self.method)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.update_gap, bool) or not isinstance(self.update_gap, int) or self.update_gap < 1:
@@ -85,16 +87,45 @@ class LowRankOptimizerConfig:
                 f"target_modules must be 'all-linear', a regular expression or a tuple of module names, "
                 f"got {self.target_modules!r}"
             )
-        if self.method == "qgalore" and self.base is not None:
+        if self.base is not None and not method.any_base:
             raise ValueError(
-                f"method='qgalore' always uses bitsandbytes' 8-bit AdamW, got base={self.base!r}; for another base "
-                "use method='galore' with group_options={'proj_bits': 4, 'adaptive_refresh': True}"
+                f"method={self.method!r} ({method.description}) always builds its own inner optimizer "
+                f"({method.base!r}), got base={self.base!r}; for another base use a method that takes any base "
+                f"({_any_base_names()}) with group_options={{'proj_bits': 4, 'adaptive_refresh': True}}"
             )
         if self.base is not None and self.base.lower() not in BASE_OPTIMIZERS:
             raise ValueError(f"base must be None or one of {sorted(BASE_OPTIMIZERS)}, got {self.base!r}")
         reserved = {"params", "param_names", "rank", "update_gap", "scale", "projector"} & set(self.group_options)
         if reserved:
             raise ValueError(f"group_options must not set {sorted(reserved)}: they are fields of this config")
+
+
+def __getattr__(name: str) -> Any:
+    # The methods a Trainer run takes are the registry's GaLore family; METHODS stays importable, always current.
+    if name == "METHODS":
+        return optimizer_names(lowrank=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _lowrank_method(name: str) -> OptimizerMethod:
+    """The registry entry of a GaLore-family method (Trainer runs always project gradients)."""
+    names = optimizer_names(lowrank=True)
+    try:
+        method = get_optimizer_method(name)
+    except ValueError as error:
+        raise ValueError(f"method must be one of {names}, got {name!r}: {error}") from None
+    if not method.lowrank:
+        raise ValueError(f"method must be one of {names} (the GaLore family), got {name!r}, which does not project")
+    return method
+
+
+def _any_base_names() -> str:
+    return ", ".join(repr(n) for n in optimizer_names(lowrank=True) if get_optimizer_method(n).any_base)
+
+
+def _method_defaults(method: OptimizerMethod) -> dict[str, Any]:
+    """The method's own group defaults (basis bits, adaptive refresh) for a GaLore built around another base."""
+    return {key: getattr(method, key) for key in ("proj_bits", "adaptive_refresh") if getattr(method, key)}
 
 
 class TrainerLayerwiseOptimizer(LayerwiseOptimizer):
@@ -157,19 +188,19 @@ def _base_kwargs(base: str, args: TrainingArguments) -> dict[str, Any]:
 def _optimizer_factory(
     config: LowRankOptimizerConfig, args: TrainingArguments, sharded: bool
 ) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
-    if config.method == "qgalore":
+    method = get_optimizer_method(config.method)
+    if not method.any_base:
         if sharded:
             raise ValueError(
-                "method='qgalore' runs bitsandbytes' 8-bit AdamW, which cannot step FSDP2 (DTensor) parameters: "
-                "use method='galore' with base='adamw' and group_options={'proj_bits': 4, 'adaptive_refresh': True}"
+                f"method={config.method!r} builds its own inner optimizer ({method.base!r}), which cannot step FSDP2 "
+                f"(DTensor) parameters: use a method that takes any base ({_any_base_names()}) with base='adamw' "
+                "and group_options={'proj_bits': 4, 'adaptive_refresh': True}"
             )
-        return lambda groups: QGaLoreAdamW8bit(
-            groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, lr=args.learning_rate
-        )
-    base = (config.base or "adamw").lower()
-    if sharded:
-        return lambda groups: FSDP2GaLore(groups, base=base, **_base_kwargs(base, args))
-    return lambda groups: GaLore(groups, base=base, **_base_kwargs(base, args))
+        return lambda groups: method.build(groups, **_base_kwargs(method.base, args))
+    # The plain GaLore wrapper around the chosen base (or its FSDP2 variant for sharded parameters).
+    base = (config.base or method.base).lower()
+    wrapper = FSDP2GaLore if sharded else GaLore
+    return lambda groups: wrapper(groups, base=base, **_method_defaults(method), **_base_kwargs(base, args))
 
 
 def create_lowrank_optimizer(

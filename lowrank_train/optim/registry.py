@@ -136,16 +136,15 @@ def registered_optimizer(method: OptimizerMethod) -> Iterator[OptimizerMethod]:
 
 
 def get_optimizer_method(name: str) -> OptimizerMethod:
-    """The registry entry of ``name`` (case-insensitive).
+    """The registry entry of ``name``.
 
     Raises:
         ValueError: for an unknown name; the message lists the registered names and the closest match.
     """
-    key = name.lower() if isinstance(name, str) else name
-    method = _REGISTRY.get(key)
+    method = _REGISTRY.get(name) if isinstance(name, str) else None
     if method is not None:
         return method
-    close = difflib.get_close_matches(str(key), list(_REGISTRY), n=1)
+    close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"unknown optimizer {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
 

@@ -21,8 +21,8 @@ from typing import Any, Union
 
 import yaml
 
-OPTIMIZERS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore", "qgalore4bit")
-QGALORE = ("qgalore", "qgalore4bit")
+from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
+
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
@@ -188,10 +188,14 @@ class DataConfig:
 class OptimizerConfig:
     """The optimizer and its hyperparameters.
 
+    The method's facts (GaLore family or not, its default ``proj_bits`` / ``adaptive_refresh`` / ``weight_bits``)
+    come from its entry in the optimizer registry (:mod:`lowrank_train.optim.registry`).
+
     Attributes:
-        name: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``galore`` (GaLore around AdamW), ``galore8bit``
-            (GaLore around 8-bit AdamW), ``qgalore`` (Q-GaLore: 8-bit states, quantized basis, adaptive refresh,
-            INT8 weights), ``qgalore4bit`` (the same with 4-bit states from torchao's AdamW4bit).
+        name: a registered optimizer method: ``adamw`` (torch), ``adamw8bit`` (bitsandbytes), ``galore`` (GaLore
+            around AdamW), ``galore8bit`` (GaLore around 8-bit AdamW), ``qgalore`` (Q-GaLore: 8-bit states,
+            quantized basis, adaptive refresh, INT8 weights), ``qgalore4bit`` (the same with 4-bit states from
+            torchao's AdamW4bit), or one added with :func:`lowrank_train.optim.register_optimizer`.
         lr: peak learning rate.
         weight_decay: decoupled weight decay.
         betas: Adam's betas.
@@ -203,10 +207,12 @@ class OptimizerConfig:
         scale: GaLore's alpha.
         projector: ``svd``, ``rsvd`` or ``random``.
         target_modules: ``all-linear`` or a list of module-name suffixes to project.
-        proj_bits: bits of the stored basis (4, 8, or ``None`` for float); ``qgalore`` defaults to 4.
-        adaptive_refresh: space out refreshes of layers whose subspace stopped moving; ``qgalore``: on.
-        weight_bits: store the block linear weights as INT8 codes (8) or keep them float (``None``);
-            ``qgalore`` defaults to 8.
+        proj_bits: bits of the stored basis (4, 8, or ``None``: the method's default, float for GaLore and 4 for
+            Q-GaLore).
+        adaptive_refresh: space out refreshes of layers whose subspace stopped moving (``None``: the method's
+            default, on for Q-GaLore).
+        weight_bits: store the block linear weights as INT8 codes (8) or keep them float (``None``: the method's
+            default, 8 for Q-GaLore).
         weight_group_size: elements per quantization group of INT8 weights.
         layerwise: step each parameter inside the backward pass and free its gradient right away.
     """
@@ -229,7 +235,10 @@ class OptimizerConfig:
     layerwise: bool = False
 
     def __post_init__(self) -> None:
-        _choice("optimizer.name", self.name, OPTIMIZERS)
+        try:
+            method = get_optimizer_method(self.name)
+        except ValueError as error:
+            raise ConfigError(f"optimizer.name: {error}") from None
         if self.lr <= 0:
             raise ConfigError(f"optimizer.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
@@ -245,34 +254,42 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.proj_bits must be 4, 8 or null, got {self.proj_bits}")
         if self.weight_bits not in (None, 8):
             raise ConfigError(f"optimizer.weight_bits must be 8 or null (float weights), got {self.weight_bits}")
-        galore_only = {"proj_bits": None, "adaptive_refresh": None, "weight_bits": None}
-        if not self.is_galore:
-            for key, default in galore_only.items():
-                if getattr(self, key) not in (default, False):
-                    raise ConfigError(
-                        f"optimizer.{key} applies to the GaLore family (galore, galore8bit, qgalore, qgalore4bit), "
-                        f"not to optimizer.name={self.name!r}"
-                    )
+        # A basis option needs a method whose groups take it; INT8 weights need a projecting write-back.
+        for key, accepted in (
+            ("proj_bits", method.accepts("proj_bits")),
+            ("adaptive_refresh", method.accepts("adaptive_refresh")),
+            ("weight_bits", method.lowrank),
+        ):
+            if getattr(self, key) not in (None, False) and not accepted:
+                raise ConfigError(
+                    f"optimizer.{key} applies to the GaLore family ({', '.join(optimizer_names(lowrank=True))}), "
+                    f"not to optimizer.name={self.name!r}"
+                )
+
+    @property
+    def method(self) -> OptimizerMethod:
+        """The registry entry of ``name``."""
+        return get_optimizer_method(self.name)
 
     @property
     def is_galore(self) -> bool:
         """True for the optimizers that project gradients."""
-        return self.name in ("galore", "galore8bit", *QGALORE)
+        return self.method.lowrank
 
     @property
     def resolved_proj_bits(self) -> int | None:
-        """``proj_bits`` with Q-GaLore's default (4) filled in."""
-        return 4 if self.proj_bits is None and self.name in QGALORE else self.proj_bits
+        """``proj_bits`` with the method's default (Q-GaLore: 4) filled in."""
+        return self.method.proj_bits if self.proj_bits is None else self.proj_bits
 
     @property
     def resolved_adaptive_refresh(self) -> bool:
-        """``adaptive_refresh`` with Q-GaLore's default (on) filled in."""
-        return self.name in QGALORE if self.adaptive_refresh is None else self.adaptive_refresh
+        """``adaptive_refresh`` with the method's default (Q-GaLore: on) filled in."""
+        return self.method.adaptive_refresh if self.adaptive_refresh is None else self.adaptive_refresh
 
     @property
     def resolved_weight_bits(self) -> int | None:
-        """``weight_bits`` with Q-GaLore's default (8) filled in."""
-        return 8 if self.weight_bits is None and self.name in QGALORE else self.weight_bits
+        """``weight_bits`` with the method's default (Q-GaLore: 8) filled in."""
+        return self.method.weight_bits if self.weight_bits is None else self.weight_bits
 
 
 @dataclass(frozen=True)
@@ -372,7 +389,10 @@ class TrainConfig:
                     f"({smallest}, from model.hidden_size and the key/value width): lower optimizer.rank"
                 )
         if self.finetune.trainable == "lrc+galore" and not self.optimizer.is_galore:
-            raise ConfigError("finetune.trainable=lrc+galore needs optimizer.name galore, galore8bit or qgalore")
+            raise ConfigError(
+                "finetune.trainable=lrc+galore needs a GaLore-family optimizer.name "
+                f"({', '.join(optimizer_names(lowrank=True))}), got {self.optimizer.name!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), ready for YAML/JSON."""

@@ -47,7 +47,7 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
         "batch_size": config.data.batch_size,
         "seq_len": config.data.seq_len,
         "dtype": config.run.dtype,
-        "optimizer": "qgalore" if opt.name == "qgalore4bit" else opt.name,
+        "optimizer": opt.name,  # the estimator reads moment bits and defaults from the same registry entry
         "layerwise": opt.layerwise,
         "activation_checkpointing": config.run.activation_checkpointing,
         "chunked_loss": config.run.loss_chunk_size > 0,
@@ -61,9 +61,8 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
             proj_bits=opt.resolved_proj_bits,
             weight_bits=opt.resolved_weight_bits,
             weight_group_size=opt.weight_group_size,
+            adaptive_refresh=opt.resolved_adaptive_refresh,
         )
-    if opt.name == "qgalore4bit":
-        setup["moment_bits"] = 4
     return setup
 
 

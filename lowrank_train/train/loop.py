@@ -153,23 +153,10 @@ def pretrain_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dic
 
 
 def optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
-    """A function from param groups to the optimizer named by ``config.name``, with its hyperparameters."""
+    """A function from param groups to the optimizer named by ``config.name`` (its registry entry's builder)."""
     kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, "betas": config.betas, "eps": config.eps}
-    if config.name == "adamw":
-        return lambda groups: torch.optim.AdamW(groups, **kwargs)
-    if config.name == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return lambda groups: bnb.optim.AdamW8bit(groups, **kwargs)
-    from lowrank_train.optim import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW4bit, QGaLoreAdamW8bit
-
-    cls = {
-        "galore": GaLoreAdamW,
-        "galore8bit": GaLoreAdamW8bit,
-        "qgalore": QGaLoreAdamW8bit,
-        "qgalore4bit": QGaLoreAdamW4bit,
-    }[config.name]
-    return lambda groups: cls(groups, **kwargs)
+    build = config.method.build
+    return lambda groups: build(groups, **kwargs)
 
 
 def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:

@@ -68,8 +68,10 @@ def test_builtin_methods_and_their_facts():
     assert GALORE_GROUP_OPTIONS == {"rank", *GALORE_DEFAULTS}
 
 
-def test_lookup_is_case_insensitive_and_unknown_names_suggest_the_closest():
-    assert get_optimizer_method("QGaLore").name == "qgalore"
+def test_unknown_names_list_the_registered_ones_and_suggest_the_closest():
+    assert get_optimizer_method("qgalore").name == "qgalore"
+    with pytest.raises(ValueError, match="did you mean 'qgalore'"):
+        get_optimizer_method("QGaLore")  # names are exact: a config spells one method one way
     with pytest.raises(
         ValueError, match=r"unknown optimizer 'galor8bit' \(did you mean 'galore8bit'\?\); registered: adamw,"
     ):

@@ -138,3 +138,31 @@ def heldout_loss(model: torch.nn.Module, heldout: torch.Tensor, batch: int) -> f
         count += ids.shape[0]
     model.train()
     return total / count
+
+
+def block_linear_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(block linear weights, everything else) in the split GaLore's groups use: the weights
+    :func:`lowrank_train.lowrank_param_groups` projects, and the embeddings / norms / head (tied weights once)."""
+    from lowrank_train import lowrank_param_groups
+
+    groups = lowrank_param_groups(model, rank=1)
+    block = [p for g in groups if "rank" in g for p in g["params"]]
+    rest = [p for g in groups if "rank" not in g for p in g["params"]]
+    return block, rest
+
+
+def block_linear_share(model: torch.nn.Module) -> float:
+    """Fraction of the model's (distinct) trainable parameters held by the block linear weights."""
+    block, rest = block_linear_split(model)
+    n_block = sum(p.numel() for p in block)
+    return n_block / (n_block + sum(p.numel() for p in rest))
+
+
+def per_group_lr_groups(model: torch.nn.Module, lr: float, block_ratio: float) -> list[dict]:
+    """Two plain param groups: the block linear weights at ``block_ratio * lr`` and everything else at ``lr``.
+
+    This is the learning-rate split GaLore's groups imply (projected block weights updated at ``scale x lr``, the
+    embeddings / norms / head at ``lr``), so a full-rank baseline tuned with it is a fair comparison.
+    """
+    block, rest = block_linear_split(model)
+    return [{"params": block, "lr": lr * block_ratio}, {"params": rest, "lr": lr}]

@@ -1,4 +1,4 @@
-"""Modules: low-rank (WeLore) and quantized linear layers."""
+"""Modules: low-rank (WeLore) and quantized linear layers, and model surgery (which layers, replacing them)."""
 
 from lowrank_train.nn.chunked_loss import causal_lm_loss, chunked_cross_entropy  # noqa: F401
 from lowrank_train.nn.lowrank_linear import LowRankLinear, lowrank_factors, weighted_matrix  # noqa: F401
@@ -10,4 +10,10 @@ from lowrank_train.nn.quant_linear import (  # noqa: F401
     dequantize_model,
     is_quantized_weight,
     quantize_model,
+)
+from lowrank_train.nn.surgery import (  # noqa: F401
+    find_blocks,
+    find_target_modules,
+    register_linear_type,
+    replace_module,
 )

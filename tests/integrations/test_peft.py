@@ -117,3 +117,26 @@ def test_welore_lora_needs_a_compressed_model(tiny_llama):
 
     with pytest.raises(ValueError, match="no LowRankLinear layer"):
         welore_lora_model(tiny_llama, LoraConfig(r=2))
+
+
+def test_target_modules_mean_what_they_mean_on_the_base_model(tiny_llama):
+    """A regex or list selects the same layers in the PEFT model as PEFT's LoraConfig (and lowrank_param_groups on
+    the model before wrapping) would: names are the base model's, a LoRA-wrapped layer under its own name."""
+    from lowrank_train.integrations.peft import base_model_names
+
+    regex = r"model\.layers\.\d+\.(mlp\.up_proj|self_attn\.q_proj)"
+    base_names = lowrank_param_groups(tiny_llama, rank=2, target_modules=regex)[0]["param_names"]
+    assert len(base_names) == 4
+    model = get_peft_model(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    names = base_model_names(model)
+    assert names["base_model.model.model.layers.0.self_attn.q_proj.base_layer"] == "model.layers.0.self_attn.q_proj"
+    assert names["base_model.model.model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.up_proj"
+    for name, param in model.named_parameters():  # train q_proj's base weight and up_proj in full
+        if name.endswith(("q_proj.base_layer.weight", "up_proj.weight")):
+            param.requires_grad_(True)
+    for target_modules in (regex, ["q_proj", "mlp.up_proj"]):
+        lowrank = peft_param_groups(model, rank=2, target_modules=target_modules)[0]
+        wrapped = [n.removeprefix("base_model.model.").replace(".base_layer", "") for n in lowrank["param_names"]]
+        assert wrapped == base_names, target_modules
+    with pytest.raises(ValueError, match=r"target_modules=\['k_proj'\]"):
+        peft_param_groups(model, rank=2, target_modules=["k_proj"])  # matches, but nothing trainable

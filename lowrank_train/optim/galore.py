@@ -77,6 +77,8 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "refresh_history": 5,
     "max_update_gap": None,  # None: 8 x update_gap
 }
+NONFINITE_POLICIES = ("raise", "skip")
+_SHOWN_NAMES = 6  # parameters named in a non-finite message before "and N more"
 _INT_STATE = ("step", "last_refresh", "gap", "seed", "refreshes")
 _CPU_STATE = (*_INT_STATE, "similarity")  # read by Python at every refresh: kept off the GPU
 
@@ -136,6 +138,10 @@ class GaLore(torch.optim.Optimizer):
         params: parameters or param groups, typically from :func:`lowrank_param_groups`.
         base: optimizer class (``torch.optim.AdamW``, ``bitsandbytes.optim.AdamW8bit``, ...) or a registered
             name ("adamw", "adamw8bit", "adafactor", "adam", "sgd").
+        nonfinite: what a step does when a gradient holds NaN/Inf (checked for every parameter, with one host
+            synchronisation per step): "raise" (default) refuses the step with a ``ValueError`` before anything
+            changes; "skip" skips the whole step (no weight, moment, basis or counter changes; the gradients are
+            left for ``zero_grad()``) and counts it in :attr:`skipped_steps`.
         backend: the layout-dependent operations (:class:`~lowrank_train.optim.backend.ProjectionBackend`);
             ``None`` for ordinary tensors. :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore` passes the one
             for FSDP2 shards.
@@ -153,9 +159,15 @@ class GaLore(torch.optim.Optimizer):
         params: Iterable[Any],
         base: type[torch.optim.Optimizer] | str = "adamw",
         *,
+        nonfinite: str = "raise",
         backend: ProjectionBackend | None = None,
         **defaults: Any,
     ):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self._skipped_steps = torch.zeros((), dtype=torch.int64)  # a CPU tensor: saved in state_dict
+        self._poisoned: list[str] = []  # nonfinite="skip": parameters whose micro-batch spoiled the pending step
         self._base_cls = resolve_base(base)
         if backend is None:
             backend = DenseBackend()
@@ -252,31 +264,45 @@ class GaLore(torch.optim.Optimizer):
                 index += 1
         raise ValueError(f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
 
-    def _check_refresh_inputs(self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]) -> None:
-        """Refuses, before any state changes, to build a basis from a non-finite gradient."""
-        due = []
-        for p, group, _ in todo:
-            state = self.state[p]
-            if not get_projector(group["projector"]).uses_gradient:
-                continue
-            if p.grad is None:
-                continue
-            if not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"])):
-                due.append((p, group))
-        if not due:
-            return
-        finite = self.backend.finite_flags([p.grad for p, _ in due]).cpu()  # one sync per refresh step
+    def _gradients(self) -> list[tuple[str, torch.Tensor]]:
+        """(label, tensor) of every gradient the next step would apply: each ``.grad`` and each projected
+        accumulator."""
+        found = []
+        for group in self.param_groups:
+            for local, p in enumerate(group["params"]):
+                accum = self.state[p].get("grad_accum") if p in self.state else None
+                for grad, where in ((p.grad, ""), (accum, " (its projected accumulator)")):
+                    if grad is not None:
+                        found.append((_param_label(group, local, p) + where, grad))
+        return found
+
+    def _nonfinite(self, gradients: list[tuple[str, torch.Tensor]]) -> list[str]:
+        """Labels of the non-finite tensors among ``gradients``: one host synchronisation for all of them."""
+        if not gradients:
+            return []
+        finite = self.backend.finite_flags([g for _, g in gradients]).cpu()
         if bool(finite.all()):
-            return
-        bad = [
-            _param_label(group, next(i for i, q in enumerate(group["params"]) if q is p), p)
-            for (p, group), ok in zip(due, finite, strict=True)
-            if not ok
-        ]
-        raise ValueError(
-            f"non-finite gradient (NaN/Inf) where a projection basis was due for a refresh: {', '.join(bad)}. "
-            "The basis was not rebuilt and no parameter was updated"
+            return []
+        return [label for (label, _), ok in zip(gradients, finite.tolist(), strict=True) if not ok]
+
+    def _refuse_or_skip(self, bad: list[str], where: str) -> None:
+        """Applies the non-finite policy to a step (or micro-batch) whose gradients ``bad`` hold NaN/Inf."""
+        shown = ", ".join(bad[:_SHOWN_NAMES]) + (
+            f" and {len(bad) - _SHOWN_NAMES} more" if len(bad) > _SHOWN_NAMES else ""
         )
+        if self.nonfinite == "raise":
+            raise ValueError(
+                f"non-finite gradient (NaN/Inf) in {shown}: {where} was refused and nothing was applied (no weight, "
+                "moment, projection basis or step counter changed; the gradients are still in .grad, zero_grad() "
+                "drops them). Look for the cause (learning rate, loss scale, a bad batch), or build the optimizer "
+                "with nonfinite='skip' to skip such steps and count them in optimizer.skipped_steps"
+            )
+        self._poisoned.extend(bad)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held NaN/Inf (``nonfinite="skip"``); saved in :meth:`state_dict`."""
+        return int(self._skipped_steps)
 
     def _basis(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The basis this process uses for ``param`` (see ``ProjectionBackend.local_basis``), refreshed when due."""
@@ -349,8 +375,15 @@ class GaLore(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._poisoned:  # else a micro-batch already spoiled this step: no need to look again
+            bad = self._nonfinite(self._gradients())  # the step's one host synchronisation
+            if bad:
+                self._refuse_or_skip(bad, "the step")  # raises, or (nonfinite="skip") marks the step
+        if self._poisoned:  # nonfinite="skip": the whole step goes, accumulated micro-batches included
+            self._skipped_steps.add_(1)
+            self._drop_accumulation()
+            return loss
         todo = self._lowrank_params()
-        self._check_refresh_inputs(todo)
         pending = []
         for p, group, index in todo:
             state = self._init_state(p, group, index)
@@ -409,28 +442,58 @@ class GaLore(torch.optim.Optimizer):
         been summed, while only r x n floats are held. A refresh that falls due uses the first micro-batch's
         gradient. Plain parameters keep accumulating in ``.grad`` as usual.
 
+        Non-finite values: between refreshes the projection is accumulated unchecked (no host synchronisation)
+        and :meth:`step` finds it; where a basis refresh is due the gradient is checked first (one
+        synchronisation, next to the SVD's), and a NaN/Inf follows the ``nonfinite`` policy: "raise" refuses
+        (nothing changes), "skip" drops this gradient and marks the whole pending step to be skipped.
+
         Raises:
-            ValueError: for a parameter that is not low-rank here, or a non-finite gradient at a refresh.
+            ValueError: for a parameter that is not low-rank here, or (``nonfinite="raise"``) a non-finite
+                gradient where a basis refresh is due.
         """
         if param.grad is None:
             return
         group, index, label = self._locate(param)
         if not self.is_lowrank(param):
             raise ValueError(f"{label} is not projected: accumulate its gradient in .grad instead")
-        self._check_refresh_inputs([(param, group, index)])
+        if self._poisoned:  # nonfinite="skip" and this step is lost already: just free the gradient
+            param.grad = None
+            return
+        state = self.state.get(param)
+        due = not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
+        if due and get_projector(group["projector"]).uses_gradient:
+            bad = self._nonfinite([(label, param.grad)])
+            if bad:
+                self._refuse_or_skip(bad, "accumulate_grad (a basis refresh was due)")
+                param.grad = None
+                return
         state = self._init_state(param, group, index)
         state["grad_accum"] = self._take_projected_grad(param, state, self._basis(param, group, state))
         param.grad = None
 
+    def _drop_accumulation(self) -> None:
+        """Forgets the projected accumulators and the "skip" mark of the pending step."""
+        for state in self.state.values():
+            state.pop("grad_accum", None)
+        self._poisoned = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the gradients, the projected accumulators of :meth:`accumulate_grad` included."""
+        super().zero_grad(set_to_none)
+        self._drop_accumulation()
+
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus ``"base"`` (the inner optimizer's) and ``"galore"`` (``skipped_steps``)."""
         state_dict = super().state_dict()
         state_dict["base"] = self._base.state_dict()
+        state_dict["galore"] = {"skipped_steps": self._skipped_steps.clone()}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base")
+        engine = state_dict.pop("galore", {})
         super().load_state_dict(state_dict)
         # torch.optim casts floating state to the parameter dtype (an fp32 basis would become bf16) and
         # integers to floats: put back every saved tensor with its own dtype, on the parameter's device.
@@ -450,6 +513,9 @@ class GaLore(torch.optim.Optimizer):
                 current = state.get(key)
                 if torch.is_tensor(value) and torch.is_tensor(current) and current.dtype != value.dtype:
                     state[key] = value.to(device=current.device, copy=True)
+        # Checkpoints written before the non-finite policy have no "galore" entry: nothing was skipped then.
+        self._skipped_steps = torch.as_tensor(engine.get("skipped_steps", 0), dtype=torch.int64).cpu().clone()
+        self._poisoned = []
 
     def refresh_stats(self) -> list[dict[str, Any]]:
         """Per low-rank parameter: name, refresh count, current gap, last refresh step, steps taken, and the mean

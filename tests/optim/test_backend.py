@@ -66,7 +66,7 @@ def test_galore_runs_every_layout_operation_through_its_backend():
     # Refreshes at steps 0 and 2; every step checks, projects and writes back once.
     assert backend.calls == {
         "check_param": 1,
-        "finite_flags": 2,
+        "finite_flags": 3,
         "build_basis": 2,
         "local_basis": 3,
         "project_gradient": 3,

@@ -52,21 +52,51 @@ LAYER_CASES = [
     (32, 16, True, 8, 64, torch.float32, 1e-5),
     (20, 6, False, 8, 256, torch.float32, 1e-5),  # group does not divide: padded
     (32, 16, True, 4, 32, torch.float32, 1e-5),
-    (32, 16, True, 8, 64, torch.float64, 1e-10),
+    (32, 16, True, 8, 64, torch.float64, 1e-6),  # fp32 scales: the weight itself is fp32-exact only
     (32, 16, True, 8, 64, torch.bfloat16, 2e-2),
 ]
 
 
-def make_layer(n_in, n_out, bias, bits, group_size, seed=0):
+def make_float(n_in, n_out, bias, seed=0):
     torch.manual_seed(seed)
-    return QuantLinear.from_linear(nn.Linear(n_in, n_out, bias=bias), bits, group_size)
+    return nn.Linear(n_in, n_out, bias=bias)
+
+
+def make_layer(n_in, n_out, bias, bits, group_size, seed=0):
+    return QuantLinear.from_linear(make_float(n_in, n_out, bias, seed), bits, group_size)
+
+
+def brute_force_quantization(weight, bits, group_size):
+    """Group-wise symmetric quantization written from its definition, one group at a time in Python floats:
+    groups of ``group_size`` consecutive row-major elements (the last zero-padded), scale ``absmax / qmax``, codes
+    ``round(w / scale)``. Returns the dequantized weight and each element's step (its group's scale), float64."""
+    qmax = 2 ** (bits - 1) - 1
+    values = weight.detach().double().reshape(-1).tolist()
+    values += [0.0] * (-len(values) % group_size)
+    dequantized, steps = [], []
+    for start in range(0, len(values), group_size):
+        group = values[start : start + group_size]
+        absmax = max(abs(v) for v in group)
+        scale = (absmax if absmax > 0 else 1.0) / qmax
+        dequantized += [max(-qmax, min(qmax, round(v / scale))) * scale for v in group]
+        steps += [scale] * group_size
+    numel = weight.numel()
+    as_tensor = lambda items: torch.tensor(items[:numel], dtype=torch.float64).reshape(weight.shape)  # noqa: E731
+    return as_tensor(dequantized), as_tensor(steps)
 
 
 @pytest.mark.parametrize("n_in,n_out,bias,bits,group_size,dtype,tol", LAYER_CASES)
-def test_forward_and_gradients_match_float_reference(n_in, n_out, bias, bits, group_size, dtype, tol):
-    layer = make_layer(n_in, n_out, bias, bits, group_size).to(dtype)
+def test_forward_and_gradients_match_independent_reference(n_in, n_out, bias, bits, group_size, dtype, tol):
+    """Reference: F.linear with the weight quantized by the brute-force oracle above, never the layer's own
+    dequantization; and the layer's weight stays within half a quantization step of the original float weight."""
+    linear = make_float(n_in, n_out, bias)
+    original = linear.weight.detach().double().clone()
+    oracle, steps = brute_force_quantization(linear.weight, bits, group_size)
+    layer = QuantLinear.from_linear(linear, bits, group_size).to(dtype)
+    assert ((layer.dequantized_weight(torch.float64) - original).abs() <= steps / 2 * (1 + 1e-6)).all()
+    torch.testing.assert_close(layer.dequantized_weight(torch.float64), oracle, rtol=1e-6, atol=1e-9)
     x = torch.randn(3, 5, n_in, dtype=dtype, requires_grad=True)
-    weight = layer.dequantized_weight(dtype).requires_grad_(True)
+    weight = oracle.to(dtype).requires_grad_(True)
     bias_ref = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     expected = F.linear(x_ref, weight, bias_ref)
@@ -81,6 +111,106 @@ def test_forward_and_gradients_match_float_reference(n_in, n_out, bias, bits, gr
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol * 10)
     if bias:
         torch.testing.assert_close(layer.bias.grad, bias_ref.grad, rtol=tol, atol=tol * 10)
+
+
+AUTOCAST_CASES = [
+    # (autocast dtype, bits, bias, tolerance)
+    (torch.bfloat16, 8, True, 2e-2),
+    (torch.bfloat16, 4, False, 2e-2),
+    (torch.float16, 8, True, 2e-3),
+]
+
+
+@pytest.mark.parametrize("amp_dtype,bits,bias,tol", AUTOCAST_CASES)
+def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bias, tol):
+    """Issue 13: under autocast grad_out is half precision while the input was fp32; the weight-gradient matmul
+    used to fail (`expected m1 and m2 to have the same dtype`). Reference: nn.Linear holding the dequantized
+    weight, fp32 parameters, the same CPU autocast (the path Trainer bf16=True / accelerate take)."""
+    layer = make_layer(32, 16, bias, bits, 32)
+    reference = nn.Linear(32, 16, bias=bias)
+    with torch.no_grad():
+        reference.weight.copy_(layer.dequantized_weight(torch.float32))
+        if bias:
+            reference.bias.copy_(layer.bias)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autocast("cpu", dtype=amp_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    with torch.autocast("cpu", dtype=amp_dtype):
+        expected = reference(x_ref)
+    assert out.dtype == expected.dtype == amp_dtype
+    assert [dtype for shape, dtype in saved if shape == (3, 5, 32)] == [amp_dtype]  # input saved cast, as nn.Linear
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    assert layer.weight.grad.dtype == reference.weight.grad.dtype == torch.float32  # parameter precision
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+    if bias:
+        assert layer.bias.grad.dtype == torch.float32
+        torch.testing.assert_close(layer.bias.grad, reference.bias.grad, rtol=tol, atol=tol)
+    # backward called inside the autocast region gives the same gradients (dtypes are fixed in forward)
+    first = layer.weight.grad.clone()
+    layer.weight.grad = None
+    with torch.autocast("cpu", dtype=amp_dtype):
+        layer(x).backward(grad_out)
+    torch.testing.assert_close(layer.weight.grad, first, rtol=0, atol=0)
+
+
+def test_quantized_llama_trains_under_cpu_autocast():
+    """A tiny INT8 LLaMA under bf16 autocast: loss and every gradient match the float LLaMA holding the
+    dequantized weights under the same autocast, and Q-GaLore steps lower the loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank_train import lowrank_param_groups
+    from lowrank_train.optim import QGaLoreAdamW8bit
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    quantized = quantize_model(LlamaForCausalLM(config), group_size=32)
+    reference = dequantize_model(copy.deepcopy(quantized))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (quantized, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-2, atol=1e-2)
+    grads = dict(reference.named_parameters())
+    names = [n for n, m in quantized.named_modules() if isinstance(m, QuantLinear)]
+    assert len(names) == 14
+    for name, param in quantized.named_parameters():
+        ref = grads[name].grad
+        assert param.grad.dtype == torch.float32, name
+        assert (param.grad - ref).norm() <= 2e-2 * ref.norm() + 1e-6, name
+
+    quantized.zero_grad()
+    optimizer = QGaLoreAdamW8bit(lowrank_param_groups(quantized, rank=4, update_gap=10), lr=1e-2)
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = quantized(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        final = quantized(input_ids=ids, labels=ids).loss
+    assert final < losses[0] - 0.05
 
 
 def test_weight_is_codes_and_scales_with_no_float_copy():

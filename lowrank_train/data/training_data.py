@@ -117,8 +117,9 @@ class TrainingData:
         max_token_id: the largest token id in the data (streamed: the tokenizer's largest id, as the stream is
             not read ahead), for :func:`~lowrank_train.data.check_vocab_fits`.
         fingerprint: hex digest of what decides the tokens and their blocks: the text (local: the checksum of
-            its token stream), the tokenizer, ``seq_len`` and the held-out split (streamed: also the shuffle
-            buffer). Store it in the checkpoint and refuse a resume when it changed.
+            its token stream, so a touched but unchanged file keeps it), the tokenizer's content, ``seq_len`` and
+            the held-out split (streamed: the source's name / config / split, and the shuffle buffer). Not the
+            seed or batch size (the run's config). Store it in the checkpoint and refuse a resume when it changed.
         train: the training blocks of a local source, ``None`` when streamed.
         stream: the training stream of a streamed source, ``None`` when local.
         token_file: the token file a local source is read from.
@@ -297,6 +298,7 @@ def open_training_data(
             "kind": "tokens",
             "tokens_sha256": header.sha256,
             "num_tokens": header.num_tokens,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
             "seq_len": seq_len,
             "heldout_fraction": heldout_fraction,
         }

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowrank_train.nn.autocast import autocast_disabled, autocast_dtype
+
 
 def _vocab_chunk(chunk_size: int, tokens: int, vocab: int) -> int:
     """Vocabulary slice whose (tokens x slice) logits are as large as a (chunk_size x vocab) forward chunk."""
@@ -23,6 +25,12 @@ def _vocab_chunk(chunk_size: int, tokens: int, vocab: int) -> int:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Dtypes (see :mod:`lowrank_train.nn.autocast`): the head's matmuls run in the compute dtype (the autocast
+    dtype when autocast is on for ``hidden``'s device, else ``hidden``'s dtype), in forward and in the backward
+    recomputation alike, so both see the same logits; log-sum-exp and softmax are fp32, as LLaMA's loss upcasts.
+    ``hidden`` is saved in the compute dtype, ``weight`` as it is (its slices are cast when used); the gradients
+    come back in ``hidden``'s and ``weight``'s own dtypes."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -33,50 +41,61 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         ignore_index: int,
         reduction: str,
     ) -> Tensor:
+        compute = autocast_dtype(hidden) or hidden.dtype
         tokens = hidden.shape[0]
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        target = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        for start in range(0, tokens, chunk_size):
-            stop = min(start + chunk_size, tokens)
-            logits = (hidden[start:stop] @ weight.mT).float()  # (chunk, V) fp32, as LLaMA's loss upcasts
-            lse[start:stop] = torch.logsumexp(logits, dim=-1)
-            target[start:stop] = logits.gather(1, safe_labels[start:stop, None]).squeeze(1)
-            del logits
-        losses = torch.where(valid, lse - target, torch.zeros_like(lse))
-        count = valid.sum()
-        loss = losses.sum() / count if reduction == "mean" else losses.sum()
-        ctx.save_for_backward(hidden, weight, labels, lse, count)
-        ctx.chunk_size, ctx.ignore_index, ctx.reduction = chunk_size, ignore_index, reduction
+        with autocast_disabled(hidden):
+            hidden_compute, weight_compute = hidden.to(compute), weight.to(compute)
+            valid = labels != ignore_index
+            safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+            lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+            target = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+            for start in range(0, tokens, chunk_size):
+                stop = min(start + chunk_size, tokens)
+                logits = (hidden_compute[start:stop] @ weight_compute.mT).float()  # (chunk, V) fp32
+                lse[start:stop] = torch.logsumexp(logits, dim=-1)
+                target[start:stop] = logits.gather(1, safe_labels[start:stop, None]).squeeze(1)
+                del logits
+            del weight_compute
+            losses = torch.where(valid, lse - target, torch.zeros_like(lse))
+            count = valid.sum()
+            loss = losses.sum() / count if reduction == "mean" else losses.sum()
+        ctx.save_for_backward(hidden_compute, weight, labels, lse, count)
+        ctx.chunk_size, ctx.ignore_index, ctx.reduction, ctx.hidden_dtype = (
+            chunk_size,
+            ignore_index,
+            reduction,
+            hidden.dtype,
+        )
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        hidden, weight, labels, lse, count = ctx.saved_tensors
+        hidden, weight, labels, lse, count = ctx.saved_tensors  # hidden in the compute dtype
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tokens, vocab = hidden.shape[0], weight.shape[0]
-        valid = labels != ctx.ignore_index
-        scale = grad_loss.float() / count if ctx.reduction == "mean" else grad_loss.float()
-        row_scale = valid.float() * scale  # (tokens,): 0 for ignored tokens
-        grad_hidden = torch.zeros(tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.empty_like(weight) if need_weight else None
-        rows = torch.arange(tokens, device=hidden.device)
-        step = _vocab_chunk(ctx.chunk_size, tokens, vocab)
-        for start in range(0, vocab, step):
-            stop = min(start + step, vocab)
-            # softmax(logits) - onehot(label), restricted to this vocabulary slice, times d loss / d token loss.
-            probs = (hidden @ weight[start:stop].mT).float().sub_(lse[:, None]).exp_()
-            hit = valid & (labels >= start) & (labels < stop)
-            probs[rows[hit], labels[hit] - start] -= 1.0
-            grad_logits = probs.mul_(row_scale[:, None]).to(hidden.dtype)
-            del probs
-            if need_weight:
-                grad_weight[start:stop] = grad_logits.mT @ hidden
-            if need_hidden:
-                grad_hidden.add_(grad_logits @ weight[start:stop])
-            del grad_logits
-        return (grad_hidden.to(hidden.dtype) if need_hidden else None), grad_weight, None, None, None, None
+        with autocast_disabled(hidden):
+            valid = labels != ctx.ignore_index
+            scale = grad_loss.float() / count if ctx.reduction == "mean" else grad_loss.float()
+            row_scale = valid.float() * scale  # (tokens,): 0 for ignored tokens
+            grad_hidden = torch.zeros(tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+            grad_weight = torch.empty_like(weight) if need_weight else None
+            rows = torch.arange(tokens, device=hidden.device)
+            step = _vocab_chunk(ctx.chunk_size, tokens, vocab)
+            for start in range(0, vocab, step):
+                stop = min(start + step, vocab)
+                weight_slice = weight[start:stop].to(hidden.dtype)
+                # softmax(logits) - onehot(label), restricted to this vocabulary slice, times d loss / d token loss.
+                probs = (hidden @ weight_slice.mT).float().sub_(lse[:, None]).exp_()
+                hit = valid & (labels >= start) & (labels < stop)
+                probs[rows[hit], labels[hit] - start] -= 1.0
+                grad_logits = probs.mul_(row_scale[:, None]).to(hidden.dtype)
+                del probs
+                if need_weight:
+                    grad_weight[start:stop] = grad_logits.mT @ hidden  # cast to the weight's dtype on write
+                if need_hidden:
+                    grad_hidden.add_(grad_logits @ weight_slice)
+                del grad_logits, weight_slice
+        return (grad_hidden.to(ctx.hidden_dtype) if need_hidden else None), grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -92,7 +111,8 @@ def chunked_cross_entropy(
 
     Args:
         hidden: ``(..., h)`` final hidden states (any float dtype).
-        weight: ``(V, h)`` LM head (or tied embedding) weight, same dtype as ``hidden``.
+        weight: ``(V, h)`` LM head (or tied embedding) weight, same dtype as ``hidden`` unless autocast is on
+            (then both are cast to the autocast dtype for the matmuls, as ``nn.Linear`` is).
         labels: ``(...)`` int64 targets matching ``hidden``'s leading dims; ``ignore_index`` entries are skipped.
         chunk_size: tokens per forward chunk; the backward uses vocabulary slices of the same element count.
             Peak extra memory is about two fp32 ``(chunk_size, V)`` tensors.
@@ -103,7 +123,7 @@ def chunked_cross_entropy(
         fp32 scalar loss.
 
     Raises:
-        ValueError: mismatched shapes, a bad ``chunk_size`` or ``reduction``.
+        ValueError: mismatched shapes or dtypes (outside autocast), a bad ``chunk_size`` or ``reduction``.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -115,8 +135,11 @@ def chunked_cross_entropy(
         raise ValueError(
             f"labels of shape {tuple(labels.shape)} do not match hidden's leading dims {hidden.shape[:-1]}"
         )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them first")
+    if hidden.dtype != weight.dtype and autocast_dtype(hidden) is None:
+        raise ValueError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them first (or run under autocast, "
+            "which computes the head in its own dtype)"
+        )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     return _ChunkedCrossEntropy.apply(
         flat_hidden, weight, labels.reshape(-1).long(), chunk_size, ignore_index, reduction

@@ -102,6 +102,54 @@ def test_tied_head_gets_both_gradients():
     torch.testing.assert_close(ours, model.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_matches_the_head_under_the_same_autocast(hidden_dtype):
+    """Issue 13 audit: under autocast the head's matmul runs in bf16 (in forward and in the backward
+    recomputation) as LLaMA's nn.Linear head does, fp32 weights included; gradients come back in each input's
+    dtype, and the hidden states are saved in bf16 (half the memory of an fp32 copy)."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(40, 16, generator=gen).to(hidden_dtype)
+    weight = torch.randn(70, 16, generator=gen) / 4
+    labels = torch.randint(0, 70, (40,), generator=gen)
+    labels[:5] = -100
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    ref_leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = chunked_cross_entropy(*leaves, labels, chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(ref_leaves[0], ref_leaves[1]).float(), labels)
+    assert [dtype for shape, dtype in saved if shape == (40, 16)] == [torch.bfloat16]
+    loss.backward()
+    ref.backward()
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(loss, ref, **tol)
+    for ours, theirs in zip(leaves, ref_leaves, strict=True):
+        assert ours.grad.dtype == ours.dtype
+        torch.testing.assert_close(ours.grad, theirs.grad, **tol)
+
+
+def test_causal_lm_loss_under_autocast_matches_model_loss(tiny_llama):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(tiny_llama, ids, chunk_size=5)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in tiny_llama.named_parameters()}
+    tiny_llama.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = tiny_llama(input_ids=ids, labels=ids).loss
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    for name, param in tiny_llama.named_parameters():
+        assert ours[name].dtype == torch.float32
+        assert (ours[name] - param.grad).norm() <= 2e-2 * param.grad.norm() + 1e-7, name
+
+
 def test_peak_memory_far_below_full_logits():
     tokens, vocab, width = 512, 4096, 16
     gen = torch.Generator().manual_seed(3)

@@ -110,3 +110,24 @@ def test_weighted_truncation_has_lower_output_error(kind):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LowRankLinear.from_linear(nn.Linear(20, 12), **kwargs)
+
+
+def test_autocast_runs_in_bf16_with_fp32_gradients():
+    """Issue 13 audit: LowRankLinear is two F.linear calls, so autocast handles it like nn.Linear: bf16 output,
+    fp32 factor gradients, within bf16 tolerance of the fp32 computation."""
+    generator = torch.Generator().manual_seed(3)
+    layer = LowRankLinear.from_linear(nn.Linear(24, 16), 6)
+    x = torch.randn(4, 7, 24, generator=generator)
+    grad_out = torch.randn(4, 7, 16, generator=generator)
+    expected = layer(x)
+    expected.backward(grad_out)
+    reference = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad_out.bfloat16())
+    torch.testing.assert_close(out.float(), expected, rtol=3e-2, atol=3e-2)
+    for name, param in layer.named_parameters():
+        assert param.grad.dtype == torch.float32, name
+        assert (param.grad - reference[name]).norm() <= 3e-2 * reference[name].norm(), name

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 def estimate(config: TrainConfig) -> str:
     """The memory estimator's breakdown for a run, and whether it fits this machine's device."""
     from lowrank_train.train.estimate import device_capacity, estimate_run
-    from lowrank_train.train.loop import resolve_device
     from lowrank_train.train.metrics import format_bytes
+    from lowrank_train.train.setup import resolve_device
 
     result = estimate_run(config)
     lines = [result.table()]
@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "estimate":
             _print(estimate(config))
             return 0
-        from lowrank_train.train.loop import compress, train
+        from lowrank_train.train.compress import compress
+        from lowrank_train.train.loop import train
 
         if args.command == "compress":
             compress(config, log=_print)

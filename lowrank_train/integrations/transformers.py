@@ -242,8 +242,9 @@ def create_lowrank_optimizer(
     if sharded or args.world_size > 1:
         raise ValueError(
             "layer-wise stepping under Trainer runs in a single process (Trainer's DDP/FSDP wrappers reduce "
-            "gradients after the engine has already used them). For several processes use method='galore' "
-            "without layerwise (DDP or FSDP2), or LayerwiseOptimizer directly under torchrun without a DDP wrapper"
+            "gradients after the engine has already used them). For several processes drop layerwise (DDP, or FSDP2 "
+            f"with a method that takes any base: {_any_base_names()}), or use LayerwiseOptimizer directly under "
+            "torchrun without a DDP wrapper"
         )
     return TrainerLayerwiseOptimizer(
         groups,

@@ -9,29 +9,30 @@ is built. Overrides use dotted keys and YAML values: ``optimizer.lr=3e-3 model.n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
+from lowrank_train.train.config_schema import (
+    ConfigError,
+    build_dataclass,
+    check_choice,
+    check_positive,
+    merge_dicts,
+    parse_overrides,
+    plain,
+)
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
 TRAINABLE = ("lrc", "all", "lrc+galore")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema (unknown key, wrong type, bad value)."""
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,18 @@ class RunConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _positive("run.max_steps", self.max_steps)
-        _positive("run.log_every", self.log_every)
-        _positive("run.keep_checkpoints", self.keep_checkpoints)
+        check_positive("run.max_steps", self.max_steps)
+        check_positive("run.log_every", self.log_every)
+        check_positive("run.keep_checkpoints", self.keep_checkpoints)
         for key in ("eval_every", "eval_batches", "save_every", "loss_chunk_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
-        _choice("run.dtype", self.dtype, DTYPES)
-        _choice("run.device", self.device, DEVICES)
+        check_choice("run.dtype", self.dtype, DTYPES)
+        check_choice("run.device", self.device, DEVICES)
         if self.num_threads is not None:
-            _positive("run.num_threads", self.num_threads)
+            check_positive("run.num_threads", self.num_threads)
         for sink in self.metrics:
-            _choice("run.metrics", sink, METRIC_SINKS)
+            check_choice("run.metrics", sink, METRIC_SINKS)
 
 
 @dataclass(frozen=True)
@@ -128,8 +129,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-            _positive(f"model.{key}", getattr(self, key))
-        _positive("model.max_position_embeddings", self.max_position_embeddings)
+            check_positive(f"model.{key}", getattr(self, key))
+        check_positive("model.max_position_embeddings", self.max_position_embeddings)
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
@@ -175,13 +176,13 @@ class DataConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _positive("data.seq_len", self.seq_len)
-        _positive("data.batch_size", self.batch_size)
-        _positive("data.grad_accum", self.grad_accum)
+        check_positive("data.seq_len", self.seq_len)
+        check_positive("data.batch_size", self.batch_size)
+        check_positive("data.grad_accum", self.grad_accum)
         if not 0.0 < self.heldout_fraction < 1.0:
             raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.max_documents is not None:
-            _positive("data.max_documents", self.max_documents)
+            check_positive("data.max_documents", self.max_documents)
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,9 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"optimizer.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
-        _positive("optimizer.rank", self.rank)
-        _positive("optimizer.update_gap", self.update_gap)
-        _positive("optimizer.weight_group_size", self.weight_group_size)
+        check_positive("optimizer.rank", self.rank)
+        check_positive("optimizer.update_gap", self.update_gap)
+        check_positive("optimizer.weight_group_size", self.weight_group_size)
         if self.proj_bits not in (None, 4, 8):
             raise ConfigError(f"optimizer.proj_bits must be 4, 8 or null, got {self.proj_bits}")
         if self.weight_bits not in (None, 8):
@@ -307,7 +308,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
-        _choice("schedule.kind", self.kind, SCHEDULES)
+        check_choice("schedule.kind", self.kind, SCHEDULES)
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -339,7 +340,7 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"compress.target must be in (0, 1), got {self.target}")
-        _positive("compress.calibration_sequences", self.calibration_sequences)
+        check_positive("compress.calibration_sequences", self.calibration_sequences)
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,7 @@ class FinetuneConfig:
     trainable: str = "lrc"
 
     def __post_init__(self) -> None:
-        _choice("finetune.trainable", self.trainable, TRAINABLE)
+        check_choice("finetune.trainable", self.trainable, TRAINABLE)
 
 
 @dataclass(frozen=True)
@@ -396,86 +397,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), ready for YAML/JSON."""
-        return _plain(dataclasses.asdict(self))
-
-
-# Keys that may differ between a run and the run that resumes it: where it writes and how it reports.
-RESUMABLE_DIFFERENCES = frozenset(
-    {
-        "run.output_dir",
-        "run.log_every",
-        "run.eval_every",
-        "run.eval_batches",
-        "run.save_every",
-        "run.keep_checkpoints",
-        "run.save_final",
-        "run.device",
-        "run.num_threads",
-        "run.metrics",
-        "run.memory_table",
-        "run.check_memory",
-        "run.overwrite",
-        "data.cache_dir",
-    }
-)
-
-
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two ``to_dict()`` configs, except those a resume may change.
-
-    Returns:
-        ``{key: (saved value, current value)}``.
-    """
-    flat_saved, flat_current = _flatten(saved), _flatten(current)
-    keys = (set(flat_saved) | set(flat_current)) - RESUMABLE_DIFFERENCES
-    return {
-        k: (flat_saved.get(k), flat_current.get(k)) for k in sorted(keys) if flat_saved.get(k) != flat_current.get(k)
-    }
-
-
-def config_fingerprint(config: TrainConfig) -> str:
-    """A hash of every setting that must match for a resume to continue the same run."""
-    flat = {k: v for k, v in _flatten(config.to_dict()).items() if k not in RESUMABLE_DIFFERENCES}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------
-# loading
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["optimizer.lr=3e-3", "run.metrics=[jsonl]"]`` -> nested dict; values are parsed as YAML.
-
-    Raises:
-        ConfigError: an override without ``=`` or with an empty key.
-    """
-    nested: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optimizer.lr=3e-3)")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        target = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            existing = target.setdefault(part, {})
-            if not isinstance(existing, dict):
-                raise ConfigError(f"override {item!r} sets a key under {part!r}, which was given a plain value")
-            target = existing
-        target[parts[-1]] = value
-    return nested
-
-
-def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """Recursive merge: values of ``update`` replace those of ``base``; nested dicts merge."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_dicts(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+        return plain(dataclasses.asdict(self))
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -507,120 +429,4 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
 
 def config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
     """Build a :class:`TrainConfig` from nested plain values, checking keys and types against the dataclasses."""
-    return _build(TrainConfig, data, prefix="")
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where} must be a mapping of keys, got {data!r} ({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(sorted(fields))}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, prefix=f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as error:  # a nested library check: still a config problem
-        raise ConfigError(f"{where}: {error}") from error
-
-
-def _type_name(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
-    if hint is type(None):
-        return "null"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the type hint ``hint``; return it in the field's type or raise ConfigError."""
-    error = ConfigError(f"{key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                continue
-        raise error
-    if hint is type(None):
-        if value is None:
-            return None
-        raise error
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise error
-        args = typing.get_args(hint)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise error
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise error
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise error
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads "1e-3" (no dot) as a string: accept any string that is a plain number.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise error from None
-        raise error
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise error
-    raise ConfigError(f"{key}: unsupported field type {hint!r}")
-
-
-def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {value}")
-
-
-def _choice(key: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    return build_dataclass(TrainConfig, data)

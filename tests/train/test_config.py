@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from lowrank_train.train import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
-from lowrank_train.train.config import config_differences
+from lowrank_train.train.run_dir import config_differences
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

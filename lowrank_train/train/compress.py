@@ -1,0 +1,81 @@
+"""``lowrank-train compress``: WeLore-compress a pretrained model and measure held-out perplexity before and after.
+
+Its output folder is what ``lowrank-train finetune`` (the training loop in ``finetune`` mode) starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_train.train.config import ConfigError, TrainConfig
+from lowrank_train.train.evaluate import evaluate, perplexity
+from lowrank_train.train.model import build_model, count_parameters
+from lowrank_train.train.run_dir import SUMMARY_FILE, save_model_folder, write_json
+from lowrank_train.train.setup import load_run_data, load_run_tokenizer, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def compress(config: TrainConfig, *, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+    """Compress ``model.pretrained`` with WeLore, measure held-out perplexity before and after, save the result.
+
+    The compressed model (with its tokenizer) goes to ``<run.output_dir>/model``, ready for
+    ``lowrank-train finetune`` with ``model.pretrained`` pointing there.
+
+    Returns:
+        The summary (also in ``summary.json``): perplexity before/after, parameters before/after, ranks.
+    """
+    from lowrank_train.welore import WeLoreConfig, compress_model
+
+    if config.model.pretrained is None:
+        raise ConfigError("compress needs model.pretrained (a model folder, hub id or smollm2-offline)")
+    spec = config.compress
+    welore_config = WeLoreConfig(
+        target=spec.target,
+        strategy=spec.strategy,
+        min_ratio=spec.min_ratio,
+        damping=spec.damping,
+        asvd_alpha=spec.asvd_alpha,
+        num_threads=spec.num_threads,
+    )
+    device = resolve_device(config.run.device)
+    if config.run.num_threads is not None:
+        torch.set_num_threads(config.run.num_threads)
+    output = Path(config.run.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.run.seed)
+    model, model_tokenizer = build_model(config.model, resolve_dtype(config.run.dtype))
+    tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
+    packed = load_run_data(config, tokenizer, model.get_input_embeddings().num_embeddings)
+    model.to(device)
+    batch, eval_batches = config.data.batch_size, config.run.eval_batches
+    params_before = count_parameters(model)
+    loss_before = evaluate(model, packed.heldout, batch, eval_batches, device)
+    log(f"before: eval loss {loss_before:.4f}, perplexity {perplexity(loss_before):.2f}, {params_before:,} parameters")
+    calibration = packed.train[: spec.calibration_sequences].to(device)
+    report = compress_model(model, welore_config, calibration=calibration)
+    log(report.summary())
+    params_after = count_parameters(model)
+    loss_after = evaluate(model, packed.heldout, batch, eval_batches, device)
+    log(f"after: eval loss {loss_after:.4f}, perplexity {perplexity(loss_after):.2f}, {params_after:,} parameters")
+    folder = output / "model"
+    save_model_folder(model, tokenizer, folder)
+    summary = {
+        "mode": "compress",
+        "eval_loss_before": loss_before,
+        "perplexity_before": perplexity(loss_before),
+        "eval_loss_after": loss_after,
+        "perplexity_after": perplexity(loss_after),
+        "parameters_before": params_before,
+        "parameters_after": params_after,
+        "report": report.to_dict(),
+        "model_dir": str(folder),
+    }
+    write_json(output / SUMMARY_FILE, summary)
+    log(f"compressed model saved to {folder}")
+    return summary

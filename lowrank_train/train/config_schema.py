@@ -1,0 +1,175 @@
+"""Typed dataclass trees from plain values: the machinery behind run configs, independent of their sections.
+
+:func:`build_dataclass` checks every key and value of a nested mapping (YAML, ``key=value`` overrides) against a
+frozen dataclass's type hints and raises :class:`ConfigError` naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema (unknown key, wrong type, bad value)."""
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optimizer.lr=3e-3", "run.metrics=[jsonl]"]`` -> nested dict; values are parsed as YAML.
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optimizer.lr=3e-3)")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        target = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override {item!r} sets a key under {part!r}, which was given a plain value")
+            target = existing
+        target[parts[-1]] = value
+    return nested
+
+
+def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge: values of ``update`` replace those of ``base``; nested dicts merge."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_dicts(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+    """An instance of the dataclass ``cls`` from a nested mapping; nested dataclass fields recurse."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys, got {data!r} ({type(data).__name__})")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; allowed keys: {', '.join(sorted(fields))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build_dataclass(hint, value if value is not None else {}, prefix=f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a nested library check: still a config problem
+        raise ConfigError(f"{where}: {error}") from error
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``hint``; return it in the field's type or raise ConfigError."""
+    error = ConfigError(f"{key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise error
+    if hint is type(None):
+        if value is None:
+            return None
+        raise error
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise error
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise error
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise error
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise error
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads "1e-3" (no dot) as a string: accept any string that is a plain number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise error from None
+        raise error
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise error
+    raise ConfigError(f"{key}: unsupported field type {hint!r}")
+
+
+def check_positive(key: str, value: int) -> None:
+    """ConfigError naming ``key`` unless ``value`` > 0."""
+    if value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value}")
+
+
+def check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    """ConfigError naming ``key`` and the allowed values unless ``value`` is one of them."""
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def plain(value: Any) -> Any:
+    """Nested dicts, lists and scalars (tuples as lists), for YAML and JSON."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -1,0 +1,35 @@
+"""``lowrank-train compress``: the numbers it reports are those of the models it starts from and saves."""
+
+import pytest
+import torch
+
+from lowrank_train.train import build_model, compress, evaluate, load_config
+from lowrank_train.train.model import count_parameters
+from lowrank_train.train.setup import load_run_data, load_run_tokenizer
+
+
+def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
+    from lowrank_train.welore import load_compressed, lowrank_layers
+
+    shapes = load_config(None, [o for o in tiny if o.startswith(("model.", "data."))])
+    torch.manual_seed(0)
+    dense, _ = build_model(shapes.model)
+    dense.save_pretrained(tmp_path / "dense")
+    config = load_config(
+        None,
+        [*tiny, f"model.pretrained={tmp_path / 'dense'}", "compress.target=0.3", "compress.calibration_sequences=4"],
+    )
+    summary = compress(config, log=lambda line: None)
+
+    # An independent evaluation of the dense model and of the saved compressed one on the same held-out blocks.
+    tokenizer = load_run_tokenizer(config.data.tokenizer, None)
+    heldout = load_run_data(config, tokenizer, dense.get_input_embeddings().num_embeddings).heldout
+    saved = load_compressed(summary["model_dir"])
+    cpu = torch.device("cpu")
+    batch, batches = config.data.batch_size, config.run.eval_batches
+    assert summary["eval_loss_before"] == pytest.approx(evaluate(dense, heldout, batch, batches, cpu), rel=1e-6)
+    assert summary["eval_loss_after"] == pytest.approx(evaluate(saved, heldout, batch, batches, cpu), rel=1e-6)
+    assert summary["parameters_before"] == count_parameters(dense)
+    assert summary["parameters_after"] == count_parameters(saved) < count_parameters(dense)
+    assert lowrank_layers(saved) and summary["report"]
+    assert (tmp_path / "run" / "model" / "tokenizer_config.json").is_file()  # ready for finetune's tokenizer=model

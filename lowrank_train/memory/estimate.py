@@ -1,0 +1,356 @@
+"""Memory estimator: bytes of weights, gradients, optimizer states, bases, activations and logits, and the peak.
+
+Why: users of GaLore cannot tell what will fit before they try (GaLore#6, #67, transformers#29822; issue 8). This
+module predicts, from a LLaMA-style model config and a training config, what a training step of this library holds:
+
+* static: weights (float, or INT8/INT4 codes + fp32 group scales), optimizer states (full or projected moments,
+  32- or 8-bit) and projection bases (fp32, or packed INT4/INT8 codes + scales);
+* gradients: every trainable parameter's gradient until ``step()``, or only the largest one in layer-wise mode
+  (the layer-wise engine frees each gradient inside backward, issue 4);
+* activations: the tensors autograd saves for backward. The per-layer formula is derived from what Hugging Face's
+  ``LlamaDecoderLayer`` with SDPA attention saves (RMSNorm: the fp32 input, the normalised value and the output;
+  attention: q, k, v, the output and the fp32 log-sum-exp; MLP: gate, SiLU, up and their product; RoPE saves only
+  cos/sin) and checked against saved-tensor hooks in ``tests/test_memory.py``; with activation checkpointing only
+  each layer's input is kept, plus one layer recomputed during its backward;
+* logits: ``log_softmax`` output, its gradient and the gradient of the logits, all fp32 (batch x seq x vocab each),
+  or with :func:`lowrank_train.nn.chunked_cross_entropy` only a few chunks of them;
+* transients: the optimizer step's largest temporary (a full-size update for GaLore, dequantized fp32 weight and
+  update for INT8 write-back) and a basis refresh (an exact SVD holds an fp32 copy of the gradient plus U and V^T).
+
+The peak is the static part plus the largest of three moments: the start of backward (all activations, logits and
+the head's gradient), the end of backward (all gradients, one layer's activations) and the optimizer step.
+Allocator caching and fragmentation are not modelled; on a GPU add the CUDA context (~0.5 GB) to compare with
+``nvidia-smi``, ``torch.cuda.max_memory_allocated`` excludes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lowrank_train.memory.config import ModelShape, TrainingSetup
+
+# bitsandbytes' blockwise 8-bit optimizers: one fp32 absmax per 256 values, two 256-entry fp32 code maps per
+# optimizer (shared by its parameters), and 32-bit states for tensors under 4096 elements (its ``min_8bit_size``).
+_BNB_BLOCK = 256
+_BNB_MIN_8BIT = 4096
+_QMAP_BYTES = 2 * 256 * 4
+# bitsandbytes' CPU 8-bit step dequantizes moments, gradient and parameter to fp32 for the whole tensor: measured
+# ~26 bytes per element of process peak on the first step (2 of them the 8-bit moments), see llama7b_memory.md.
+_BNB_CPU_TEMP_BYTES = 24
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted bytes of one training step. ``peak`` = static + the largest dynamic moment.
+
+    Attributes:
+        weights: parameters (float) or codes + scales (quantized), plus buffers.
+        gradients: gradients alive at once (all of them, or the largest one in layer-wise mode, plus accumulators).
+        optimizer_states: moments (full or projected) and per-parameter counters.
+        projection_bases: GaLore bases (fp32 or quantized codes + scales).
+        activations: tensors saved for backward by the model body (embedding to final norm).
+        logits: the loss's own peak (fp32 log-probabilities and gradients, or chunks of them).
+        transient: the largest temporary of the optimizer step or a basis refresh.
+        peak: static + max(start of backward, end of backward, optimizer step).
+        details: named sub-items (bytes) behind the components, for the table.
+        model: the model shape used.
+        setup: the training setup used.
+    """
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    projection_bases: int
+    activations: int
+    logits: int
+    transient: int
+    peak: int
+    details: dict[str, int] = field(default_factory=dict)
+    model: ModelShape | None = None
+    setup: TrainingSetup | None = None
+
+    @property
+    def static(self) -> int:
+        """Bytes held for the whole run: weights, optimizer states and bases."""
+        return self.weights + self.optimizer_states + self.projection_bases
+
+    def table(self) -> str:
+        """A fixed-width breakdown (GiB and MiB) for terminals and Markdown code blocks."""
+        rows = [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer states", self.optimizer_states),
+            ("projection bases", self.projection_bases),
+            ("activations", self.activations),
+            ("logits / loss", self.logits),
+            ("step / refresh transient", self.transient),
+            ("peak", self.peak),
+        ]
+        lines = []
+        if self.model is not None and self.setup is not None:
+            m, s = self.model, self.setup
+            lines.append(
+                f"model: {m.num_parameters() / 1e6:.1f}M params (L={m.num_layers}, h={m.hidden_size}, "
+                f"f={m.intermediate_size}, V={m.vocab_size}); step: {s.optimizer}"
+                + (f" rank {s.rank}" if s.rank else "")
+                + f", {s.dtype}, batch {s.batch_size} x {s.seq_len}"
+                + (f", INT{s.weight_bits} weights" if s.weight_bits else "")
+                + (f", INT{s.proj_bits} basis" if s.proj_bits else "")
+                + (", layer-wise" if s.layerwise else "")
+                + (", checkpointing" if s.activation_checkpointing else "")
+                + (", chunked loss" if s.chunked_loss else "")
+            )
+        lines.append(f"{'component':<26}{'GiB':>10}{'MiB':>12}")
+        for name, value in rows:
+            if name == "peak":
+                lines.append("-" * 48)
+            lines.append(f"{name:<26}{value / GIB:>10.3f}{value / 2**20:>12.1f}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, int]:
+        """The components in bytes (for JSON output and plots)."""
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "projection_bases": self.projection_bases,
+            "activations": self.activations,
+            "logits": self.logits,
+            "transient": self.transient,
+            "peak": self.peak,
+        }
+
+
+# ----- pure byte counts -------------------------------------------------------------------------------------------
+def quantized_bytes(numel: int, bits: int, group_size: int) -> int:
+    """Codes (INT8: one byte, INT4: half a byte, last group zero-padded) plus one fp32 scale per group."""
+    groups = -(-numel // group_size)
+    return groups * group_size * bits // 8 + groups * 4
+
+
+def adam_state_bytes(numel: int, dtype_bytes: int, moment_bits: int) -> int:
+    """Two moments of ``numel`` values: torch AdamW (param dtype, + fp32 step), bitsandbytes 8-bit, or 4-bit.
+
+    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values;
+    like bitsandbytes it keeps tensors under 4096 values in 32 bits.
+    """
+    if moment_bits == 32:
+        return 2 * numel * dtype_bytes + 4
+    if numel < _BNB_MIN_8BIT:  # bitsandbytes keeps small tensors in 32 bits
+        return 2 * numel * 4
+    if moment_bits == 8:
+        return 2 * (numel + -(-numel // _BNB_BLOCK) * 4)
+    return 2 * (-(-numel // 2) + -(-numel // 128) * 4)
+
+
+def block_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
+    """Bytes one ``LlamaDecoderLayer`` saves for backward (SDPA attention, no checkpointing).
+
+    RMSNorm saves its fp32 input (4), the normalised value and the output (dtype each) plus a (tokens, 1) rsqrt;
+    attention saves q and the output (h wide), k and v (kv wide), and a fp32 log-sum-exp per head; the MLP saves
+    gate, SiLU(gate), up and their product (f wide). The q/k/v/o/gate/up/down inputs are these same tensors.
+    """
+    h, f, kv, heads = shape.hidden_size, shape.intermediate_size, shape.kv_size, shape.num_heads
+    norms = 2 * (tokens * h * (4 + 2 * dtype_bytes) + tokens * 4)
+    attention = tokens * dtype_bytes * (2 * h + 2 * kv) + tokens * heads * 4
+    mlp = 4 * tokens * f * dtype_bytes
+    return norms + attention + mlp
+
+
+def activation_bytes(shape: ModelShape, setup: TrainingSetup) -> tuple[int, int]:
+    """(bytes saved by the model body during forward, bytes of one block recomputed in backward).
+
+    The body is the embedding (int64 ids), the blocks (or their inputs under checkpointing), RoPE's cos/sin,
+    and the final norm (fp32 input, normalised value, output: the output is what the LM head / loss saves).
+    """
+    tokens, dtype_bytes = setup.tokens, setup.dtype_bytes
+    block = block_activation_bytes(shape, tokens, dtype_bytes)
+    final_norm = tokens * shape.hidden_size * (4 + 2 * dtype_bytes) + tokens * 4
+    ids = tokens * 8
+    if setup.activation_checkpointing:
+        return ids + shape.num_layers * tokens * shape.hidden_size * dtype_bytes + final_norm, block
+    rope = 2 * setup.seq_len * shape.head_dim * dtype_bytes
+    return ids + shape.num_layers * block + rope + final_norm, 0
+
+
+def loss_bytes(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Peak bytes of the cross-entropy over the LM head (beyond the saved final hidden state).
+
+    Unchunked: log_softmax's fp32 output, the incoming gradient and the gradient of the logits (three fp32
+    tokens x vocab tensors at the start of backward). Chunked: two fp32 chunks of ``loss_chunk_size`` x vocab,
+    the fp32 gradient of the hidden states and the per-token log-sum-exp.
+    """
+    tokens, vocab = setup.tokens, shape.vocab_size
+    if not setup.chunked_loss:
+        return 3 * tokens * vocab * 4
+    chunk = min(setup.loss_chunk_size, tokens)
+    return 2 * chunk * vocab * 4 + tokens * shape.hidden_size * 4 + tokens * 4
+
+
+def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
+    """Predicts the memory of one training step.
+
+    Args:
+        model_config: a ``transformers.LlamaConfig``, a :class:`ModelShape`, or a dict / dataclass with LLaMA keys
+            (``vocab_size``, ``hidden_size``, ``intermediate_size``, ``num_hidden_layers``,
+            ``num_attention_heads``, optional ``num_key_value_heads``, ``tie_word_embeddings``; short aliases such
+            as ``layers``, ``heads``, ``kv_heads``, ``tied`` work too).
+        train_config: a :class:`TrainingSetup`, or a dict / dataclass with its field names (``batch_size``,
+            ``seq_len``, ``dtype``, ``optimizer``, ``rank``, ``proj_bits``, ``weight_bits``, ``layerwise``,
+            ``activation_checkpointing``, ``chunked_loss``, ...); other keys are ignored.
+
+    Returns:
+        A :class:`MemoryEstimate`; ``print(estimate.table())`` shows the breakdown.
+
+    Raises:
+        ValueError: for an invalid config, or a rank not below a projected weight's smaller side.
+    """
+    shape = ModelShape.from_config(model_config)
+    setup = TrainingSetup.from_config(train_config)
+    dtype_bytes = setup.dtype_bytes
+    h, vocab, layers = shape.hidden_size, shape.vocab_size, shape.num_layers
+    method = setup.method
+    lowrank = method.lowrank
+    # bitsandbytes' blockwise 8-bit states (code maps, 32-bit small tensors, fp32 temporaries on the CPU).
+    eight_bit = method.moment_bits == 8
+    moment_bits = setup.moment_bits or method.moment_bits
+    if lowrank:
+        for m, n in shape.block_linear_shapes():
+            if setup.rank >= min(m, n):
+                raise ValueError(f"rank {setup.rank} is not below min(m, n) = {min(m, n)} of a {m} x {n} block weight")
+
+    details: dict[str, int] = {}
+    # Plain parameters: embedding, head (unless tied), norms. Their states are always full-size.
+    plain_shapes = [vocab * h] + ([] if shape.tie_embeddings else [vocab * h]) + [h] * (2 * layers + 1)
+    details["embedding + head"] = sum(plain_shapes[: 1 if shape.tie_embeddings else 2]) * dtype_bytes
+    details["norms"] = (2 * layers + 1) * h * dtype_bytes
+    details["rope buffers"] = 2 * (shape.head_dim // 2) * dtype_bytes  # inv_freq and its copy, cast with the model
+    linear_numels = [m * n for m, n in shape.block_linear_shapes()] * layers
+    if setup.weight_bits is None:
+        details["block linears"] = sum(linear_numels) * dtype_bytes
+    else:
+        # Codes + scales, and the carrier Parameter's single element (QuantLinear).
+        details["block linears"] = sum(
+            quantized_bytes(n, setup.weight_bits, setup.weight_group_size) + dtype_bytes for n in linear_numels
+        )
+    weights = sum(details[k] for k in ("embedding + head", "norms", "rope buffers", "block linears"))
+
+    # Optimizer states.
+    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
+    plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
+    states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
+    bases = 0
+    if lowrank:
+        rank = setup.rank
+        # Five int64 counters; adaptive refresh adds its fp32 similarity history (refresh_history = 5).
+        per_weight_counters = 5 * 8 + (5 * 4 if setup.adaptive_refresh else 0)
+        states_linear = 0
+        for m, n in shape.block_linear_shapes():
+            states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters
+            if setup.projector != "random":
+                basis = min(m, n) * rank
+                bases += (
+                    basis * 4
+                    if setup.proj_bits is None
+                    else quantized_bytes(basis, setup.proj_bits, setup.proj_group_size)
+                )
+        states_linear *= layers
+        bases *= layers
+    else:
+        states_linear = sum(adam_state_bytes(n, dtype_bytes, moment_bits) for n in linear_numels)
+    details["states: embedding/head/norms"] = states_plain
+    details["states: block linears"] = states_linear
+    # bitsandbytes' two code maps exist once per optimizer: once in all, or once per parameter in layer-wise mode.
+    if eight_bit:
+        state_numels = plain_shapes + (
+            [setup.rank * max(m, n) for m, n in shape.block_linear_shapes()] * layers if lowrank else linear_numels
+        )
+        eight_bit_tensors = sum(n >= _BNB_MIN_8BIT for n in state_numels)
+        details["states: 8-bit code maps"] = _QMAP_BYTES * (eight_bit_tensors if setup.layerwise else 1)
+        states_plain += details["states: 8-bit code maps"]
+    optimizer_states = states_plain + states_linear
+
+    # Gradients: in the parameter dtype (a quantized weight's gradient too).
+    all_numels = plain_shapes + linear_numels
+    largest_grad = max(all_numels) * dtype_bytes
+    accumulators = 0
+    if setup.accumulation_steps > 1:
+        if lowrank:  # projected accumulators for low-rank weights, full ones for the rest
+            accumulators = layers * sum(setup.rank * max(m, n) for m, n in shape.block_linear_shapes()) * dtype_bytes
+            accumulators += sum(plain_shapes) * dtype_bytes if setup.layerwise else 0
+        elif setup.layerwise:
+            accumulators = sum(all_numels) * dtype_bytes
+    all_grads = sum(all_numels) * dtype_bytes
+    if setup.layerwise:
+        gradients = largest_grad + accumulators
+    elif lowrank and setup.accumulation_steps > 1:
+        gradients = all_grads + accumulators
+    else:
+        gradients = all_grads
+
+    activations, recompute = activation_bytes(shape, setup)
+    logits = loss_bytes(shape, setup)
+
+    # Transients of the optimizer step (largest weight) and of a basis refresh.
+    big_m, big_n = max(shape.block_linear_shapes(), key=lambda s: s[0] * s[1])
+    big = big_m * big_n
+    if lowrank:
+        step_tmp = big * dtype_bytes  # the projected-back full update
+        if setup.weight_bits is not None:  # fp32 dequantized weight + fp32 scaled update + new codes
+            step_tmp += big * (4 + 4 + 1)
+        low, high = min(big_m, big_n), max(big_m, big_n)
+        cast = big * 4 if dtype_bytes != 4 else 0
+        if setup.projector == "svd":
+            refresh_tmp = cast + 4 * (low * low + low * high + low)
+        elif setup.projector == "rsvd":
+            width = setup.rank + setup.oversample
+            refresh_tmp = cast + 4 * (2 * high * width + 2 * width * width)
+        else:
+            refresh_tmp = low * setup.rank * 4
+        transient = max(step_tmp, refresh_tmp)
+    else:
+        # torch's single-tensor AdamW: one temporary of the largest parameter.
+        transient = max(all_numels) * (4 if eight_bit else dtype_bytes)
+    if eight_bit and setup.device == "cpu":
+        largest_8bit = max(n for n in state_numels if n >= _BNB_MIN_8BIT)
+        transient = max(transient, _BNB_CPU_TEMP_BYTES * largest_8bit)
+    details["transient: step"] = transient
+
+    static = weights + optimizer_states + bases
+    head_grad = vocab * h * dtype_bytes
+    start_of_backward = activations + logits + (head_grad if not setup.layerwise else largest_grad)
+    if setup.layerwise:
+        # Steps happen inside backward: a transient can meet the activations still alive.
+        start_of_backward += transient + accumulators
+        end_of_backward = recompute + gradients + transient
+        step = 0
+    else:
+        end_of_backward = gradients + recompute + (activations if setup.activation_checkpointing else 0)
+        step = gradients + transient
+    details["moment: start of backward"] = start_of_backward
+    details["moment: end of backward"] = end_of_backward
+    details["moment: optimizer step"] = step
+    peak = static + max(start_of_backward, end_of_backward, step)
+    return MemoryEstimate(
+        weights=weights,
+        gradients=gradients,
+        optimizer_states=optimizer_states,
+        projection_bases=bases,
+        activations=activations,
+        logits=logits,
+        transient=transient,
+        peak=peak,
+        details=details,
+        model=shape,
+        setup=setup,
+    )
+
+
+def format_bytes(num_bytes: float) -> str:
+    """Human-readable size: ``1.50 GiB``, ``12.0 MiB``."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(num_bytes) >= size:
+            return f"{num_bytes / size:.2f} {unit}" if unit == "GiB" else f"{num_bytes / size:.1f} {unit}"
+    return f"{int(num_bytes)} B"

@@ -2,6 +2,10 @@
 
 A run writes into ``run.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` (atomic, see
 :mod:`lowrank_train.train.checkpoint`), ``summary.json`` and, for ``compress`` / ``finetune``, ``model/``.
+
+Checkpoints are loaded to the CPU, whatever the run's device: ``load_state_dict`` moves model and optimizer state
+to their parameters' devices, and the RNG states stay the CPU ByteTensors that ``torch.set_rng_state`` and
+``torch.cuda.set_rng_state`` require (issue 13: loading with ``map_location=cuda`` broke every GPU resume).
 """
 
 from __future__ import annotations
@@ -126,10 +130,15 @@ def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Sets the states :func:`capture_rng` returned."""
-    torch.set_rng_state(state["cpu"])
+    """Sets the states :func:`capture_rng` returned; they are brought back to CPU ByteTensors first."""
+    torch.set_rng_state(_cpu_bytes(state["cpu"]))
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(_cpu_bytes(state["cuda"]), device)
+
+
+def _cpu_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    # torch's RNG setters accept only CPU uint8 tensors, whatever device the state describes.
+    return tensor.detach().to(device="cpu", dtype=torch.uint8)
 
 
 def checkpoint_state(
@@ -162,8 +171,12 @@ def save_run_checkpoint(output: Path, config: TrainConfig, mode: str, state: dic
 def restore_checkpoint(
     folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
 ) -> ResumePoint:
-    """Loads a checkpoint folder into ``model`` and ``optimizer`` on ``device`` and restores the RNG states."""
-    state = load_state(folder, map_location=device)
+    """Loads a checkpoint folder into ``model`` and ``optimizer`` (on any device) and restores the RNG states.
+
+    The file is always read to the CPU (see the module docstring); ``device`` only selects which RNG states
+    are restored.
+    """
+    state = load_state(folder, map_location="cpu")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"], device)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lowrank_train.memory import measure_live_bytes, measure_peak
 from lowrank_train.nn import QuantLinear, quantize_model
@@ -71,16 +71,46 @@ def test_int8_build_equals_quantizing_the_float_build():
         torch.testing.assert_close(ours[key], theirs[key], msg=key)
 
 
-def test_int8_bf16_build_trains_and_keeps_bf16_gradients():
+def test_int8_build_has_the_requested_init_std():
+    """Independent reference: the std asked for (config.initializer_range), on the dequantized INT8 weights."""
+    config = _config()
+    std = config.initializer_range
+    model = materialize_llama(config, dtype=torch.bfloat16, weight_bits=8, weight_group_size=64, seed=2)
+    weights = [m.dequantized_weight(torch.float32) for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(weights) == 2 * 7
+    for weight in weights:  # >= 2048 draws each: the sample std is within ~2% (1 sigma) of the true one
+        assert abs(weight.std().item() - std) < 0.1 * std
+        assert abs(weight.mean().item()) < 5 * std / weight.numel() ** 0.5
+    pooled = torch.cat([w.flatten() for w in weights])  # 86k draws: 1 sigma is 0.25%
+    assert abs(pooled.std().item() - std) < 0.02 * std
+
+
+def test_int8_bf16_build_trains_like_a_normally_built_model():
+    """Reference: a bf16 model built the normal way (Hugging Face's ``from_config(dtype=bf16)``, which keeps RoPE's
+    inv_freq fp32, then quantize_model), loaded with the same weights. It has its own RoPE buffers, norms,
+    gradient carriers and flags; the meta-built model must give the same loss, bf16 gradients and the same loss
+    after one Q-GaLore step (deterministic: SVD basis, seeded rounding)."""
     from lowrank_train import lowrank_param_groups
     from lowrank_train.optim import QGaLoreAdamW8bit
 
-    model = materialize_llama(_config(), dtype=torch.bfloat16, weight_bits=8, weight_group_size=64)
-    opt = QGaLoreAdamW8bit(lowrank_param_groups(model, rank=8, update_gap=10), lr=1e-3)
-    ids = torch.randint(0, 300, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    assert model.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.bfloat16
-    opt.step()
+    config = _config()
+    built = materialize_llama(config, dtype=torch.bfloat16, weight_bits=8, weight_group_size=64, seed=5)
+    normal = quantize_model(AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), bits=8, group_size=64)
+    normal.load_state_dict(built.state_dict())
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(6))
+    losses = {}
+    for name, model in (("built", built), ("normal", normal)):
+        optimizer = QGaLoreAdamW8bit(lowrank_param_groups(model, rank=8, update_gap=10), lr=1e-2)
+        before = model(input_ids=ids, labels=ids).loss
+        before.backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.grad.dtype == torch.bfloat16
+        optimizer.step()
+        with torch.no_grad():
+            after = model(input_ids=ids, labels=ids).loss
+        losses[name] = (before.item(), after.item())
+    assert losses["built"][0] == losses["normal"][0]
+    assert losses["normal"][1] < losses["normal"][0] - 0.05  # the step moved the model
+    assert abs(losses["built"][1] - losses["normal"][1]) < 1e-3 * losses["normal"][0]
 
 
 def test_int8_build_never_holds_the_float_model():

@@ -48,3 +48,38 @@ def test_extra_options_reach_the_lowrank_group(tiny_llama):
     assert lowrank["lr"] == 1e-2 and lowrank["full_rank_fallback"] is True
     assert "lr" not in plain
     assert torch.is_tensor(lowrank["params"][0])
+
+
+def test_target_modules_meaning(tiny_llama):
+    """One meaning (lowrank_train.nn.surgery): a string is a full-name regex, a list entry a name or dotted
+    suffix, None the block linears; an explicit name selects the head, "all-linear" never does."""
+    with pytest.raises(ValueError, match="no trainable linear weight matches"):
+        lowrank_param_groups(tiny_llama, rank=4, target_modules="q_proj")  # fullmatch: the bare suffix is no match
+    lowrank, _ = lowrank_param_groups(tiny_llama, rank=4, target_modules=["self_attn.q_proj", "lm_head"])
+    assert lowrank["param_names"] == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight",
+    ]
+    default, _ = lowrank_param_groups(tiny_llama, rank=4)
+    blocks, _ = lowrank_param_groups(tiny_llama, rank=4, target_modules=None)
+    assert blocks["param_names"] == default["param_names"] and "lm_head.weight" not in default["param_names"]
+
+
+def test_registered_linear_type_is_projected():
+    from lowrank_train.optim import LINEAR_TYPES, register_linear_type
+
+    class Bilinear2D(nn.Module):  # any module holding a 2-D `weight`
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 4))
+
+    model = nn.Sequential(Bilinear2D(), nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="no trainable linear weight"):
+        lowrank_param_groups(model, rank=2)
+    register_linear_type(Bilinear2D)
+    try:
+        lowrank, plain = lowrank_param_groups(model, rank=2)
+        assert lowrank["param_names"] == ["0.weight"] and plain["param_names"] == ["1.weight", "1.bias"]
+    finally:
+        LINEAR_TYPES.remove(Bilinear2D)

@@ -82,14 +82,12 @@ def test_resume_flag_only_where_it_applies():
 
 
 def test_estimate_prints_the_breakdown(capsys):
-    pytest.importorskip("lowrank_train.memory")
     assert main(["estimate", DEMO]) == 0
     out = capsys.readouterr().out
     assert "optimizer states" in out and "peak" in out and "fits" in out
 
 
 def test_run_that_will_not_fit_is_refused_up_front(monkeypatch, capsys):
-    pytest.importorskip("lowrank_train.memory")
     import lowrank_train.train.estimate as estimate_module
     import lowrank_train.train.loop as model_module
 

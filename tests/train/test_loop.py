@@ -104,19 +104,25 @@ def test_missing_data_file(tiny, tmp_path):
 
 
 def test_grad_accum_bf16_checkpointing_layerwise_smoke(tiny):
-    """The remaining switches run together: loss stays finite and the eval is recorded."""
-    pytest.importorskip("lowrank_train.optim.layerwise")
+    """The remaining switches run together and still learn: the held-out loss falls below the same run's step-0 loss.
+
+    An untrained (or never-stepped) model keeps its step-0 loss; two steps at this rate take ~0.07 off it.
+    """
     config = _config(
         tiny,
         "optimizer.name=galore8bit",
         "optimizer.layerwise=true",
+        "optimizer.lr=1e-2",
         "data.grad_accum=2",
         "run.dtype=bfloat16",
         "run.activation_checkpointing=true",
         "run.max_steps=2",
     )
     summary = train(config, log=lambda line: None)
-    assert summary["steps"] == 2 and summary["final_eval_loss"] < 11.5
+    evals = dict(_losses(config.run.output_dir, split="eval"))
+    assert summary["steps"] == 2 and set(evals) == {0, 2}
+    assert summary["final_eval_loss"] == evals[2]
+    assert summary["final_eval_loss"] < evals[0] - 0.035, evals
 
 
 def test_chunked_loss_trains_like_the_model_loss(tiny, tmp_path):

@@ -12,11 +12,14 @@ from lowrank_train.projection.ops import (
 from lowrank_train.projection.projectors import (
     PROJECTORS,
     ProjectorKind,
+    build_bases_batched,
     get_projector,
     identity_basis,
     random_basis,
     register_projector,
+    rsvd_bases_batched,
     rsvd_basis,
+    svd_bases_batched,
     svd_basis,
 )
 
@@ -24,6 +27,7 @@ __all__ = [
     "PROJECTORS",
     "ProjectorKind",
     "basis_rows",
+    "build_bases_batched",
     "get_projector",
     "identity_basis",
     "next_refresh_gap",
@@ -34,8 +38,10 @@ __all__ = [
     "projects_rows",
     "random_basis",
     "register_projector",
+    "rsvd_bases_batched",
     "rsvd_basis",
     "subspace_overlap",
+    "svd_bases_batched",
     "svd_basis",
     "validate_adaptive_options",
 ]

@@ -33,7 +33,7 @@ def project_gradient(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
     Args:
         grad: (m, n) gradient.
-        basis: (min(m, n), r) orthonormal columns.
+        basis: (min(m, n), r) columns: orthonormal, or the "random" projector's Gaussian.
 
     Returns:
         (r, max(m, n)) projected gradient, in ``grad``'s dtype. The basis is cast to the gradient's dtype
@@ -47,7 +47,7 @@ def project_back(low_rank: torch.Tensor, basis: torch.Tensor, weight_shape: torc
 
     Args:
         low_rank: (r, max(m, n)) update in the projected space.
-        basis: (min(m, n), r) orthonormal columns.
+        basis: (min(m, n), r) columns: orthonormal, or the "random" projector's Gaussian.
         weight_shape: (m, n) of the weight.
 
     Returns:

@@ -165,26 +165,15 @@ def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bia
     torch.testing.assert_close(layer.weight.grad, first, rtol=0, atol=0)
 
 
-def test_quantized_llama_trains_under_cpu_autocast():
+def test_quantized_llama_trains_under_cpu_autocast(tiny_llama):
     """A tiny INT8 LLaMA under bf16 autocast: loss and every gradient match the float LLaMA holding the
     dequantized weights under the same autocast, and Q-GaLore steps lower the loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lowrank_train import lowrank_param_groups
     from lowrank_train.optim import QGaLoreAdamW8bit
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    quantized = quantize_model(LlamaForCausalLM(config), group_size=32)
+    quantized = quantize_model(tiny_llama, group_size=64)
     reference = dequantize_model(copy.deepcopy(quantized))
-    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     losses = []
     for model in (quantized, reference):
         with torch.autocast("cpu", dtype=torch.bfloat16):

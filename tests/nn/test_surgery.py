@@ -28,17 +28,12 @@ BLOCK_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in ATTENTION + 
 
 
 def llama(tied: bool = False) -> LlamaForCausalLM:
+    """A fresh 2-layer LLaMA with grouped-query attention, its head tied to the embedding or not."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
+    shapes = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    return LlamaForCausalLM(
+        LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=tied, **shapes)
     )
-    return LlamaForCausalLM(config)
 
 
 class Expert(nn.Module):

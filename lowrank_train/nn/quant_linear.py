@@ -1,7 +1,8 @@
 """INT8 (or INT4) weight linear layer trained with stochastic-rounding write-back (Q-GaLore, issue 3 part 4).
 
 The weight lives only as integer codes + fp32 group scales in two buffers of :class:`QuantLinear`. The forward
-dequantizes on the fly in the input's dtype; the backward returns the full-precision weight gradient.
+dequantizes on the fly in the input's dtype (the autocast dtype under autocast, as nn.Linear computes); the backward
+returns the weight gradient in the parameter's precision.
 
 How the optimizer gets that gradient: optimizers only see Parameters and their ``.grad``. :class:`QuantLinear`
 therefore registers a :class:`QuantizedWeight` as ``weight``: a Parameter subclass of shape ``(out, in)`` whose

@@ -47,6 +47,15 @@ from lowrank_train.nn.quant_linear import is_quantized_weight
 from lowrank_train.optim.backend import DenseBackend, ProjectionBackend
 from lowrank_train.optim.bases import resolve_base
 from lowrank_train.optim.functional import basis_generator, refresh_due, rounding_generator
+from lowrank_train.optim.options import (
+    GALORE_DEFAULTS,
+    base_option_names,
+    check_lowrank_group,
+    check_option_names,
+    max_update_gap,
+    options_doc,
+    validate_group_options,
+)
 from lowrank_train.projection import (
     basis_rows,
     get_projector,
@@ -55,28 +64,9 @@ from lowrank_train.projection import (
     project_back,
     push_similarity,
     subspace_overlap,
-    validate_adaptive_options,
 )
 from lowrank_train.quant import QuantizedTensor
 
-GALORE_DEFAULTS: dict[str, Any] = {
-    "update_gap": 200,
-    "scale": 0.25,
-    "projector": "svd",
-    "proj_seed": 0,
-    "seed_offset": 0,  # added to the parameter's index: lets per-parameter optimizers keep distinct streams
-    "oversample": 8,
-    "power_iters": 1,
-    "full_rank_fallback": False,
-    # Q-GaLore (issue 3); the defaults leave plain GaLore unchanged.
-    "proj_bits": None,
-    "proj_group_size": 256,
-    "adaptive_refresh": False,
-    "refresh_threshold": 0.4,
-    "refresh_growth": 2.0,
-    "refresh_history": 5,
-    "max_update_gap": None,  # None: 8 x update_gap
-}
 NONFINITE_POLICIES = ("raise", "skip")
 _SHOWN_NAMES = 6  # parameters named in a non-finite message before "and N more"
 _INT_STATE = ("step", "last_refresh", "gap", "seed", "refreshes")
@@ -89,42 +79,23 @@ def _param_label(group: dict[str, Any], index: int, param: torch.Tensor) -> str:
     return f"{name} (shape {tuple(param.shape)})"
 
 
-def _validate_lowrank_group(group: dict[str, Any]) -> None:
-    rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    gap = group["update_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"update_gap must be an integer >= 1, got {gap!r}")
-    if not group["scale"] > 0:
-        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
-    if group["proj_bits"] not in (None, 4, 8):
-        raise ValueError(f"proj_bits must be 4, 8 or None (float basis), got {group['proj_bits']!r}")
-    proj_group_size = group["proj_group_size"]
-    if isinstance(proj_group_size, bool) or not isinstance(proj_group_size, int) or proj_group_size <= 0:
-        raise ValueError(f"proj_group_size must be a positive int, got {proj_group_size!r}")
-    if group["proj_bits"] == 4 and proj_group_size % 2:
-        raise ValueError(f"proj_bits=4 packs two codes per byte: proj_group_size must be even, got {proj_group_size}")
-    if group["adaptive_refresh"]:
-        validate_adaptive_options(
-            group["refresh_threshold"], group["refresh_growth"], group["refresh_history"], gap, _max_gap(group)
-        )
-    kind = get_projector(group["projector"])
+def _check_lowrank_params(group: dict[str, Any], where: str, optimizer_name: str) -> None:
+    """Every parameter of a low-rank group must be 2-D, with ``rank`` below min(m, n) unless it may fall back."""
+    identity = group["projector"] == "identity"
     for i, p in enumerate(group["params"]):
         label = _param_label(group, i, p)
         if p.dim() != 2:
             raise ValueError(
-                f"low-rank groups take only 2-D weights; {label} is {p.dim()}-D: move it to a group without 'rank'"
+                f"{where}: low-rank groups take only 2-D weights; {label} is {p.dim()}-D: move it to a group "
+                "without 'rank'"
             )
-        if kind.name != "identity" and rank >= min(p.shape) and not group["full_rank_fallback"]:
+        if not identity and group["rank"] >= min(p.shape) and not group["full_rank_fallback"]:
             raise ValueError(
-                f"rank {rank} is not below min(m, n) = {min(p.shape)} for {label}: a low-rank projection would "
-                "save nothing. Lower the rank, or pass full_rank_fallback=True to give such weights the plain update"
+                f"{where}: rank {group['rank']} is not below min(m, n) = {min(p.shape)} for {label}: a low-rank "
+                "projection would save nothing. Lower the rank, or give such weights the plain update with "
+                f"full_rank_fallback=True (a keyword of lowrank_param_groups and of {optimizer_name}, or a "
+                "param-group key)"
             )
-
-
-def _max_gap(group: dict[str, Any]) -> int:
-    return 8 * group["update_gap"] if group["max_update_gap"] is None else group["max_update_gap"]
 
 
 class GaLore(torch.optim.Optimizer):
@@ -146,8 +117,11 @@ class GaLore(torch.optim.Optimizer):
             ``None`` for ordinary tensors. :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore` passes the one
             for FSDP2 shards.
         **defaults: base optimizer keyword arguments (``lr``, ``betas``, ``weight_decay``...) and GaLore
-            group defaults (``update_gap`` 200, ``scale`` 0.25, ``projector`` "svd", ``proj_seed`` 0,
-            ``oversample`` 8 and ``power_iters`` 1 for "rsvd", ``full_rank_fallback`` False).
+            group options (listed below), the defaults of every group.
+
+    Raises:
+        ValueError: an unknown option or group key (the message lists the known ones), a value out of range,
+            a weight the group cannot project (see :meth:`add_param_group`).
 
     Example:
         >>> groups = lowrank_param_groups(model, rank=128, update_gap=200, scale=0.25)
@@ -169,14 +143,18 @@ class GaLore(torch.optim.Optimizer):
         self._skipped_steps = torch.zeros((), dtype=torch.int64)  # a CPU tensor: saved in state_dict
         self._poisoned: list[str] = []  # nonfinite="skip": parameters whose micro-batch spoiled the pending step
         self._base_cls = resolve_base(base)
+        self._name = type(self).__name__  # errors name the class the user called (GaLoreAdamW, ...)
+        self._base_names = base_option_names(self._base_cls)
+        if "rank" in defaults:
+            raise ValueError("pass rank in a param group (see lowrank_param_groups), not as an optimizer default")
+        check_option_names(defaults, where=self._name, base_names=self._base_names)
+        defaults = validate_group_options(defaults, where=self._name)
         if backend is None:
             backend = DenseBackend()
         if not isinstance(backend, ProjectionBackend):
             raise ValueError(f"backend must implement lowrank_train.optim.backend.ProjectionBackend, got {backend!r}")
         self.backend = backend
         galore_defaults = {k: defaults.pop(k, v) for k, v in GALORE_DEFAULTS.items()}
-        if "rank" in defaults:
-            raise ValueError("pass rank in a param group (see lowrank_param_groups), not as an optimizer default")
         self._base_kwargs = defaults
         self._shadows: dict[torch.Tensor, nn.Parameter] = {}
         self._base: torch.optim.Optimizer | None = None
@@ -192,23 +170,42 @@ class GaLore(torch.optim.Optimizer):
         return param in self._shadows
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if "rank" in group:
-            _validate_lowrank_group(group)
-            for i, p in enumerate(group["params"]):
-                self.backend.check_param(p, _param_label(group, i, p))
-            identity = group["projector"] == "identity"
-            for p in group["params"]:
-                if identity or group["rank"] < min(p.shape):
-                    self._shadows[p] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device))
-        for i, p in enumerate(group["params"]):
-            if is_quantized_weight(p) and p not in self._shadows:
+        """Adds a group after checking its keys and values (see :mod:`lowrank_train.optim.options`).
+
+        Raises:
+            ValueError: an unknown key (with the known ones and a did-you-mean), a value out of range, a
+                non-2-D weight or a rank not below min(m, n) in a low-rank group, an unsupported parameter.
+        """
+        where = f"{self._name} param group {len(self.param_groups)}"
+        if not isinstance(param_group, dict):
+            raise ValueError(f"{where}: a param group must be a dict, got {type(param_group).__name__}")
+        check_option_names(param_group, where=where, base_names=self._base_names, kind="key")
+        checked = validate_group_options(param_group, where=where)
+        if not isinstance(checked["params"], set):  # torch refuses sets (unordered) itself
+            params = checked["params"]
+            checked["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        # Every check runs on the group as it will be (defaults filled in) before anything is added.
+        merged = {**self.defaults, **checked}
+        projected = []
+        if "rank" in merged:
+            check_lowrank_group(merged, where=where)
+            _check_lowrank_params(merged, where, self._name)
+            identity = merged["projector"] == "identity"
+            for i, p in enumerate(merged["params"]):
+                self.backend.check_param(p, _param_label(merged, i, p))
+                if identity or merged["rank"] < min(p.shape):
+                    projected.append(p)
+        for i, p in enumerate(merged["params"]):
+            if is_quantized_weight(p) and not any(p is q for q in projected):
                 raise ValueError(
-                    f"{_param_label(group, i, p)} is an INT8 quantized weight: it can only be written by this "
-                    "optimizer's stochastic-rounding write-back, so it needs a low-rank group (rank below "
+                    f"{where}: {_param_label(merged, i, p)} is an INT8 quantized weight: it can only be written by "
+                    "this optimizer's stochastic-rounding write-back, so it needs a low-rank group (rank below "
                     "min(m, n), or projector='identity' for a full-rank update)"
                 )
+        super().add_param_group(checked)
+        group = self.param_groups[-1]
+        for p in projected:
+            self._shadows[p] = nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device))
         if self._base is not None:
             self._base.add_param_group(self._base_group(group))
 
@@ -344,7 +341,7 @@ class GaLore(torch.optim.Optimizer):
             state["similarity"],
             int(state["gap"]),
             base_gap=group["update_gap"],
-            max_gap=_max_gap(group),
+            max_gap=max_update_gap(group),
             threshold=group["refresh_threshold"],
             growth=group["refresh_growth"],
         )
@@ -541,3 +538,6 @@ class GaLore(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"GaLore(base={self._base_cls.__name__}, groups={len(self.param_groups)})"
+
+
+GaLore.__doc__ = f"{GaLore.__doc__}\n{options_doc()}\n"

@@ -10,6 +10,12 @@ from torch import nn
 # The linear-type registry and target_modules matching live in lowrank_train.nn.surgery (one meaning everywhere);
 # LINEAR_TYPES / register_linear_type stay importable from here. Importing lowrank_train.nn registers QuantLinear.
 from lowrank_train.nn.surgery import LINEAR_TYPES, find_target_modules, register_linear_type
+from lowrank_train.optim.options import (
+    GALORE_DEFAULTS,
+    check_lowrank_group,
+    check_option_names_for_any_base,
+    validate_group_options,
+)
 
 __all__ = ["LINEAR_TYPES", "lowrank_param_groups", "register_linear_type"]
 
@@ -43,8 +49,15 @@ def lowrank_param_groups(
         ``{"params", "param_names"}`` (embeddings, norms, biases, the head). Empty groups are left out.
 
     Raises:
-        ValueError: when no linear weight matches ``target_modules``.
+        ValueError: when no linear weight matches ``target_modules``; for an unknown option (listing the known
+            ones, with a did-you-mean) or a value out of range (:mod:`lowrank_train.optim.options`).
     """
+    # Validated here, at the first call, not only when the optimizer is built (issue 15 item 1).
+    where = "lowrank_param_groups"
+    check_option_names_for_any_base(group_options, where=where)
+    options = {"rank": rank, "update_gap": update_gap, "scale": scale, "projector": projector, **group_options}
+    options = validate_group_options(options, where=where)
+    check_lowrank_group({**GALORE_DEFAULTS, **options}, where=where)
     selected = find_target_modules(model, target_modules).values()
     chosen = {id(module.weight) for module in selected if module.weight.requires_grad}
     if not chosen:
@@ -57,5 +70,5 @@ def lowrank_param_groups(
         group = lowrank if id(param) in chosen else plain
         group["params"].append(param)
         group["param_names"].append(name)
-    lowrank.update(rank=rank, update_gap=update_gap, scale=scale, projector=projector, **group_options)
+    lowrank.update(options)
     return [g for g in (lowrank, plain) if g["params"]]

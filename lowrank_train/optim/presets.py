@@ -6,6 +6,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from lowrank_train.optim.galore import GaLore
+from lowrank_train.optim.options import options_doc
+
+_SHARED_ARGS = """
+    Args:
+        params: parameters or param groups, typically from :func:`~lowrank_train.optim.lowrank_param_groups`.
+        lr: learning rate.
+        **kwargs: the base optimizer's keyword arguments (``betas``, ``eps``, ``weight_decay``, ...), GaLore's
+            ``nonfinite`` ("raise" or "skip", see :class:`~lowrank_train.optim.GaLore`), and any GaLore group
+            option below as the default of every group.
+"""
 
 
 def _fused_adamw_supported(params: list[Any]) -> bool:
@@ -93,3 +103,7 @@ def _with_qgalore_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
         "refresh_history": 5,
     }
     return {**defaults, **kwargs}
+
+
+for _preset in (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, QGaLoreAdamW8bit, QGaLoreAdamW4bit):
+    _preset.__doc__ = f"{_preset.__doc__.rstrip()}\n{_SHARED_ARGS}\n{options_doc()}\n"

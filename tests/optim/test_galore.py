@@ -188,8 +188,8 @@ BAD_GROUPS = [
     ({"rank": -3}, "rank must be a positive integer"),
     ({"rank": 2.5}, "rank must be a positive integer"),
     ({"rank": 24}, r"rank 24 is not below min\(m, n\) = 24 for w \(shape \(24, 40\)\).*full_rank_fallback"),
-    ({"rank": 4, "projector": "pca"}, "unknown projector 'pca'"),
-    ({"rank": 4, "scale": 0.0}, "scale must be > 0"),
+    ({"rank": 4, "projector": "pca"}, r"projector must be a registered projector name, got 'pca'; registered: \["),
+    ({"rank": 4, "scale": 0.0}, "scale must be a finite number > 0"),
     ({"rank": 4, "update_gap": 0}, "update_gap must be an integer >= 1"),
 ]
 

@@ -4,8 +4,8 @@ Config validation (``optimizer.name``), the training loop, the memory estimator,
 Trainer glue all look methods up here, so adding a method is one :func:`register_optimizer` call (plus its tests):
 
 >>> register_optimizer(OptimizerMethod(
-...     name="galore_sgd", description="GaLore around torch SGD", base="sgd", moment_bits=32, lowrank=True,
-...     build=lambda groups, **hp: GaLore(groups, base="sgd", lr=hp["lr"]), group_options=GALORE_GROUP_OPTIONS))
+...     name="galore_adam", description="GaLore around torch Adam", base="adam", moment_bits=32, lowrank=True,
+...     build=lambda groups, **hp: GaLore(groups, base="adam", **hp), group_options=GALORE_GROUP_OPTIONS))
 
 Entries only name their classes: bitsandbytes and torchao are imported when a method that needs them is built.
 """

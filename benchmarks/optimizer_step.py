@@ -1,31 +1,69 @@
-"""Optimizer-step time and optimizer-state bytes on the LLaMA-60M shapes, ours next to the references.
+"""Optimizer-step time and optimizer-state bytes on the LLaMA-60M shapes, ours next to the references; basis refreshes.
 
-Run:  OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/optimizer_step.py [--threads 1] [--rank 128]
+Run:  .venv/bin/python benchmarks/optimizer_step.py [--threads 1] [--rank 128] [--layer-threads 2] [--layer-full]
 
 Prints (and writes to benchmarks/results/optimizer_step.md):
 1. median step time, refresh and non-refresh steps separately, and optimizer-state bytes for fused torch AdamW,
    bitsandbytes AdamW8bit, galore-torch's GaLoreAdamW (skipped when not installed) and ours, same rank and gap;
-2. a refresh on one large gradient: exact SVD vs randomized SVD;
-3. the state-bytes check of the low-rank group against r / min(m, n) of AdamW's plus the basis.
-All numbers of one table come from the same run, so compare ratios, not absolute times.
+   then the "random" projector's non-refresh step against the "svd" projector's, interleaved step by step, and the
+   cost of the per-step non-finite gradient check (issue 12 item 4);
+2. a refresh on one large gradient: torch.linalg.svd (the previous exact basis) vs the exact float64-Gram basis
+   and the randomized SVD;
+3. the refresh of a LLaMA-7B layer's seven matrices at rank 1024, per matrix and batched (issue 14 item 3).
+Wall time on a shared 2-core machine depends on what else runs; the CPU seconds of this process do not (as much), so
+both are printed and the ratios use CPU time where noted. All numbers of one table come from the same run.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import statistics
-import time
-from pathlib import Path
+import os
 
-import torch
-from common import llama_weight_shapes, markdown_table, mib, set_threads, tensor_bytes
-from torch import nn
+# Idle OpenMP workers must sleep, not spin, or a 2-thread run on a shared 2-core machine slows everyone (set before
+# torch starts its thread pool).
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-from lowrank_train import GaLoreAdamW, GaLoreAdamW8bit
-from lowrank_train.projection import rsvd_basis, subspace_overlap, svd_basis
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from common import llama_weight_shapes, markdown_table, mib, set_threads, tensor_bytes  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lowrank_train import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
+from lowrank_train.optim.functional import finite_flags  # noqa: E402
+from lowrank_train.projection import (  # noqa: E402
+    build_bases_batched,
+    get_projector,
+    orient,
+    rsvd_basis,
+    subspace_overlap,
+    svd_basis,
+)
 
 LOWRANK_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# One LLaMA-7B decoder layer's projected weights (out x in) and the same-shape groups a batched refresh takes.
+LAYER_7B = {
+    "q": (4096, 4096),
+    "k": (4096, 4096),
+    "v": (4096, 4096),
+    "o": (4096, 4096),
+    "gate": (11008, 4096),
+    "up": (11008, 4096),
+    "down": (4096, 11008),
+}
+LAYER_7B_BATCHES = (("q", "k", "v", "o"), ("gate", "up"), ("down",))
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def build_params(size: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -50,28 +88,30 @@ def make_optimizer(kind: str, lowrank, plain, rank: int, gap: int, lr: float = 1
         group = {"params": lowrank, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
         return RefGaLore([group, {"params": plain}], lr=lr)
     groups = [{"params": lowrank, "rank": rank, "update_gap": gap, "scale": 0.25}, {"params": plain}]
-    if kind == "ours GaLoreAdamW (svd)":
-        return GaLoreAdamW(groups, lr=lr)
-    if kind == "ours GaLoreAdamW (rsvd)":
-        groups[0]["projector"] = "rsvd"
-        return GaLoreAdamW(groups, lr=lr)
+    for projector in ("svd", "rsvd", "random"):
+        if kind == f"ours GaLoreAdamW ({projector})":
+            groups[0]["projector"] = projector
+            return GaLoreAdamW(groups, lr=lr)
     if kind == "ours GaLoreAdamW8bit (rsvd)":
         groups[0]["projector"] = "rsvd"
         return GaLoreAdamW8bit(groups, lr=lr)
     raise ValueError(kind)
 
 
-def time_steps(opt, params, grads, steps: int, gap: int) -> tuple[float, float]:
-    """Median seconds of refresh steps (step % gap == 0) and of the other steps."""
-    refresh, plain = [], []
+def time_steps(opt, params, grads, steps: int, gap: int) -> tuple[float, float, float]:
+    """Median seconds of refresh steps (step % gap == 0), of the other steps, and CPU seconds of the other steps."""
+    refresh, plain, plain_cpu = [], [], []
     for step in range(steps):
         for p, g in zip(params, grads, strict=True):
             p.grad = g
-        start = time.perf_counter()
-        opt.step()
-        elapsed = time.perf_counter() - start
-        (refresh if step % gap == 0 else plain).append(elapsed)
-    return statistics.median(refresh), statistics.median(plain[1:] if len(plain) > 2 else plain)
+        wall, cpu, _ = timed(opt.step)
+        if step % gap == 0:
+            refresh.append(wall)
+        else:
+            plain.append(wall)
+            plain_cpu.append(cpu)
+    skip = 1 if len(plain) > 2 else 0  # the first non-refresh step still warms caches
+    return statistics.median(refresh), statistics.median(plain[skip:]), statistics.median(plain_cpu[skip:])
 
 
 def state_split(opt, lowrank) -> tuple[int, int]:
@@ -86,73 +126,48 @@ def state_split(opt, lowrank) -> tuple[int, int]:
     return low, total
 
 
-def refresh_comparison(shape: tuple[int, int], rank: int, repeats: int) -> list[list[object]]:
-    gen = torch.Generator().manual_seed(1)
-    # A gradient-like matrix: decaying spectrum plus noise.
-    m, n = shape
-    k = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
-    v = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
-    s = torch.logspace(0, -3, k)
-    grad = (u * s) @ v.T
-    del u, v
-    rows = []
-    exact_basis, exact_time = None, None
-    for label, fn in [
-        ("svd (exact)", lambda: svd_basis(grad, rank)),
-        ("rsvd, 1 power iter", lambda: rsvd_basis(grad, rank, torch.Generator().manual_seed(0), power_iters=1)),
-        ("rsvd, 2 power iters", lambda: rsvd_basis(grad, rank, torch.Generator().manual_seed(0), power_iters=2)),
-    ]:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            basis = fn()
-            times.append(time.perf_counter() - start)
-        t = min(times)
-        if exact_basis is None:
-            exact_basis, exact_time = basis, t
-        overlap = float(subspace_overlap(exact_basis, basis))
-        # Share of the gradient energy the exact top-r basis captures that this basis captures too.
-        energy = float((basis.T @ grad).square().sum() / (exact_basis.T @ grad).square().sum())
-        rows.append([label, f"{t:.2f}", f"{exact_time / t:.1f}x", f"{overlap:.4f}", f"{energy:.4f}"])
-    return rows
+def paired_projector_steps(lowrank, plain, grads, rank: int, pairs: int) -> dict[str, float]:
+    """Non-refresh steps of the "random" and "svd" projectors, alternated step by step on two copies of the model.
+
+    Alternating puts both under the same machine load; the ratio is the median of the per-pair ratios.
+    """
+    runs = {}
+    for projector in ("svd", "random"):
+        low = [nn.Parameter(p.detach().clone()) for p in lowrank]
+        rest = [nn.Parameter(p.detach().clone()) for p in plain]
+        groups = [{"params": low, "rank": rank, "update_gap": 10**6, "scale": 0.25, "projector": projector}]
+        runs[projector] = (low + rest, GaLoreAdamW([*groups, {"params": rest}], lr=1e-3))
+    times: dict[str, list[tuple[float, float]]] = {"svd": [], "random": []}
+    for i in range(pairs + 2):  # step 0 builds the svd basis, step 1 warms up: neither is counted
+        for projector, (params, opt) in runs.items():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            wall, cpu, _ = timed(opt.step)
+            if i >= 2:
+                times[projector].append((wall, cpu))
+    svd, rnd = times["svd"], times["random"]
+    return {
+        "svd_ms": statistics.median(w for w, _ in svd) * 1e3,
+        "random_ms": statistics.median(w for w, _ in rnd) * 1e3,
+        "svd_cpu_ms": statistics.median(c for _, c in svd) * 1e3,
+        "wall_ratio": statistics.median(r[0] / s[0] for r, s in zip(rnd, svd, strict=True)),
+        "cpu_ratio": statistics.median(r[1] / s[1] for r, s in zip(rnd, svd, strict=True)),
+        "wall_ratio_min": min(r[0] / s[0] for r, s in zip(rnd, svd, strict=True)),
+        "wall_ratio_max": max(r[0] / s[0] for r, s in zip(rnd, svd, strict=True)),
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="60m")
-    parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--gap", type=int, default=5, help="refresh gap used for timing (refresh steps are timed)")
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--refresh-shape", default="4096x11008")
-    parser.add_argument("--refresh-rank", type=int, default=1024)
-    parser.add_argument("--refresh-repeats", type=int, default=1)
-    parser.add_argument("--only-refresh", action="store_true", help="skip the step table, time the refresh only")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_step.md"))
-    args = parser.parse_args()
-    set_threads(args.threads)
+def nonfinite_check_ms(grads: list[torch.Tensor], repeats: int = 9) -> tuple[float, float]:
+    """Median CPU milliseconds of the GaLore step's NaN/Inf check over every gradient (``finite_flags``, one host
+    sync) and of the same check by ``torch.aminmax`` (NaN and Inf propagate through a minimum and a maximum too)."""
 
-    out: list[str] = []
-    if not args.only_refresh:
-        out = step_table(args)
-    shape = tuple(int(x) for x in args.refresh_shape.split("x"))
-    refresh_rows = refresh_comparison(shape, args.refresh_rank, args.refresh_repeats)
-    out += [
-        "",
-        f"## One basis refresh on a {shape[0]} x {shape[1]} gradient at rank {args.refresh_rank} "
-        f"({args.threads} thread(s), best of {args.refresh_repeats})",
-        "",
-        markdown_table(
-            ["method", "seconds", "speed-up vs svd", "subspace overlap with svd", "captured energy vs svd"],
-            refresh_rows,
-        ),
-    ]
-    print("\n".join(out[-4:]), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    mode = "a" if args.only_refresh and Path(args.out).exists() else "w"
-    with open(args.out, mode) as f:
-        f.write("\n".join(out) + "\n")
+    def by_aminmax() -> bool:
+        extremes = torch.stack([torch.stack(torch.aminmax(g)) for g in grads])
+        return bool(extremes.isfinite().all())
+
+    ours = statistics.median(timed(lambda: bool(finite_flags(grads).all()))[1] for _ in range(repeats))
+    alternative = statistics.median(timed(by_aminmax)[1] for _ in range(repeats))
+    return ours * 1e3, alternative * 1e3
 
 
 def step_table(args: argparse.Namespace) -> list[str]:
@@ -166,6 +181,7 @@ def step_table(args: argparse.Namespace) -> list[str]:
         "galore-torch GaLoreAdamW",
         "ours GaLoreAdamW (svd)",
         "ours GaLoreAdamW (rsvd)",
+        "ours GaLoreAdamW (random)",
         "ours GaLoreAdamW8bit (rsvd)",
     ]
     rows, results = [], {}
@@ -176,13 +192,30 @@ def step_table(args: argparse.Namespace) -> list[str]:
         for p in params:
             p.grad = None
         opt = make_optimizer(kind, lowrank, plain, args.rank, args.gap)
-        t_refresh, t_step = time_steps(opt, params, grads, args.steps, args.gap)
+        t_refresh, t_step, cpu_step = time_steps(opt, params, grads, args.steps, args.gap)
         low_bytes, total_bytes = state_split(opt, lowrank)
         results[kind] = (t_refresh, t_step, low_bytes, total_bytes)
-        rows.append([kind, f"{t_step * 1e3:.1f}", f"{t_refresh * 1e3:.1f}", mib(low_bytes), mib(total_bytes)])
+        rows.append(
+            [
+                kind,
+                f"{t_step * 1e3:.1f}",
+                f"{cpu_step * 1e3:.1f}",
+                f"{t_refresh * 1e3:.1f}",
+                mib(low_bytes),
+                mib(total_bytes),
+            ]
+        )
         del opt
+        print(rows[-1], flush=True)
 
-    header = ["optimizer", "step ms (no refresh)", "step ms (refresh)", "state MiB (low-rank group)", "state MiB"]
+    header = [
+        "optimizer",
+        "step ms (no refresh)",
+        "step CPU ms (no refresh)",
+        "step ms (refresh)",
+        "state MiB (low-rank group)",
+        "state MiB",
+    ]
     n_low, n_all = sum(p.numel() for p in lowrank), sum(p.numel() for p in params)
     out = [
         f"## Optimizer step, LLaMA-{args.size} shapes ({len(params)} tensors, {n_all / 1e6:.1f}M"
@@ -205,8 +238,223 @@ def step_table(args: argparse.Namespace) -> list[str]:
             f"- low-rank group state: ours {mib(ours[2])} MiB vs bound r/min(m,n) x AdamW + basis = {mib(bound)} MiB "
             f"(AdamW {mib(adamw[2])} MiB): {verdict}"
         )
+    paired = paired_projector_steps(lowrank, plain, grads, args.rank, args.pairs)
+    verdict = "met" if paired["cpu_ratio"] <= 1.1 and paired["wall_ratio"] <= 1.1 else "missed"
+    out.append(
+        f"- non-refresh step, random / svd projector (issue 14 item 3; {args.pairs} interleaved pairs, no refresh): "
+        f"{paired['random_ms']:.1f} vs {paired['svd_ms']:.1f} ms, ratio {paired['wall_ratio']:.3f} wall "
+        f"(pairs {paired['wall_ratio_min']:.2f}-{paired['wall_ratio_max']:.2f}), {paired['cpu_ratio']:.3f} CPU time "
+        f"(target <= 1.1): {verdict}"
+    )
+    check_ms, aminmax_ms = nonfinite_check_ms(grads)
+    out.append(
+        f"- non-finite gradient check of every step (issue 12 item 4: `finite_flags`, inf-norm of all {len(grads)} "
+        f"gradients, one host sync): {check_ms:.1f} CPU ms = {check_ms / paired['svd_cpu_ms'] * 100:.1f}% of the svd "
+        f"projector's non-refresh step (CPU); the same check by `torch.aminmax` would take {aminmax_ms:.1f} CPU ms"
+    )
     print("\n".join(out), flush=True)
     return out
+
+
+def gradient_with_spectrum(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # A gradient-like matrix: decaying spectrum (1 to 1e-3) on random singular vectors.
+    m, n = shape
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+    s = torch.logspace(0, -3, k)
+    return (u * s) @ v.T
+
+
+def refresh_comparison(shape: tuple[int, int], rank: int, repeats: int, with_torch_svd: bool) -> list[list[object]]:
+    grad = gradient_with_spectrum(shape, seed=1)
+    methods = [
+        ("svd (exact): float64 Gram + eigh, the svd projector now", lambda: svd_basis(grad, rank)),
+        ("rsvd, 1 power iter", lambda: rsvd_basis(grad, rank, torch.Generator().manual_seed(0), power_iters=1)),
+        ("rsvd, 2 power iters", lambda: rsvd_basis(grad, rank, torch.Generator().manual_seed(0), power_iters=2)),
+    ]
+    if with_torch_svd:
+        previous = ("svd (exact): torch.linalg.svd, the svd projector before", lambda: torch_svd_basis(grad, rank))
+        methods.insert(0, previous)
+    rows = []
+    ref_basis, ref_cpu = None, None
+    for label, fn in methods:
+        runs = [timed(fn) for _ in range(repeats)]
+        wall, cpu, basis = min(runs, key=lambda r: r[1])
+        if ref_basis is None:
+            ref_basis, ref_cpu = basis, cpu
+        overlap = float(subspace_overlap(ref_basis, basis))
+        # Share of the gradient energy the reference's top-r basis captures that this basis captures too.
+        energy = float((basis.T @ grad).square().sum() / (ref_basis.T @ grad).square().sum())
+        rows.append([label, f"{wall:.2f}", f"{cpu:.2f}", f"{ref_cpu / cpu:.1f}x", f"{overlap:.4f}", f"{energy:.4f}"])
+        print(rows[-1], flush=True)
+    return rows
+
+
+def torch_svd_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The svd projector before issue 14: a full ``torch.linalg.svd`` (U, S and the thrown-away Vh) in fp32."""
+    return torch.linalg.svd(matrix.float(), full_matrices=False)[0][:, :rank]
+
+
+def layer_7b_gradients() -> dict[str, torch.Tensor]:
+    """Gradient-like matrices of the 7B layer's shapes, oriented (4096 x cols): a rank-256 signal plus noise."""
+    grads = {}
+    for i, (name, shape) in enumerate(LAYER_7B.items()):
+        gen = torch.Generator().manual_seed(100 + i)
+        m, n = shape
+        signal = torch.randn(m, 256, generator=gen) @ torch.randn(256, n, generator=gen)
+        grads[name] = orient(signal.add_(torch.randn(m, n, generator=gen), alpha=4.0)).contiguous()
+    return grads
+
+
+def captured(basis: torch.Tensor, grad: torch.Tensor) -> float:
+    """||P^T G||_F^2: the gradient energy a basis keeps."""
+    return float((basis.T @ grad).square().sum())
+
+
+def layer_7b_refresh(rank: int, full: bool) -> tuple[list[str], list[list[object]]]:
+    """Times each kind's refresh of the 7B layer per matrix and batched; returns (notes, table rows)."""
+    grads = layer_7b_gradients()
+    seeds = {name: i for i, name in enumerate(LAYER_7B)}
+    options = {"svd": {}, "rsvd": {"oversample": 8, "power_iters": 1}}
+    # The exact basis of a 4096 x 11008 matrix costs ~30 CPU-s and a 4096 x 4096 one ~25: on a shared 2-core machine
+    # the whole layer twice (per matrix and batched) is far past 10 minutes, so by default "svd" times a subset.
+    svd_subset = {"q", "k", "down"} if not full else set(LAYER_7B)
+    svd_batches = LAYER_7B_BATCHES if full else (("q", "k"),)
+    rows, per_matrix_cpu, bases = [], {}, {}
+    for kind_name in ("svd", "rsvd"):
+        kind, opts = get_projector(kind_name), options[kind_name]
+        names = [n for n in LAYER_7B if kind_name == "rsvd" or n in svd_subset]
+        for name in names:
+            gen = torch.Generator().manual_seed(seeds[name])
+            wall, cpu, basis = timed(lambda g=gen, n=name, k=kind, o=opts: k.build(grads[n], rank, g, **o))
+            per_matrix_cpu[kind_name, name] = (wall, cpu)
+            bases[kind_name, name] = basis
+            print(f"{kind_name} {name}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        for batch in LAYER_7B_BATCHES if kind_name == "rsvd" else svd_batches:
+            gens = [torch.Generator().manual_seed(seeds[n]) for n in batch]
+            wall, cpu, batched = timed(
+                lambda b=batch, g=gens, k=kind, o=opts: build_bases_batched(k, [grads[n] for n in b], rank, g, **o)
+            )
+            single_wall = sum(per_matrix_cpu[kind_name, n][0] for n in batch)
+            single_cpu = sum(per_matrix_cpu[kind_name, n][1] for n in batch)
+            diff = max(float((batched[i] - bases[kind_name, n]).abs().max()) for i, n in enumerate(batch))
+            energy = [
+                captured(bases[kind_name, n], grads[n]) / captured(bases["svd", n], grads[n])
+                for n in batch
+                if ("svd", n) in bases
+            ]
+            shape = tuple(grads[batch[0]].shape)
+            rows.append(
+                [
+                    kind_name,
+                    ", ".join(batch),
+                    f"{shape[0]} x {shape[1]}",
+                    f"{single_wall:.1f} / {single_cpu:.1f}",
+                    f"{wall:.1f} / {cpu:.1f}",
+                    f"{single_cpu / cpu:.2f}x",
+                    f"{diff:.1e}",
+                    f"{min(energy):.4f}" if energy else "-",
+                ]
+            )
+            print(rows[-1], flush=True)
+    notes = []
+    rsvd_layer = sum(per_matrix_cpu["rsvd", n][1] for n in LAYER_7B)
+    if full:
+        svd_layer = sum(per_matrix_cpu["svd", n][1] for n in LAYER_7B)
+        how = "measured"
+    else:
+        square = (per_matrix_cpu["svd", "q"][1] + per_matrix_cpu["svd", "k"][1]) / 2
+        svd_layer = 4 * square + 3 * per_matrix_cpu["svd", "down"][1]
+        how = "estimated as 4 x mean(q, k) + 3 x down (gate and up have down's oriented shape)"
+    notes.append(
+        f"- one layer's seven refreshes, per matrix, CPU seconds: svd {svd_layer:.0f} ({how}), rsvd {rsvd_layer:.0f} "
+        f"(measured): rsvd is {svd_layer / rsvd_layer:.1f}x cheaper; x 32 layers = {32 * svd_layer / 60:.0f} vs "
+        f"{32 * rsvd_layer / 60:.0f} CPU-minutes per refresh of the whole 7B model on this machine"
+    )
+    return notes, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="60m")
+    parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--gap", type=int, default=5, help="refresh gap used for timing (refresh steps are timed)")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=12, help="interleaved random/svd step pairs")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--refresh-shape", default="4096x11008")
+    parser.add_argument("--refresh-rank", type=int, default=1024)
+    parser.add_argument("--refresh-repeats", type=int, default=1)
+    parser.add_argument("--no-torch-svd", action="store_true", help="skip the torch.linalg.svd reference (~4 min)")
+    parser.add_argument("--layer-threads", type=int, default=2, help="threads of the 7B-layer refresh table")
+    parser.add_argument("--layer-rank", type=int, default=1024)
+    parser.add_argument("--layer-full", action="store_true", help="time every 7B matrix with svd too (~15+ min)")
+    parser.add_argument("--skip-layer", action="store_true", help="skip the 7B-layer refresh table")
+    parser.add_argument("--only-refresh", action="store_true", help="skip the step table, time the refreshes only")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_step.md"))
+    args = parser.parse_args()
+    set_threads(args.threads)
+
+    out: list[str] = []
+    if not args.only_refresh:
+        out = step_table(args)
+    shape = tuple(int(x) for x in args.refresh_shape.split("x"))
+    refresh_rows = refresh_comparison(shape, args.refresh_rank, args.refresh_repeats, not args.no_torch_svd)
+    out += [
+        "",
+        f"## One basis refresh on a {shape[0]} x {shape[1]} gradient at rank {args.refresh_rank} "
+        f"({args.threads} thread(s), best of {args.refresh_repeats})",
+        "",
+        markdown_table(
+            [
+                "method",
+                "seconds",
+                "CPU seconds",
+                "speed-up vs first row (CPU)",
+                "subspace overlap with first row",
+                "captured energy vs first row",
+            ],
+            refresh_rows,
+        ),
+    ]
+    print("\n".join(out[-4:]), flush=True)
+    if not args.skip_layer:
+        set_threads(args.layer_threads)
+        notes, layer_rows = layer_7b_refresh(args.layer_rank, args.layer_full)
+        subset = "" if args.layer_full else "; svd: a subset (q, k per matrix and batched, down), see below"
+        out += [
+            "",
+            f"## Refresh of one LLaMA-7B layer's seven matrices at rank {args.layer_rank} ({args.layer_threads} "
+            f"threads, OMP_WAIT_POLICY=PASSIVE, one run{subset})",
+            "",
+            "Matrices are oriented (4096 x cols); gate and up (11008 x 4096) are refreshed as their transposes. "
+            "Batched: one `build_bases_batched` call per same-shape group. Times are wall / CPU seconds of this "
+            "process; the speed-up uses CPU time. max |diff|: batched basis vs the per-matrix one. Energy: the "
+            "smallest share, over the group, of the exact basis's captured gradient energy.",
+            "",
+            markdown_table(
+                [
+                    "projector",
+                    "matrices",
+                    "oriented shape",
+                    "per matrix, s (wall / CPU)",
+                    "batched, s (wall / CPU)",
+                    "batched speed-up (CPU)",
+                    "max abs diff",
+                    "energy vs svd",
+                ],
+                layer_rows,
+            ),
+            "",
+            *notes,
+        ]
+        print("\n".join(out[-3:]), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if args.only_refresh and Path(args.out).exists() else "w"
+    with open(args.out, mode) as f:
+        f.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -169,71 +169,30 @@ def _base_builder(base: str) -> Builder:
     return build
 
 
-# The built-in methods. Q-GaLore's defaults follow Zhang et al. 2024 (arXiv 2407.08296): INT8 weights, INT4 basis,
-# adaptive refresh; the presets set the same defaults for direct users of the classes.
-for _method in (
-    OptimizerMethod(
-        name="adamw",
-        description="torch AdamW on every parameter (the reference)",
-        base="adamw",
-        moment_bits=32,
-        lowrank=False,
-        build=_base_builder("adamw"),
+# The built-in methods, one row each: (name, description, base, moment bits, builder, family options).
+_GALORE: dict[str, Any] = {"lowrank": True, "group_options": GALORE_GROUP_OPTIONS}
+# Q-GaLore's defaults (Zhang et al. 2024, arXiv 2407.08296): INT8 weights, INT4 basis, adaptive refresh. The presets
+# set the same group defaults for direct users of the classes.
+_QGALORE: dict[str, Any] = {**_GALORE, "weight_bits": 8, "proj_bits": 4, "adaptive_refresh": True}
+_PLAIN: dict[str, Any] = {"lowrank": False}
+for _name, _description, _base, _bits, _build, _family in (
+    ("adamw", "torch AdamW on every parameter (the reference)", "adamw", 32, _base_builder("adamw"), _PLAIN),
+    ("adamw8bit", "bitsandbytes' 8-bit AdamW on every parameter", "adamw8bit", 8, _base_builder("adamw8bit"), _PLAIN),
+    ("galore", "GaLore around AdamW (projected gradients)", "adamw", 32, GaLoreAdamW, {**_GALORE, "any_base": True}),
+    ("galore8bit", "GaLore around bitsandbytes' 8-bit AdamW", "adamw8bit", 8, GaLoreAdamW8bit, _GALORE),
+    (
+        "qgalore",
+        "Q-GaLore: 8-bit AdamW, INT4 basis, adaptive refresh, INT8 weights",
+        "adamw8bit",
+        8,
+        QGaLoreAdamW8bit,
+        _QGALORE,
     ),
-    OptimizerMethod(
-        name="adamw8bit",
-        description="bitsandbytes' blockwise 8-bit AdamW on every parameter",
-        base="adamw8bit",
-        moment_bits=8,
-        lowrank=False,
-        build=_base_builder("adamw8bit"),
-    ),
-    OptimizerMethod(
-        name="galore",
-        description="GaLore around AdamW: projected linear-weight gradients",
-        base="adamw",
-        moment_bits=32,
-        lowrank=True,
-        build=GaLoreAdamW,
-        group_options=GALORE_GROUP_OPTIONS,
-        any_base=True,
-    ),
-    OptimizerMethod(
-        name="galore8bit",
-        description="GaLore around bitsandbytes' 8-bit AdamW",
-        base="adamw8bit",
-        moment_bits=8,
-        lowrank=True,
-        build=GaLoreAdamW8bit,
-        group_options=GALORE_GROUP_OPTIONS,
-    ),
-    OptimizerMethod(
-        name="qgalore",
-        description="Q-GaLore: 8-bit AdamW states, INT4 basis, adaptive refresh, INT8 weights",
-        base="adamw8bit",
-        moment_bits=8,
-        lowrank=True,
-        build=QGaLoreAdamW8bit,
-        weight_bits=8,
-        proj_bits=4,
-        adaptive_refresh=True,
-        group_options=GALORE_GROUP_OPTIONS,
-    ),
-    OptimizerMethod(
-        name="qgalore4bit",
-        description="Q-GaLore with 4-bit states (torchao's AdamW4bit)",
-        base="adamw4bit",
-        moment_bits=4,
-        lowrank=True,
-        build=QGaLoreAdamW4bit,
-        weight_bits=8,
-        proj_bits=4,
-        adaptive_refresh=True,
-        group_options=GALORE_GROUP_OPTIONS,
-    ),
+    ("qgalore4bit", "Q-GaLore with 4-bit states (torchao's AdamW4bit)", "adamw4bit", 4, QGaLoreAdamW4bit, _QGALORE),
 ):
-    register_optimizer(_method)
-del _method
+    register_optimizer(
+        OptimizerMethod(name=_name, description=_description, base=_base, moment_bits=_bits, build=_build, **_family)
+    )
 
 __all__ = [
     "GALORE_GROUP_OPTIONS",

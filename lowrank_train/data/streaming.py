@@ -147,7 +147,7 @@ class StreamBatches(Iterator[torch.Tensor]):
         self.step = int(state["step"])
         self._epoch = int(state["epoch"])
         self._examples = int(state["examples"])
-        self._carry = carry.to(torch.int64).numpy().copy()
+        self._carry = carry.detach().cpu().to(torch.int64).numpy().copy()  # a checkpoint may load it on a GPU
         self._documents = None  # reopened, and the pulled documents skipped, at the next batch
 
     def _pull(self) -> None:

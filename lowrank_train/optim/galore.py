@@ -56,6 +56,7 @@ from lowrank_train.optim.options import (
     options_doc,
     validate_group_options,
 )
+from lowrank_train.optim.state_checks import ReferenceStates, check_galore_state
 from lowrank_train.projection import (
     basis_rows,
     get_projector,
@@ -487,7 +488,31 @@ class GaLore(torch.optim.Optimizer):
         state_dict["galore"] = {"skipped_steps": self._skipped_steps.clone()}
         return state_dict
 
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The inner optimizer, stepping the shadow parameters (and the plain parameters themselves)."""
+        return self._base
+
+    def check_state_dict(self, state_dict: dict[str, Any], references: ReferenceStates | None = None) -> None:
+        """Raises ``ValueError`` when ``state_dict`` does not fit this optimizer; changes nothing.
+
+        Every saved tensor is compared with the shape this optimizer would create: GaLore's counters, basis (or
+        codes and scales) and accumulator, and the inner optimizer's state of every shadow (r x max(m, n)) and
+        plain parameter; so are the group layout and the options that fix shapes (rank, projector, proj_bits,
+        proj_group_size). The message names the parameter, the entry and both shapes.
+
+        Args:
+            state_dict: what :meth:`state_dict` wrote.
+            references: a cache of the inner optimizer's reference state shapes, shared between optimizers.
+        """
+        base_key = f"{self._base_cls.__qualname__}{sorted(self._base_kwargs.items())!r}"
+        check_galore_state(
+            self, state_dict, lambda groups: self._base_cls(groups, **self._base_kwargs), base_key, references
+        )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads what :meth:`state_dict` wrote, after :meth:`check_state_dict` (nothing changes when it raises)."""
+        self.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         base_state = state_dict.pop("base")
         engine = state_dict.pop("galore", {})

@@ -48,9 +48,21 @@ weights with the parameter's index inside its optimizer. Here every inner optimi
 share index 0 (the same streams for same-shaped weights): deterministic, but not the streams of a single GaLore
 over the whole model. With "svd" (the default) and float weights the updates are the same.
 
+Non-finite gradients (issue 12 item 5): a parameter is stepped inside backward before the next one's gradient
+exists, so a step cannot be refused as a whole. The engine therefore checks each gradient right before stepping it
+(after averaging over the ranks, so every rank decides alike; one host synchronisation per parameter, the price of
+deciding before the gradient is freed) and treats a NaN/Inf gradient like a missing one: that parameter is not
+stepped, its gradient (and projected accumulator) is cleared, its inner optimizer does not count the step; every
+finite parameter is stepped as usual, the step ends and ``steps`` counts it. The gradient norm counts only what
+was stepped. Then ``nonfinite="raise"`` (default) raises a ``ValueError`` at the end of that backward naming the
+skipped parameters and saying that the others were stepped; ``"skip"`` only counts: :attr:`skipped_steps`
+(steps with a skipped parameter) and :attr:`skipped_updates` (parameter updates skipped). Either way the next
+backward needs no ``zero_grad()``. At a micro-batch where a low-rank weight's basis refresh is due, its gradient
+is checked before the basis is built from it, and a NaN/Inf there skips that weight for the whole step.
+
 Engine state in :meth:`LayerwiseOptimizer.state_dict` (tensors, ``torch.load(weights_only=True)`` safe):
-``"inner"`` holds one ``state_dict()`` per parameter in parameter order, ``"layerwise"`` holds ``steps``
-(int64) and ``last_grad_norm`` (fp32, absent before the first step).
+``"inner"`` holds one ``state_dict()`` per parameter in parameter order, ``"layerwise"`` holds ``steps``,
+``skipped_steps`` and ``skipped_updates`` (int64) and ``last_grad_norm`` (fp32, absent before the first step).
 """
 
 from __future__ import annotations
@@ -67,9 +79,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_train.optim.functional import refresh_due
+from lowrank_train.optim.functional import finite_flags, refresh_due
+from lowrank_train.optim.state_checks import (
+    ReferenceStates,
+    check_entry,
+    check_group_sizes,
+    check_optimizer_state,
+)
 
 CLIP_MODES = ("global-previous", "per-param")
+NONFINITE_POLICIES = ("raise", "skip")
+_SHOWN_NAMES = 6  # parameters named in a non-finite message before "and N more"
 _CLIP_EPS = 1e-6  # the eps of torch.nn.utils.clip_grad_norm_, so the coefficients match it
 _NOT_SYNCED = ("params", "param_names", "seed_offset")
 # param -> weak reference to the LayerwiseOptimizer whose hook steps it: two engines on one parameter would
@@ -86,11 +106,14 @@ class LayerwiseConfig:
         max_grad_norm: clip threshold, ``None`` for no clipping (the norm is still reported).
         clip_mode: "global-previous" (global norm of the previous step) or "per-param" (each gradient by
             its own norm, in flight).
+        nonfinite: "raise" or "skip": what happens after a step in which a parameter's gradient held NaN/Inf
+            (that parameter is never stepped; see the module docstring).
     """
 
     accumulation_steps: int = 1
     max_grad_norm: float | None = None
     clip_mode: str = "global-previous"
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         steps = self.accumulation_steps
@@ -103,6 +126,8 @@ class LayerwiseConfig:
             raise ValueError(f"max_grad_norm must be a finite number > 0, or None for no clipping, got {norm!r}")
         if self.clip_mode not in CLIP_MODES:
             raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {self.clip_mode!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -158,6 +183,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         accumulation_steps: backward passes per optimizer step.
         max_grad_norm: clip threshold, or ``None`` (no clipping; the norm is still reported).
         clip_mode: "global-previous" or "per-param" (see the module docstring).
+        nonfinite: "raise" (default) or "skip": after a step in which some gradient held NaN/Inf, raise a
+            ``ValueError`` naming the parameters that were not stepped, or only count it (see the module docstring).
         process_group: group to average gradients over; ``None`` means the default group when
             ``torch.distributed`` is initialised with more than one process, else no communication.
 
@@ -179,12 +206,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         clip_mode: str = "global-previous",
         process_group: Any = None,
+        nonfinite: str = "raise",
     ):
-        self.config = LayerwiseConfig(accumulation_steps, max_grad_norm, clip_mode)
+        self.config = LayerwiseConfig(accumulation_steps, max_grad_norm, clip_mode, nonfinite)
         if not callable(make_optimizer):
             raise ValueError(f"make_optimizer must be a callable returning an optimizer, got {make_optimizer!r}")
         self._make_optimizer = make_optimizer
         self._params: list[torch.Tensor] = []
+        self._labels: list[str] = []
         self._inner: list[torch.optim.Optimizer] = []
         self._position: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (index, group index)
         self._lowrank: set[torch.Tensor] = set()
@@ -192,6 +221,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._process_group = process_group
         self._reset_accumulation()
         self._steps = 0
+        self._skipped_steps = torch.zeros((), dtype=torch.int64)  # CPU counters, saved in state_dict
+        self._skipped_updates = torch.zeros((), dtype=torch.int64)
         self._last_norm: torch.Tensor | None = None
         self._clip_coef: torch.Tensor | None = None  # global-previous: factor from the previous step's norm
         groups = self._as_groups(model_or_params)
@@ -246,6 +277,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     group.setdefault(key, value)
             self._position[p] = (len(self._params), group_index)
             self._params.append(p)
+            self._labels.append(label)
             self._inner.append(inner)
             if _is_lowrank(inner, p):
                 self._lowrank.add(p)
@@ -298,6 +330,16 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def steps(self) -> int:
         """Optimizer steps completed."""
         return self._steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps in which at least one parameter was not stepped because its gradient held NaN/Inf."""
+        return int(self._skipped_steps)
+
+    @property
+    def skipped_updates(self) -> int:
+        """Parameter updates skipped for a NaN/Inf gradient, over all steps."""
+        return int(self._skipped_updates)
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
@@ -356,13 +398,32 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._end_queued = True
         if param.grad is None:
             return
+        if param in self._skipped:  # its step is lost already (a NaN/Inf at a basis refresh): free the gradient
+            param.grad = None
+            return
         last = self._micro == self.accumulation_steps - 1
         if param in self._lowrank and self.accumulation_steps > 1:
             self._accumulate_projected(param)
+            if param in self._skipped:
+                return
         if last:
             self._step_param(param)
         else:
             self._pending.add(param)
+
+    def _finite(self, grad: torch.Tensor) -> bool:
+        """True when ``grad`` holds no NaN/Inf (one host synchronisation: the step decision cannot wait)."""
+        return bool(finite_flags([grad])[0])
+
+    def _skip(self, param: torch.Tensor) -> None:
+        """Leaves ``param`` unstepped this step: clears its gradient and projected accumulator, records it."""
+        param.grad = None
+        inner = self._inner[self._position[param][0]]
+        if param in self._lowrank and param in inner.state:
+            inner.state[param].pop("grad_accum", None)
+        self._skipped.add(param)
+        self._pending.discard(param)
+        self._local.discard(param)
 
     def _accumulate_projected(self, param: torch.Tensor) -> None:
         """Moves ``param.grad`` into its GaLore accumulator; the full gradient is freed."""
@@ -373,6 +434,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._average(param.grad)
         else:
             self._local.add(param)
+        # A basis is about to be built from this gradient: check it first (refreshes are rare; the SVD syncs anyway).
+        if _basis_refresh_due(inner, param) and not self._finite(param.grad):
+            self._skip(param)
+            return
         before = _refresh_count(inner, param)
         inner.accumulate_grad(param)
         if distributed and not averaged and _refresh_count(inner, param) != before:
@@ -393,6 +458,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             grad = param.grad
             if self._distributed():
                 self._average(grad)
+        if not self._finite(grad):  # checked after averaging: every rank skips the same parameters
+            self._skip(param)
+            return
         norm = gradient_norm(grad)
         self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm)
         coefficient = self._clip_coef
@@ -418,7 +486,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             return
         for param in [p for p in self._params if p in self._pending]:  # fixed order: ranks must agree
             self._step_param(param)
+        skipped = [label for p, label in zip(self._params, self._labels, strict=True) if p in self._skipped]
+        index = self._steps
         self._finish_step()
+        if skipped:
+            self._report_nonfinite(skipped, index)
+
+    def _report_nonfinite(self, skipped: list[str], index: int) -> None:
+        """Counts a step with skipped parameters and, under ``nonfinite="raise"``, says what was and was not done."""
+        self._skipped_steps.add_(1)
+        self._skipped_updates.add_(len(skipped))
+        if self.config.nonfinite == "skip":
+            return
+        shown = ", ".join(skipped[:_SHOWN_NAMES])
+        if len(skipped) > _SHOWN_NAMES:
+            shown += f" and {len(skipped) - _SHOWN_NAMES} more"
+        raise ValueError(
+            f"non-finite gradient (NaN/Inf) in {len(skipped)} of {len(self._params)} parameters in step {index} "
+            f"(counting from 0; optimizer.steps is now {index + 1}): {shown}. Those were not stepped (their "
+            "gradients were cleared and their inner optimizers did not count the step); every other parameter "
+            "with a gradient was stepped inside "
+            "backward as usual, and the step is complete. The next backward needs no zero_grad(). Look for the "
+            "cause (learning rate, loss scale, a bad batch), or build the LayerwiseOptimizer with nonfinite='skip' "
+            "to count such steps in optimizer.skipped_steps instead"
+        )
 
     def _finish_step(self) -> None:
         norm = self._sq_norm.sqrt() if self._sq_norm is not None else None
@@ -436,6 +527,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._end_queued = False
         self._pending: set[torch.Tensor] = set()
         self._local: set[torch.Tensor] = set()
+        self._skipped: set[torch.Tensor] = set()  # not stepped this step: NaN/Inf gradient
         self._sq_norm: torch.Tensor | None = None
 
     # ----- zero_grad and checkpoints ------------------------------------------------------------
@@ -467,31 +559,69 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._check_boundary("state_dict()")
         state_dict = super().state_dict()
         state_dict["inner"] = [inner.state_dict() for inner in self._inner]
-        engine = {"steps": torch.tensor(self._steps, dtype=torch.int64)}
+        engine = {
+            "steps": torch.tensor(self._steps, dtype=torch.int64),
+            "skipped_steps": self._skipped_steps.clone(),
+            "skipped_updates": self._skipped_updates.clone(),
+        }
         if self._last_norm is not None:
             engine["last_grad_norm"] = self._last_norm.detach().to("cpu", torch.float32, copy=True)
         state_dict["layerwise"] = engine
         return state_dict
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads what :meth:`state_dict` produced (e.g. through ``torch.load(..., weights_only=True)``).
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Raises ``ValueError`` when ``state_dict`` does not fit this optimizer; changes nothing.
 
-        Raises:
-            ValueError: when the saved optimizer manages a different number of parameters.
-            RuntimeError: in the middle of an accumulated step.
+        Every inner state is checked before any is loaded: a GaLore inner optimizer by its own
+        ``check_state_dict``, any other by comparing each saved tensor with the state a fresh optimizer from
+        ``make_optimizer`` creates for the parameter. The message names the parameter, the entry and both shapes.
         """
-        self._check_boundary("load_state_dict()")
+        if not isinstance(state_dict, dict) or not {"inner", "layerwise", "param_groups"} <= set(state_dict):
+            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"cannot load this state into a LayerwiseOptimizer: it has {found}, not the 'inner', 'layerwise' and "
+                "'param_groups' entries LayerwiseOptimizer.state_dict() writes (one inner optimizer state per "
+                "parameter). Load it into the optimizer that saved it, or start the optimizer state afresh"
+            )
         inner_states = state_dict["inner"]
         if len(inner_states) != len(self._inner):
             raise ValueError(
                 f"the state dict holds {len(inner_states)} inner optimizers, this optimizer manages "
                 f"{len(self._inner)} parameters"
             )
+        check_group_sizes(state_dict["param_groups"], self.param_groups, "LayerwiseOptimizer")
+        references = ReferenceStates()
+        for label, inner, saved in zip(self._labels, self._inner, inner_states, strict=True):
+            check = getattr(inner, "check_state_dict", None)
+            if callable(check):
+                check(saved, references=references)
+            else:
+                check_optimizer_state(inner, saved, self._make_optimizer, [label], references)
+        engine = state_dict["layerwise"]
+        for key in ("steps", "skipped_steps", "skipped_updates", "last_grad_norm"):
+            if key in engine:
+                check_entry("the optimizer", "LayerwiseOptimizer engine", key, engine[key], ())
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads what :meth:`state_dict` produced (e.g. through ``torch.load(..., weights_only=True)``).
+
+        Everything is checked first (:meth:`check_state_dict`): nothing changes when it raises.
+
+        Raises:
+            ValueError: a state that does not fit (another model, rank or inner optimizer), naming the parameter.
+            RuntimeError: in the middle of an accumulated step.
+        """
+        self._check_boundary("load_state_dict()")
+        self.check_state_dict(state_dict)
+        inner_states = state_dict["inner"]
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
         for inner, saved in zip(self._inner, inner_states, strict=True):
             inner.load_state_dict(saved)
         engine = state_dict["layerwise"]
         self._steps = int(engine["steps"])
+        # States saved before the non-finite policy have no skip counters: nothing was skipped then.
+        self._skipped_steps = torch.tensor(int(engine.get("skipped_steps", 0)), dtype=torch.int64)
+        self._skipped_updates = torch.tensor(int(engine.get("skipped_updates", 0)), dtype=torch.int64)
         device = self._params[0].device
         self._last_norm = engine["last_grad_norm"].to(device) if "last_grad_norm" in engine else None
         self._clip_coef = None

@@ -200,7 +200,7 @@ class TrainingData:
 
 
 def open_training_data(
-    corpus: str | Any,
+    corpus: str | os.PathLike[str] | Any,
     tokenizer: PreTrainedTokenizerBase,
     *,
     seq_len: int,
@@ -255,6 +255,8 @@ def open_training_data(
         raise ValueError(f"shuffle_buffer must be a non-negative integer (0: no shuffling), got {shuffle_buffer!r}")
     if heldout_documents is not None and (not isinstance(heldout_documents, int) or heldout_documents < 0):
         raise ValueError(f"heldout_documents must be a non-negative integer or None, got {heldout_documents!r}")
+    if isinstance(corpus, os.PathLike):
+        corpus = os.fspath(corpus)
     is_dataset = not isinstance(corpus, str)
     if is_dataset and streaming is False:
         raise ValueError("a dataset object is always streamed; pass streaming=None or True")

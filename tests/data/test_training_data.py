@@ -138,6 +138,13 @@ def test_a_state_of_other_data_or_settings_is_refused(gpt2_tokenizer, jsonl_corp
         data.train_batches().load_state_dict({k: v for k, v in state.items() if k != "step"})
 
 
+def test_a_path_object_is_a_local_corpus(gpt2_tokenizer, jsonl_corpus, tmp_path):
+    data = open_training_data(jsonl_corpus, gpt2_tokenizer, seq_len=16, batch_size=4, cache_dir=tmp_path)
+    assert not data.streamed and data.source == str(jsonl_corpus)
+    train, _ = split_train_heldout(tokenize_documents(TEXTS, gpt2_tokenizer), 16, 0.01)
+    assert torch.equal(data.train.to_tensor(), train)
+
+
 def test_batch_size_larger_than_the_corpus_is_refused(gpt2_tokenizer, jsonl_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"batch_size \(10000\) exceeds the \d+ training sequences"):
         open_training_data(str(jsonl_corpus), gpt2_tokenizer, seq_len=16, batch_size=10_000, cache_dir=tmp_path)

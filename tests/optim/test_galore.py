@@ -128,11 +128,13 @@ def test_state_dict_round_trip_through_weights_only_load(cls, options, dtype):
     resumed = [nn.Parameter(t.clone()) for t in saved["params"]]
     opt2 = build(resumed)
     opt2.load_state_dict(saved["opt"])
+    stores_basis = options.get("projector", "svd") in ("svd", "rsvd")  # "random" regenerates it from the seed
     for p in resumed[:3]:
         state = opt2.state[p]
         assert state["step"].dtype == torch.int64 and int(state["step"]) == 6
-        if "basis" in state:
-            assert state["basis"].dtype == torch.float32  # not cast to the bf16 parameter dtype
+        assert ("basis" in state) == stores_basis
+    for p in resumed[:3] if stores_basis else []:
+        assert opt2.state[p]["basis"].dtype == torch.float32  # not cast to the bf16 parameter dtype
     run(opt, params, 5, start=6)
     run(opt2, resumed, 5, start=6)
     for a, b in zip(params, resumed, strict=True):
@@ -146,12 +148,22 @@ def test_generic_base_class_and_plain_groups():
     ref = make_params()
     opt = GaLore([{"params": params[:1], "rank": 4}, {"params": params[1:]}], base=torch.optim.SGD, lr=0.1)
     ref_opt = torch.optim.SGD(ref[1:], lr=0.1)
-    for t in range(3):
+    grads = [fake_grads(t, params) for t in range(3)]
+    # The projected weight (24 x 40, basis on its rows): SGD on P^T G by hand, W = W0 + scale * P Z, with P the
+    # rank-4 SVD basis of the first gradient (update_gap 200: no refresh after step 0), scale 0.25 by default.
+    basis = torch.linalg.svd(grads[0][0], full_matrices=False)[0][:, :4]
+    expected, z = [], torch.zeros(4, 40)
+    for step_grads in grads:
+        z = z - 0.1 * (basis.T @ step_grads[0])
+        expected.append(ref[0].detach() + 0.25 * basis @ z)
+    for t, step_grads in enumerate(grads):
         for group in (params, ref):
-            for p, grad in zip(group, fake_grads(t, group), strict=True):
-                p.grad = grad
+            for p, grad in zip(group, step_grads, strict=True):
+                p.grad = grad.clone()
         opt.step()
         ref_opt.step()
+        torch.testing.assert_close(params[0].detach(), expected[t], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(params[0], ref[0])  # it moved, and only within the basis' span
     for a, b in zip(params[1:], ref[1:], strict=True):
         torch.testing.assert_close(a, b)  # plain groups get the plain base update
 

@@ -163,3 +163,22 @@ def test_bad_model_config():
         estimate_memory({"vocab_size": 10}, {})
     with pytest.raises(ValueError, match="num_kv_heads"):
         estimate_memory({**CONFIG, "num_key_value_heads": 3}, {})
+
+
+def test_method_facts_come_from_the_registry_entry():
+    """qgalore4bit is Q-GaLore with 4-bit moments; Q-GaLore's defaults are its INT4 basis, INT8 weights and
+    adaptive refresh, each of which can still be set explicitly."""
+    shape = llama_shape("7b")
+    setup = dict(batch_size=16, seq_len=256, rank=1024, layerwise=True, activation_checkpointing=True)
+    for device in ("cuda", "cpu"):
+        four_bit = estimate_memory(shape, {**setup, "device": device, "optimizer": "qgalore4bit"})
+        spelled_out = estimate_memory(shape, {**setup, "device": device, "optimizer": "qgalore", "moment_bits": 4})
+        assert four_bit.as_dict() == spelled_out.as_dict()
+    defaults = estimate_memory(shape, {**setup, "optimizer": "qgalore"})
+    explicit = estimate_memory(
+        shape, {**setup, "optimizer": "qgalore", "proj_bits": 4, "weight_bits": 8, "adaptive_refresh": True}
+    )
+    assert defaults.as_dict() == explicit.as_dict()
+    assert (defaults.setup.proj_bits, defaults.setup.weight_bits, defaults.setup.adaptive_refresh) == (4, 8, True)
+    galore = estimate_memory(shape, {**setup, "optimizer": "galore"}).setup
+    assert (galore.proj_bits, galore.weight_bits, galore.adaptive_refresh) == (None, None, False)

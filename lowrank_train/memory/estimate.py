@@ -37,6 +37,7 @@ _BNB_MIN_8BIT = 4096
 _QMAP_BYTES = 2 * 256 * 4
 # bitsandbytes' CPU 8-bit step dequantizes moments, gradient and parameter to fp32 for the whole tensor: measured
 # ~26 bytes per element of process peak on the first step (2 of them the 8-bit moments), see llama7b_memory.md.
+# torchao's 4-bit AdamW step on the CPU grows the peak about as much (~27 bytes per element, 1 of them its states).
 _BNB_CPU_TEMP_BYTES = 24
 GIB = 1024**3
 
@@ -213,8 +214,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     h, vocab, layers = shape.hidden_size, shape.vocab_size, shape.num_layers
     method = setup.method
     lowrank = method.lowrank
-    # bitsandbytes' blockwise 8-bit states (code maps, 32-bit small tensors, fp32 temporaries on the CPU).
-    eight_bit = method.moment_bits == 8
+    # Blockwise-quantized states (bitsandbytes' 8-bit, torchao's 4-bit): code maps, 32-bit small tensors and whole-
+    # tensor fp32 temporaries of the step on the CPU.
+    eight_bit = method.moment_bits < 32
     moment_bits = setup.moment_bits or method.moment_bits
     if lowrank:
         for m, n in shape.block_linear_shapes():

@@ -372,14 +372,27 @@ def _open_stream(
         max_piece_chars=max_piece_chars,
     )
     heldout = TokenBlocks.from_stream(np.empty(0, dtype=np.int64), seq_len)
+    no_training = (
+        f"holding out the first {heldout_documents} documents of {name!r} leaves none for training; lower "
+        "heldout_documents (or heldout_fraction with max_documents)"
+    )
     if heldout_documents:
-        tokens = source.tokenize(list(dataset.take(heldout_documents)))
+        examples = list(dataset.take(heldout_documents))
+        if len(examples) < heldout_documents:
+            raise ValueError(f"{name!r} has only {len(examples)} documents: {no_training}")
+        tokens = source.tokenize(examples)
         heldout = TokenBlocks.from_stream(tokens, seq_len)
         if heldout.num_blocks == 0:
             raise ValueError(
                 f"the first {heldout_documents} documents of {name!r} give {tokens.size} tokens, fewer than one "
                 f"held-out block of {seq_len}; raise heldout_documents"
             )
+    # One training document, read now in stream order (not through the shuffle buffer): an empty training stream
+    # or a missing text field fails here rather than at the first step.
+    first = next(iter(source.train), None)
+    if first is None:
+        raise ValueError(no_training)
+    source.tokenize([first])
     fingerprint = _digest(
         {
             "kind": "stream",

@@ -186,7 +186,8 @@ def test_a_stream_gives_its_first_batch_without_reading_the_source(gpt2_tokenize
     )
     assert data.streamed and data.num_train_sequences is None
     assert data.max_token_id == len(gpt2_tokenizer) - 1
-    assert len(pulled) <= 8  # the held-out documents, and no more than the reader's look-ahead
+    # The 4 held-out documents, then them again (skipped) and the first training document, plus look-ahead.
+    assert len(pulled) <= 12, len(pulled)
     batch = next(data.train_batches())
     assert batch.shape == (2, 32) and batch.dtype == torch.int64
     # Held-out documents (read again to skip them), the shuffle buffer, one tokenizer call: a few dozen of 5,000.
@@ -327,6 +328,19 @@ def test_an_unknown_corpus_offline_is_a_connection_error_that_says_what_works(gp
     with pytest.raises(ConnectionError, match="kjv"):
         open_training_data("nobody/nothing", gpt2_tokenizer, seq_len=16, batch_size=2)
     assert corpora.is_hub_source("nobody/nothing")
+
+
+@pytest.mark.parametrize("heldout_documents", [30, 1000])
+def test_a_stream_held_out_whole_is_refused_when_opened(gpt2_tokenizer, jsonl_corpus, heldout_documents):
+    with pytest.raises(ValueError, match="leaves none for training"):
+        open_training_data(
+            str(jsonl_corpus),
+            gpt2_tokenizer,
+            seq_len=16,
+            batch_size=2,
+            streaming=True,
+            heldout_documents=heldout_documents,
+        )
 
 
 def test_a_streamed_held_out_split_too_short_for_a_block(gpt2_tokenizer):

@@ -73,13 +73,25 @@ def mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def compact_kjv_blocks(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def compact_kjv_blocks(seq_len: int, max_vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Train / held-out ``(N, seq_len)`` KJV blocks (GPT-2 tokenizer) with the vocabulary compacted to the ids that
-    occur in the corpus (a bijective re-indexing: no token is lost), so a tiny model is not dominated by its head."""
+    occur in the corpus (a bijective re-indexing: no token is lost), so a tiny model is not dominated by its head.
+
+    ``max_vocab`` compacts further, lossily: the ``max_vocab - 1`` ids most frequent in the training split keep their
+    own index (most frequent first) and every rarer id shares the last one, like an unknown-token bucket.
+    """
     from lowrank_train.data import build_packed_corpus, load_tokenizer
 
     packed = build_packed_corpus("kjv", load_tokenizer("gpt2-offline"), seq_len=seq_len)
     used = torch.unique(torch.cat([packed.train.reshape(-1), packed.heldout.reshape(-1)]))
+    if max_vocab is not None and max_vocab < used.numel():
+        if max_vocab < 2:
+            raise ValueError(f"max_vocab must be at least 2 (kept ids + the shared rare-id bucket), got {max_vocab}")
+        counts = torch.bincount(packed.train.reshape(-1), minlength=int(used.max()) + 1)
+        kept = counts.argsort(descending=True, stable=True)[: max_vocab - 1]
+        remap = torch.full((int(used.max()) + 1,), max_vocab - 1, dtype=torch.long)
+        remap[kept] = torch.arange(max_vocab - 1)
+        return remap[packed.train], remap[packed.heldout], max_vocab
     remap = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
     remap[used] = torch.arange(used.numel())
     return remap[packed.train], remap[packed.heldout], used.numel()

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from lowrank_train.optim.backend import BasisBuild, DenseBackend
+from lowrank_train.optim.functional import finite_flags
 from lowrank_train.optim.galore import GaLore
 from lowrank_train.projection import projects_rows
 
@@ -118,7 +119,7 @@ def sharded_finite_flags(grads: Sequence[DTensor]) -> torch.Tensor:
         layouts.setdefault((id(grad.device_mesh), tuple(grad.placements)), []).append(i)
     for indices in layouts.values():
         first = grads[indices[0]]
-        local = torch.stack([(~grads[i].to_local().isfinite()).sum().to(torch.float32) for i in indices])
+        local = (~finite_flags([grads[i].to_local() for i in indices])).to(device, torch.float32)
         mesh = first.device_mesh
         placements = [Partial() if isinstance(p, Shard) else Replicate() for p in first.placements]
         total = DTensor.from_local(local, mesh, placements, run_check=False)

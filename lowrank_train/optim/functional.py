@@ -69,8 +69,9 @@ def apply_weight_update(
 def finite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """One "holds no NaN/Inf" flag per tensor, computed on the device without a host synchronisation.
 
-    Each tensor is reduced to its largest absolute value: NaN and Inf propagate through a maximum and, unlike a
-    sum of squares, a maximum cannot overflow, so a finite tensor of huge values is not reported.
+    Each tensor is reduced to its minimum and maximum (``torch.aminmax``): NaN propagates through both, an Inf
+    becomes one of them, and unlike a sum of squares nothing can overflow, so a finite tensor of huge values is not
+    reported. On the CPU this is as fast as a sum (an infinity-norm is ~10x slower).
 
     Args:
         tensors: tensors of any shapes, dtypes and devices.
@@ -81,10 +82,8 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
     device = tensors[0].device
-    maxima = [
-        torch.linalg.vector_norm(t, float("inf")).to(device, torch.float32)
-        if t.numel()
-        else torch.zeros((), device=device)
+    flags = [
+        torch.stack(torch.aminmax(t)).isfinite().all() if t.numel() else torch.ones((), dtype=torch.bool)
         for t in tensors
     ]
-    return torch.stack(maxima).isfinite()
+    return torch.stack([flag.to(device) for flag in flags])

@@ -2,7 +2,9 @@
 
 Run as ``torchrun --standalone --nproc_per_node 2 distributed_worker.py OUT.pt CASE [CASE ...]``. A case is
 ``ENGINE-MODEL-PROJECTOR-ACCUM``: ``fsdp2-mlp-svd-1``, ``ddp-mlp-svd-2``, ``fsdp2-llama-svd-1``...; rank 0 writes
-``{case: {name: full tensor}}``. The case ``placements`` checks that a column-sharded weight is refused. The test
+``{case: {name: full tensor}}``. The case ``placements`` checks that a column-sharded weight is refused; the case
+``nonfinite`` reloads a sharded optimizer state (the load-time checks on DTensors) and puts a NaN into one rank's
+gradient shard: every rank must skip (or refuse) the same step. The test
 imports :func:`build_model`, :func:`global_batches`, :func:`make_optimizer` and :func:`train` to compute the
 single-process reference on the same global batches.
 """
@@ -140,6 +142,43 @@ def check_placements() -> None:
         raise AssertionError("a Shard(1) weight was accepted")
 
 
+def check_nonfinite() -> dict[str, torch.Tensor]:
+    """A NaN on rank 1 only: both ranks agree (one all-reduce of the flags), skip or refuse, and change nothing."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from lowrank_train.integrations.fsdp import FSDP2GaLore
+    from lowrank_train.optim import lowrank_param_groups
+
+    rank = dist.get_rank()
+    model = build_model("mlp")
+    for block in [m for m in model if isinstance(m, nn.Linear)]:
+        fully_shard(block)
+    fully_shard(model)
+    results: dict[str, torch.Tensor] = {}
+    for policy in ("skip", "raise"):
+        groups = lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5)
+        optimizer = FSDP2GaLore(groups, lr=1e-2, nonfinite=policy)
+        batches = global_batches("mlp", 1)
+        train(model, optimizer, batches[:2], slice(rank * 4, rank * 4 + 4))
+        resumed = FSDP2GaLore(lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5), lr=1e-2, nonfinite=policy)
+        resumed.load_state_dict(optimizer.state_dict())  # the shape checks run on sharded parameters
+        inputs, targets = batches[2][0]
+        loss_of(model, inputs[rank * 4 : rank * 4 + 4], targets[rank * 4 : rank * 4 + 4]).backward()
+        if rank == 1:
+            model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+        before = [p.to_local().clone() for p in model.parameters()]
+        raised = False
+        try:
+            resumed.step()
+        except ValueError as err:
+            raised = "0.weight" in str(err) and "nothing was applied" in str(err)
+        unchanged = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before, strict=True))
+        resumed.zero_grad()
+        results[policy] = torch.tensor([resumed.skipped_steps, int(raised), int(unchanged)])
+    return results
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -150,6 +189,10 @@ def main() -> None:
     for case in cases:
         if case == "placements":
             check_placements()
+        elif case == "nonfinite":
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, check_nonfinite())
+            results[case] = {f"{policy}-rank{r}": v for r, res in enumerate(gathered) for policy, v in res.items()}
         else:
             results[case] = run_case(case)
     if dist.get_rank() == 0:

@@ -51,7 +51,11 @@ def single_process_reference(case: str) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def test_two_process_runs_match_single_process(tmp_path):
-    results = run_workers(tmp_path, [*CASES, "placements"])
+    results = run_workers(tmp_path, [*CASES, "placements", "nonfinite"])
+    # A NaN in rank 1's gradient shard only: both ranks skip (count 1, nothing moves), or both refuse.
+    for r in (0, 1):
+        assert results["nonfinite"][f"skip-rank{r}"].tolist() == [1, 0, 1], r
+        assert results["nonfinite"][f"raise-rank{r}"].tolist() == [0, 1, 1], r
     for case, atol in CASES.items():
         initial, reference = single_process_reference(case)
         for name, expected in reference.items():

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowrank_train.nn import quantize_model
 from lowrank_train.optim import GaLore, GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW8bit, lowrank_param_groups
+from lowrank_train.optim.functional import finite_flags
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -211,3 +212,20 @@ def test_long_lists_of_bad_parameters_are_shortened():
         p.grad = torch.full((4,), float("nan"))
     with pytest.raises(ValueError, match=r"in p0 \(shape \(4,\)\), .*p5 \(shape \(4,\)\) and 4 more: the step"):
         opt.step()
+
+
+def test_finite_flags_against_isfinite():
+    """The min/max reduction agrees with the elementwise oracle; huge finite values are not flagged."""
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16)
+    cases = [torch.randn(n, generator=g).to(dtype) for n in (1, 7, 33, 4099) for dtype in dtypes]
+    for i, t in enumerate(cases):
+        if i % 3 == 1:
+            t[i % t.numel()] = float("nan")
+        elif i % 3 == 2:
+            t[-1] = float("-inf") if i % 2 else float("inf")
+    cases += [torch.full((5, 3), 3e38), torch.empty(0), torch.randn(6, 4, generator=g).mT]
+    expected = torch.tensor([bool(t.isfinite().all()) for t in cases])
+    assert torch.equal(finite_flags(cases), expected)
+    assert expected.sum() not in (0, len(cases))  # both kinds present
+    assert finite_flags([]).shape == (0,)

@@ -9,11 +9,13 @@ from lowrank_train.welore.allocation import (
     STRATEGIES,
     Allocation,
     AllocationStrategy,
+    allocate_by_loss,
     allocate_ranks,
     get_strategy,
     is_low_rank_component,
     paper_tau,
     register_strategy,
+    truncation_losses,
 )
 from lowrank_train.welore.compress import (
     TRAINABLE_MODES,
@@ -24,12 +26,14 @@ from lowrank_train.welore.compress import (
     mark_trainable,
 )
 from lowrank_train.welore.io import export_dense, load_compressed, lowrank_layers, merge_lowrank, save_compressed
+from lowrank_train.welore.sensitivity import collect_calibration_statistics, collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
     collect_input_statistics,
     compute_spectra,
     find_block_linears,
     limit_threads,
     model_fingerprint,
+    shrink_second_moment,
     whitening_factor,
 )
 
@@ -41,8 +45,11 @@ __all__ = [
     "CompressionReport",
     "MatrixReport",
     "WeLoreConfig",
+    "allocate_by_loss",
     "allocate_ranks",
+    "collect_calibration_statistics",
     "collect_input_statistics",
+    "collect_output_sensitivity",
     "compress_model",
     "compute_spectra",
     "export_dense",
@@ -58,5 +65,7 @@ __all__ = [
     "paper_tau",
     "register_strategy",
     "save_compressed",
+    "shrink_second_moment",
+    "truncation_losses",
     "whitening_factor",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import block_modules, is_dense_linear, replace_module
 from lowrank_train.welore.allocation import STRATEGIES, allocate_ranks, get_strategy
+from lowrank_train.welore.sensitivity import collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
     InputStatistics,
     collect_input_statistics,
@@ -50,18 +51,23 @@ class WeLoreConfig:
     Attributes:
         target: fraction of the block-linear parameters to remove, in ``(0, 1)``. For ``"welore-table"`` it is the
             paper's rank-reduction target (its tau table is indexed by that), in ``[0.1, 0.7]``.
-        strategy: allocation strategy name, see :data:`lowrank_train.welore.allocation.STRATEGIES`.
+        strategy: allocation strategy name, see :data:`lowrank_train.welore.allocation.STRATEGIES`. The default,
+            ``"whitened-loss"``, is data-aware (needs a calibration set) and holds up outside the calibration text
+            (issue 16); ``"welore"`` is the paper's data-free rule.
         min_ratio: a matrix is factorized (LRC) only if it loses at least this fraction of its rank (paper: 0.5).
         damping: ridge added to the input second moment before whitening, relative to its mean diagonal.
+        shrinkage: fraction of the input second moment moved to its diagonal before whitening; ``None`` uses the
+            strategy's own (0.1 for ``"whitened-loss"``, 0 for the others).
         asvd_alpha: exponent of ASVD's channel scale ``E[|x|]^alpha``.
         num_threads: torch threads for SVDs and the calibration pass (``None``: leave as is).
         cache_path: optional safetensors file caching singular values across runs.
     """
 
     target: float
-    strategy: str = "welore"
+    strategy: str = "whitened-loss"
     min_ratio: float = 0.5
     damping: float = 1e-3
+    shrinkage: float | None = None
     asvd_alpha: float = 0.5
     num_threads: int | None = 1
     cache_path: str | None = None
@@ -75,6 +81,11 @@ class WeLoreConfig:
             raise ValueError(f"min_ratio must be in [0, 1), got {self.min_ratio}")
         if self.damping < 0.0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.shrinkage is not None:
+            if not 0.0 <= self.shrinkage <= 1.0:
+                raise ValueError(f"shrinkage must be in [0, 1] or None, got {self.shrinkage}")
+            if self.shrinkage > 0.0 and STRATEGIES[self.strategy].weighting != "whiten":
+                raise ValueError(f"shrinkage applies to whitening strategies, not {self.strategy!r}")
         if self.asvd_alpha <= 0.0:
             raise ValueError(f"asvd_alpha must be > 0, got {self.asvd_alpha}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -94,6 +105,9 @@ class MatrixReport:
         lrc: factorized (Low-Rank Component) or kept dense (N-LRC).
         params_before: ``out * in``.
         params_after: ``rank * (out + in)`` for an LRC, else ``out * in`` (biases not counted).
+        calibration_energy: share of the layer's output energy on the calibration inputs that the compressed
+            layer keeps, ``1 - E||(W - A B) x||^2 / E||W x||^2`` (1.0 when dense); ``None`` without calibration
+            statistics (data-free strategies).
     """
 
     name: str
@@ -104,6 +118,7 @@ class MatrixReport:
     lrc: bool
     params_before: int
     params_after: int
+    calibration_energy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,10 +180,12 @@ class CompressionReport:
 
     def summary(self) -> str:
         """One line: strategy, target, achieved parameter and rank reduction, number of LRCs."""
+        energies = [m.calibration_energy for m in self.matrices if m.calibration_energy is not None]
+        energy = f", calibration energy kept >= {min(energies):.3f}" if energies else ""
         return (
             f"{self.strategy}: target {self.target:.2f}, threshold {self.threshold:.4g}, param reduction "
             f"{self.param_reduction:.3f}, rank reduction {self.rank_reduction:.3f} (proposed "
-            f"{self.proposed_rank_reduction:.3f}), LRC {self.num_lrc}/{len(self.matrices)}"
+            f"{self.proposed_rank_reduction:.3f}), LRC {self.num_lrc}/{len(self.matrices)}{energy}"
         )
 
 
@@ -209,6 +226,18 @@ def _input_vocab_size(model: nn.Module) -> int:
     return embeddings[0].num_embeddings
 
 
+def _calibration_energy(linear: nn.Linear, layer: LowRankLinear | None, stats: InputStatistics) -> float:
+    # E||W x||^2 = tr(W S W^T) with S = E[x x^T]; the unshrunk S, so that the number is about the calibration data.
+    if layer is None:
+        return 1.0
+    moment = stats.second_moment.to(linear.weight.device, torch.float64)
+    weight = linear.weight.detach().double()
+    error = weight - layer.merged_weight().double()
+    total = float(((weight @ moment) * weight).sum())
+    lost = float(((error @ moment) * error).sum())
+    return 1.0 - lost / total if total > 0 else 1.0
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -222,7 +251,8 @@ def compress_model(
         config: target, strategy and numerics.
         calibration: token ids for data-aware strategies: a ``(num_sequences, seq_len)`` tensor or a list of
             ``(seq_len,)`` tensors (a few dozen sequences suffice), or the statistics that
-            :func:`~lowrank_train.welore.spectrum.collect_input_statistics` returned for this model, to compress at
+            :func:`~lowrank_train.welore.sensitivity.collect_calibration_statistics` (or, for strategies that
+            need no output sensitivity, ``collect_input_statistics``) returned for this model, to compress at
             several targets with one calibration pass. Ignored by data-free strategies.
 
     Returns:
@@ -237,6 +267,8 @@ def compress_model(
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
 
     weightings: dict[str, dict[str, Tensor]] | None = None
+    stats: dict[str, InputStatistics] | None = None
+    loss_weights: dict[str, float] | None = None
     kind = "plain"
     if strategy.needs_calibration:
         if calibration is None:
@@ -246,17 +278,33 @@ def compress_model(
             missing = sorted(set(linears) - set(stats))
             if missing:
                 raise ValueError(f"calibration statistics miss {len(missing)} block linears, e.g. {missing[0]!r}")
+            if strategy.sensitivity:
+                unmeasured = sorted(n for n in linears if stats[n].output_sensitivity is None)
+                if unmeasured:
+                    raise ValueError(
+                        f"strategy {config.strategy!r} needs output sensitivities; {len(unmeasured)} statistics "
+                        f"lack them (e.g. {unmeasured[0]!r}): collect them with "
+                        "lowrank_train.welore.collect_calibration_statistics"
+                    )
         else:
             sequences = prepare_calibration(calibration, _input_vocab_size(model))
             stats = collect_input_statistics(model, linears, sequences, config.num_threads)
+            if strategy.sensitivity:
+                sensitivity = collect_output_sensitivity(model, linears, sequences, config.num_threads)
+                stats = {n: replace(s, output_sensitivity=sensitivity[n]) for n, s in stats.items()}
+        if strategy.sensitivity:
+            loss_weights = {n: float(stats[n].output_sensitivity) for n in linears}
         key = _statistics_key(stats, linears)
+        shrinkage = config.shrinkage if config.shrinkage is not None else strategy.shrinkage
         with limit_threads(config.num_threads):
             if strategy.weighting == "whiten":
                 weightings = {
-                    n: {"whitening": whitening_factor(s.second_moment, config.damping)} for n, s in stats.items()
+                    n: {"whitening": whitening_factor(s.second_moment, config.damping, shrinkage)}
+                    for n, s in stats.items()
                 }
-                kind = f"whiten:{config.damping:g}:{key}"
-            else:
+                shrunk = f"shrink{shrinkage:g}:" if shrinkage > 0.0 else ""  # unshrunk keys match older caches
+                kind = f"whiten:{config.damping:g}:{shrunk}{key}"
+            elif strategy.weighting == "scale":
                 # ASVD: scale channel j by E|x_j|^alpha; the floor keeps dead channels invertible.
                 weightings = {n: {"input_scale": asvd_scale(s.mean_abs, config.asvd_alpha)} for n, s in stats.items()}
                 kind = f"scale:{config.asvd_alpha:g}:{key}"
@@ -273,7 +321,7 @@ def compress_model(
         if config.cache_path is not None:
             save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
 
-    allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio)
+    allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
 
     # Build every replacement before touching the model.
     replacements: dict[str, LowRankLinear] = {}
@@ -282,6 +330,9 @@ def compress_model(
             if allocation.lrc[name]:
                 extra = weightings[name] if weightings is not None else {}
                 replacements[name] = LowRankLinear.from_linear(linear, allocation.ranks[name], **extra)
+        energies = {}
+        if stats is not None:
+            energies = {n: _calibration_energy(linears[n], replacements.get(n), stats[n]) for n in linears}
     for name, layer in replacements.items():
         replace_module(model, name, layer)
 
@@ -298,6 +349,7 @@ def compress_model(
                 lrc=lrc,
                 params_before=m * n,
                 params_after=rank * (m + n) if lrc else m * n,
+                calibration_energy=energies.get(name),
             )
         )
     return CompressionReport(config.strategy, config.target, allocation.threshold, config.min_ratio, tuple(matrices))

@@ -32,6 +32,7 @@ __all__ = [
     "model_fingerprint",
     "prepare_calibration",
     "save_spectra_cache",
+    "shrink_second_moment",
     "whitening_factor",
 ]
 
@@ -150,11 +151,14 @@ class InputStatistics:
         second_moment: ``(in, in)`` float64 ``E[x x^T]`` over all calibration tokens.
         mean_abs: ``(in,)`` float64 ``E[|x|]`` per channel (ASVD's scale).
         num_tokens: number of tokens averaged.
+        output_sensitivity: ``E ||dL/dy||^2 / out`` at the layer's output, for loss-based allocation (see
+            :mod:`lowrank_train.welore.sensitivity`); ``None`` when not measured.
     """
 
     second_moment: Tensor
     mean_abs: Tensor
     num_tokens: int
+    output_sensitivity: float | None = None
 
 
 @torch.no_grad()
@@ -223,23 +227,47 @@ def collect_input_statistics(
     return stats
 
 
-def whitening_factor(second_moment: Tensor, damping: float = 1e-3) -> Tensor:
-    """Lower-triangular ``L`` with ``L L^T = E[x x^T] + damping * mean(diag) * I`` (SVD-LLM's whitening).
+def shrink_second_moment(second_moment: Tensor, shrinkage: float) -> Tensor:
+    """``(1 - a) S + a diag(S)``: move a fraction ``a`` of the input second moment toward its diagonal (issue 16).
 
-    The ridge keeps the Cholesky factor well conditioned when some input directions are (nearly) unused,
-    which is common in small calibration sets; without it ``L^-1`` folded into the factor can blow up.
+    The diagonal (each channel's energy, with the massive-activation channels that every text shares) is kept;
+    the cross-channel correlations, which a small or narrow calibration set estimates worst, are damped.
+
+    Args:
+        second_moment: ``(in, in)`` symmetric positive semi-definite matrix.
+        shrinkage: ``a`` in ``[0, 1]``; 0 returns ``S`` (as float64), 1 its diagonal.
+
+    Returns:
+        ``(in, in)`` float64 symmetric matrix with the diagonal of ``S``.
+    """
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    moment = second_moment.double()
+    moment = 0.5 * (moment + moment.T)
+    if shrinkage == 0.0:
+        return moment
+    return (1.0 - shrinkage) * moment + shrinkage * torch.diag(moment.diagonal())
+
+
+def whitening_factor(second_moment: Tensor, damping: float = 1e-3, shrinkage: float = 0.0) -> Tensor:
+    """Lower-triangular ``L`` with ``L L^T = S' + damping * mean(diag S') * I`` (SVD-LLM's whitening).
+
+    ``S'`` is the input second moment ``E[x x^T]`` shrunk toward its diagonal by :func:`shrink_second_moment`
+    (``S' = S`` for ``shrinkage=0``). The ridge keeps the Cholesky factor well conditioned when some input
+    directions are (nearly) unused, which is common in small calibration sets; without it ``L^-1`` folded into
+    the factor can blow up.
 
     Args:
         second_moment: ``(in, in)`` symmetric positive semi-definite matrix.
         damping: ridge relative to the mean diagonal entry, ``>= 0``.
+        shrinkage: fraction moved to the diagonal, in ``[0, 1]``.
 
     Returns:
         ``(in, in)`` float32 lower-triangular factor.
     """
     if damping < 0:
         raise ValueError(f"damping must be >= 0, got {damping}")
-    moment = second_moment.double()
-    moment = 0.5 * (moment + moment.T)
+    moment = shrink_second_moment(second_moment, shrinkage)
     ridge = damping * moment.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(moment.shape[0], dtype=moment.dtype, device=moment.device)
     for attempt in range(6):

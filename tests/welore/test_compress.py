@@ -137,7 +137,7 @@ def test_failure_halfway_leaves_model_untouched(llama, monkeypatch):
 
     monkeypatch.setattr(LowRankLinear, "from_linear", classmethod(flaky))
     with pytest.raises(RuntimeError, match="simulated"):
-        compress_model(llama, WeLoreConfig(target=0.3, min_ratio=0.0))
+        compress_model(llama, WeLoreConfig(target=0.3, strategy="welore", min_ratio=0.0))
     assert calls["n"] == 3
     _assert_unchanged(llama, before)
 
@@ -184,7 +184,7 @@ def test_spectra_cache_skips_svd_and_rejects_other_models(llama, calibration, tm
 def test_thread_count_is_restored(llama):
     torch.set_num_threads(2)
     try:
-        compress_model(llama, WeLoreConfig(target=0.2, num_threads=1))
+        compress_model(llama, WeLoreConfig(target=0.2, strategy="welore", num_threads=1))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
@@ -219,7 +219,7 @@ def test_welore_factorizes_low_rank_matrices_first(llama):
 
 def test_mark_trainable_modes(llama):
     _make_low_rank(llama, LOW_RANK)
-    report = compress_model(llama, WeLoreConfig(target=0.1, min_ratio=0.5))
+    report = compress_model(llama, WeLoreConfig(target=0.1, strategy="welore", min_ratio=0.5))
     lrc_names = {m.name for m in report.matrices if m.lrc}
     dense_names = {m.name for m in report.matrices if not m.lrc}
     assert lrc_names == set(LOW_RANK) and dense_names
@@ -257,7 +257,7 @@ def test_mark_trainable_lrc_needs_compression(llama):
 
 def test_lrc_groups_train_only_the_factors(llama, calibration):
     _make_low_rank(llama, LOW_RANK)
-    compress_model(llama, WeLoreConfig(target=0.1, min_ratio=0.5))
+    compress_model(llama, WeLoreConfig(target=0.1, strategy="welore", min_ratio=0.5))
     optimizer = torch.optim.AdamW(mark_trainable(llama, "lrc"), lr=1e-3)
     before = _state(llama)
     llama.train()
@@ -284,7 +284,7 @@ def test_precomputed_statistics_match_token_calibration(llama, calibration):
 def test_lrc_plus_galore_groups_feed_galore(llama, calibration):
     from lowrank_train import optim
     _make_low_rank(llama, LOW_RANK)
-    compress_model(llama, WeLoreConfig(target=0.1, min_ratio=0.5))
+    compress_model(llama, WeLoreConfig(target=0.1, strategy="welore", min_ratio=0.5))
     groups = mark_trainable(llama, "lrc+galore", galore_rank=8, galore_options={"update_gap": 10})
     optimizer = optim.GaLore(groups, base="adamw", lr=1e-3)
     before = _state(llama)

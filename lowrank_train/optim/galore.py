@@ -22,7 +22,19 @@ never synchronises a GPU):
 ``basis_scales``   with ``proj_bits``: fp32 per-group scales of the basis codes
 ``similarity``     with ``adaptive_refresh``: fp32 (refresh_history,) last subspace overlaps, NaN
                    where not measured yet (on the CPU)
+``grad_accum``     between :meth:`GaLore.accumulate_grad` and the next step: the (r x max(m, n))
+                   projected gradient sum; dropped by ``zero_grad()`` and by a skipped step
 =================  ======================================================================
+
+Non-finite gradients (issue 12 item 4): every step checks every gradient it would apply (low-rank and plain
+groups, projected accumulators included) with one host synchronisation, before anything changes. The
+``nonfinite`` constructor option decides: "raise" (default) refuses with a ``ValueError`` naming the parameters;
+"skip" skips the whole step and counts it in :attr:`GaLore.skipped_steps`.
+
+Layout: what differs when a weight is split over processes (projecting a shard, building the basis from the
+full gradient, writing back a shard, agreeing on the finiteness flags) goes through a
+:class:`~lowrank_train.optim.backend.ProjectionBackend`; :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore`
+supplies the one for FSDP2.
 
 Q-GaLore (Zhang et al. 2024, arXiv 2407.08296; issue 3) is three group options on the same wrapper:
 ``proj_bits`` (4 or 8: the basis is kept as group-wise quantized codes, ``proj_group_size`` per group),
@@ -32,7 +44,8 @@ last ``refresh_history`` refreshes is at least ``refresh_threshold``, and shrink
 :func:`apply_weight_update` writes back with stochastic rounding.
 
 The base optimizer's own state (e.g. ``exp_avg`` of shape r x max(m, n)) is saved under the ``"base"`` key
-of :meth:`GaLore.state_dict`.
+of :meth:`GaLore.state_dict`, the skip count under ``"galore"``; :meth:`GaLore.load_state_dict` checks every
+saved tensor's shape first (:mod:`lowrank_train.optim.state_checks`).
 """
 
 from __future__ import annotations

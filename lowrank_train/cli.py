@@ -1,4 +1,4 @@
-"""``lowrank-train``: pretrain | compress | finetune | estimate, each from a YAML config plus ``key=value`` overrides.
+"""``lowrank-train``: pretrain | compress | finetune | estimate (YAML config + ``key=value`` overrides) | export.
 
 Examples::
 
@@ -8,6 +8,10 @@ Examples::
     lowrank-train compress recipes/configs/welore_compress.yaml
     lowrank-train finetune recipes/configs/welore_finetune.yaml
     lowrank-train estimate recipes/configs/llama_7b_qgalore_16gb.yaml
+    lowrank-train export runs/demo --step 40
+
+Start-up: this module imports only the standard library. ``--help`` and argument errors return before torch or
+transformers is imported (issue 15 item 6, ``benchmarks/cli_startup.py``); each command imports what it uses.
 """
 
 from __future__ import annotations
@@ -16,49 +20,70 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Optional GPU kernels that are absent on a CPU machine make torchao / bitsandbytes log at import time; in a
 # command-line run that chatter would bury the training output. Library users keep their own logging settings.
 for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
-from lowrank_train.optim.registry import describe_optimizers  # noqa: E402
-from lowrank_train.train.config import ConfigError, TrainConfig, load_config  # noqa: E402
-
-COMMANDS = ("pretrain", "compress", "finetune", "estimate")
+CONFIG_COMMANDS = ("pretrain", "compress", "finetune", "estimate")
+COMMANDS = (*CONFIG_COMMANDS, "export")
+HELPS = {
+    "pretrain": "train a model (from shapes or a pretrained path) on a corpus",
+    "compress": "WeLore-compress a pretrained model; perplexity before and after",
+    "finetune": "fine-tune a WeLore-compressed model",
+    "estimate": "print the predicted memory of a run, component by component",
+    "export": "write a Hugging Face model folder from a run's checkpoint",
+}
 
 
 def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lowrank-train``."""
-    # The optimizer list comes from the registry, so a method registered before main() shows up here too.
-    methods = "optimizer.name (lowrank_train.optim registry):\n" + "\n".join(
+def optimizer_epilog() -> str:
+    """The registered optimizer methods, one per line (imports the registry, hence torch)."""
+    from lowrank_train.optim.registry import describe_optimizers
+
+    return "optimizer.name (lowrank_train.optim registry):\n" + "\n".join(
         f"  {line}" for line in describe_optimizers().splitlines()
     )
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser whose help lists the optimizer registry, read only when that help is printed."""
+
+    lists_optimizers = False
+
+    def format_help(self) -> str:
+        if self.lists_optimizers and self.epilog is None:
+            # Read at help time, so a method registered before main() shows up, and plain --help stays light.
+            self.epilog = optimizer_epilog()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lowrank-train`` (builds nothing heavy: no torch import)."""
     parser = argparse.ArgumentParser(
         prog="lowrank-train",
         description="Pretrain and fine-tune LLMs in little memory (GaLore, Q-GaLore, layer-wise, WeLore).",
-        epilog=methods,
+        epilog="`lowrank-train pretrain --help` lists the registered optimizer methods (optimizer.name).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    helps = {
-        "pretrain": "train a model (from shapes or a pretrained path) on a corpus",
-        "compress": "WeLore-compress a pretrained model; perplexity before and after",
-        "finetune": "fine-tune a WeLore-compressed model",
-        "estimate": "print the predicted memory of a run, component by component",
-    }
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name in COMMANDS:
         command = sub.add_parser(
-            name,
-            help=helps[name],
-            description=helps[name],
-            epilog=methods if name != "compress" else None,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            name, help=HELPS[name], description=HELPS[name], formatter_class=argparse.RawDescriptionHelpFormatter
         )
+        if name == "export":
+            command.add_argument("run_dir", help="a run folder (run.output_dir of a pretrain / finetune run)")
+            command.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: newest)")
+            command.add_argument(
+                "--out", default=None, help="destination folder (default: RUN_DIR/model, or RUN_DIR/model-step-N)"
+            )
+            continue
+        command.lists_optimizers = name != "compress"
         command.add_argument("config", help="YAML config, e.g. recipes/configs/demo.yaml")
         command.add_argument(
             "overrides",
@@ -73,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def estimate(config: TrainConfig) -> str:
+def estimate(config: Any) -> str:
     """The memory estimator's breakdown for a run, and whether it fits this machine's device."""
+    from lowrank_train.train.config import ConfigError
     from lowrank_train.train.estimate import device_capacity, estimate_run
     from lowrank_train.train.metrics import format_bytes
     from lowrank_train.train.setup import resolve_device
@@ -96,32 +122,44 @@ def estimate(config: TrainConfig) -> str:
     return "\n".join(lines)
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "export":
+        from lowrank_train.train.export import export_checkpoint
+
+        folder = export_checkpoint(args.run_dir, step=args.step, out=args.out)
+        _print(f"exported {folder} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+        return
+    from lowrank_train.train.config import load_config
+
+    # Every key and type is checked here, before any model or data is touched.
+    config = load_config(args.config, args.overrides)
+    if args.command == "estimate":
+        _print(estimate(config))
+    elif args.command == "compress":
+        from lowrank_train.train.compress import compress
+
+        compress(config, log=_print)
+    else:
+        from lowrank_train.train.loop import train
+
+        train(config, mode=args.command, resume=args.resume, log=_print)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank-train`` console script; returns the exit status."""
     parser = build_parser()
     # parse_known_args lets overrides follow flags (`finetune cfg.yaml --resume run.max_steps=10`).
     args, extra = parser.parse_known_args(argv)
     stray = [item for item in extra if item.startswith("-") or "=" not in item]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    args.overrides = [*args.overrides, *extra]
+    if stray or (extra and args.command not in CONFIG_COMMANDS):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if args.command in CONFIG_COMMANDS:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # bitsandbytes warns at import about an optional 4-bit CPU kernel that nothing here uses.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        # Every key and type is checked here, before any model or data is touched.
-        config = load_config(args.config, args.overrides)
-        if args.command == "estimate":
-            _print(estimate(config))
-            return 0
-        from lowrank_train.train.compress import compress
-        from lowrank_train.train.loop import train
-
-        if args.command == "compress":
-            compress(config, log=_print)
-        else:
-            train(config, mode=args.command, resume=args.resume, log=_print)
-    except (ConfigError, FileNotFoundError, ModuleNotFoundError, MemoryError, FloatingPointError, ValueError) as error:
+        _run(args)
+    # ConfigError and ResumeError are ValueErrors; named here without importing the package that defines them.
+    except (FileNotFoundError, ModuleNotFoundError, MemoryError, FloatingPointError, ValueError) as error:
         print(f"lowrank-train {args.command}: error: {error}", file=sys.stderr, flush=True)
         return 2
     return 0

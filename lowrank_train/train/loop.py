@@ -20,6 +20,7 @@ from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.config import TrainConfig
 from lowrank_train.train.estimate import memory_fit_problem
 from lowrank_train.train.evaluate import evaluate, perplexity
+from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes
 from lowrank_train.train.model import build_model, count_parameters
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
@@ -28,7 +29,6 @@ from lowrank_train.train.run_dir import (
     checkpoint_state,
     prepare_output_dir,
     restore_checkpoint,
-    save_model_folder,
     save_run_checkpoint,
     write_json,
 )
@@ -85,6 +85,7 @@ def train(
         if problem:
             raise MemoryError(f"{problem} (set run.check_memory=false to try anyway)")
     output, resume_from = prepare_output_dir(config, resume)
+    log(f"run folder: {output.resolve()}")
 
     torch.manual_seed(run.seed)
     model, model_tokenizer = build_model(
@@ -219,8 +220,6 @@ def train(
         eval_loss = run_eval(last_step)
     if run.save_final:
         checkpoint(last_step)
-    if mode == "finetune":
-        save_model_folder(model, tokenizer, output / "model")
     table = memory_table(model, optimizer, config.optimizer.name, dtype)
     summary = {
         "mode": mode,
@@ -238,11 +237,14 @@ def train(
         "memory_table": table.to_dict(),
         "device": str(device),
     }
+    # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
+    summary["model_folder"] = str(save_run_model(model, tokenizer, output / MODEL_FOLDER, mode=mode, dtype=dtype))
     metrics.close()
     write_json(output / SUMMARY_FILE, summary)
     log(render_summary(summary))
     if run.memory_table:
         log("optimizer memory, measured after the last step, next to AdamW on the same model:\n" + table.render())
+    log(f"run folder: {output.resolve()} (model in {MODEL_FOLDER}/, metrics.jsonl, summary.json, checkpoints/)")
     return summary
 
 

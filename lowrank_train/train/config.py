@@ -33,6 +33,7 @@ DEVICES = ("auto", "cpu", "cuda")
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
 TRAINABLE = ("lrc", "all", "lrc+galore")
+NONFINITE = ("raise", "skip")
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class RunConfig:
         check_memory: refuse to start when the memory estimator says the run will not fit the device.
         overwrite: start afresh in an ``output_dir`` that already holds checkpoints (they are deleted); without
             it such a folder is refused unless the run resumes.
+        allow_data_change: let ``--resume`` continue although the data's fingerprint (text, tokenizer,
+            ``seq_len``, held-out split) differs from the checkpoint's; the batch order then restarts from the
+            resumed step's position in the new data. Without it such a resume is refused.
     """
 
     output_dir: str = "runs/default"
@@ -81,6 +85,7 @@ class RunConfig:
     memory_table: bool = True
     check_memory: bool = True
     overwrite: bool = False
+    allow_data_change: bool = False
 
     def __post_init__(self) -> None:
         check_positive("run.max_steps", self.max_steps)
@@ -161,6 +166,11 @@ class DataConfig:
         text_field: text field of ``.jsonl`` lines and hub examples.
         max_documents: read at most this many documents (needed for large hub datasets).
         cache_dir: where packed token blocks are cached (``None``: the library cache).
+        streaming: ``None``: stream hub datasets, tokenize local sources once into a memory-mapped token file;
+            ``true`` streams any source; ``false`` tokenizes a hub source into a file (needs ``max_documents``).
+        shuffle_buffer: streamed: documents in the shuffle buffer (0: stream order).
+        heldout_documents: streamed: the first this many documents are held out (``None``: from
+            ``heldout_fraction`` and ``max_documents``, else 1000).
     """
 
     corpus: str = "kjv"
@@ -174,6 +184,9 @@ class DataConfig:
     text_field: str = "text"
     max_documents: int | None = None
     cache_dir: str | None = None
+    streaming: bool | None = None
+    shuffle_buffer: int = 10_000
+    heldout_documents: int | None = None
 
     def __post_init__(self) -> None:
         check_positive("data.seq_len", self.seq_len)
@@ -183,6 +196,10 @@ class DataConfig:
             raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.max_documents is not None:
             check_positive("data.max_documents", self.max_documents)
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0 (0: stream order), got {self.shuffle_buffer}")
+        if self.heldout_documents is not None and self.heldout_documents < 0:
+            raise ConfigError(f"data.heldout_documents must be >= 0 or null, got {self.heldout_documents}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +233,9 @@ class OptimizerConfig:
             default, 8 for Q-GaLore).
         weight_group_size: elements per quantization group of INT8 weights.
         layerwise: step each parameter inside the backward pass and free its gradient right away.
+        nonfinite: what a step does with a NaN/Inf gradient (GaLore family and ``layerwise``): ``raise`` (stop
+            with an error naming the parameters) or ``skip`` (skip the step and count it; the count is the
+            ``skipped_steps`` of the train records in ``metrics.jsonl``).
     """
 
     name: str = "adamw"
@@ -234,6 +254,7 @@ class OptimizerConfig:
     weight_bits: int | None = None
     weight_group_size: int = 256
     layerwise: bool = False
+    nonfinite: str = "raise"
 
     def __post_init__(self) -> None:
         try:
@@ -248,6 +269,13 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.betas must both be in [0, 1), got {list(self.betas)}")
         if self.max_grad_norm < 0:
             raise ConfigError(f"optimizer.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        check_choice("optimizer.nonfinite", self.nonfinite, NONFINITE)
+        if self.nonfinite != "raise" and not (method.lowrank or self.layerwise):
+            raise ConfigError(
+                f"optimizer.nonfinite={self.nonfinite!r} needs a GaLore-family optimizer.name "
+                f"({', '.join(optimizer_names(lowrank=True))}) or optimizer.layerwise=true; {self.name!r} has no "
+                "non-finite policy"
+            )
         check_positive("optimizer.rank", self.rank)
         check_positive("optimizer.update_gap", self.update_gap)
         check_positive("optimizer.weight_group_size", self.weight_group_size)
@@ -420,9 +448,15 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             raise ConfigError(f"{file} is not valid YAML: {error}") from error
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            # An empty file used to mean "all defaults" and failed only once the default model was built.
+            raise ConfigError(
+                f"{file} is empty (or only comments): a config needs at least one section (run, model, data, "
+                "optimizer, schedule, ...); start from recipes/configs/demo.yaml"
+            )
+        if not isinstance(loaded, dict):
             raise ConfigError(f"{file} must hold a mapping of sections (run, model, ...), got {type(loaded).__name__}")
-        data = loaded or {}
+        data = loaded
     data = merge_dicts(data, parse_overrides(overrides))
     return config_from_dict(data)
 

@@ -7,6 +7,7 @@ frozen dataclass's type hints and raises :class:`ConfigError` naming the dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -128,14 +129,20 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise error
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value)
         # PyYAML reads "1e-3" (no dot) as a string: accept any string that is a plain number.
-        if isinstance(value, str):
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise error from None
-        raise error
+        else:
+            raise error
+        # YAML's .inf / .nan pass every range check written as a comparison (nan < 0 is False), so a NaN
+        # max_grad_norm silently disabled clipping and lr=.inf died at step 2 (issue 12 item 7): refuse them here.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

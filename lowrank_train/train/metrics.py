@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import resource
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from lowrank_train.memory import format_bytes  # noqa: F401  (re-exported for the loop and CLI)
 
 METRICS_FILE = "metrics.jsonl"
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -25,7 +27,9 @@ class MetricsWriter:
         output_dir: the run folder.
         sinks: any of ``"jsonl"``, ``"tensorboard"``, ``"wandb"``.
         resume_step: when resuming, records of later steps (written by the interrupted run after its last
-            checkpoint) are dropped so the file reads like one uninterrupted run.
+            checkpoint) are dropped so the file reads like one uninterrupted run; so is a torn last line (a kill
+            in the middle of a write), with a line in ``log``: the resumed run writes that record again.
+        log: receives that warning (default: this module's logger).
         run_name: name for wandb.
         config: the run's config, logged to wandb.
 
@@ -41,13 +45,14 @@ class MetricsWriter:
         resume_step: int | None = None,
         run_name: str | None = None,
         config: Mapping[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
     ):
         self.path = Path(output_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("", encoding="utf-8")
         else:
-            _truncate_after(self.path, resume_step)
+            _truncate_after(self.path, resume_step, log or logger.warning)
         self._tensorboard = None
         self._wandb = None
         if "tensorboard" in sinks:
@@ -90,17 +95,42 @@ class MetricsWriter:
 
 
 def read_metrics(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All records of a run's ``metrics.jsonl``."""
+    """All records of a run's ``metrics.jsonl`` (a torn last line, left by a kill mid-write, is left out).
+
+    Raises:
+        ValueError: a line other than the last is not a JSON record (the message names the file and line).
+    """
     path = Path(output_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [record for _, record in _parse_lines(path)[0]]
 
 
-def _truncate_after(path: Path, step: int) -> None:
+def _parse_lines(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """``([(line, record)], torn last line or None)``; a bad line elsewhere is a ValueError naming it."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    parsed: list[tuple[str, dict[str, Any]]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a record with a step")
+        except ValueError as error:
+            if number == len(lines):
+                return parsed, line
+            raise ValueError(
+                f"{path} line {number} is not a JSON metrics record ({error}); fix or delete that line"
+            ) from None
+        parsed.append((line, record))
+    return parsed, None
+
+
+def _truncate_after(path: Path, step: int, log: Callable[[str], None]) -> None:
     if not path.exists():
         path.write_text("", encoding="utf-8")
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in kept if json.loads(line)["step"] <= step]
+    parsed, torn = _parse_lines(path)
+    if torn is not None:
+        log(f"{path}: dropped a torn last line (cut short by a kill): {torn[:80]!r}; the resumed run redoes it")
+    kept = [line for line, record in parsed if record["step"] <= step]
     temporary = path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(temporary, path)

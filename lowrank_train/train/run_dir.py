@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Mapping
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,16 @@ import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lowrank_train.train.checkpoint import checkpoint_root, latest_checkpoint, load_state, read_meta, save_checkpoint
+from lowrank_train.train.checkpoint import (
+    CheckpointError,
+    checkpoint_root,
+    has_checkpoints,
+    load_state,
+    resolve_checkpoints,
+    save_checkpoint,
+)
 from lowrank_train.train.config import TrainConfig
-from lowrank_train.train.config_schema import flatten
+from lowrank_train.train.config_schema import ConfigError, flatten
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -47,6 +56,9 @@ RESUMABLE_DIFFERENCES = frozenset(
         "run.memory_table",
         "run.check_memory",
         "run.overwrite",
+        "run.allow_data_change",
+        # A larger (or smaller) max_steps continues the run; the schedule is re-stretched (see schedule.py).
+        "run.max_steps",
         "data.cache_dir",
     }
 )
@@ -77,46 +89,111 @@ class ResumeError(ValueError):
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a resumed run continues: optimizer steps done, tokens seen, training seconds so far."""
+    """Where a resumed run continues.
+
+    Attributes:
+        step: optimizer steps done.
+        tokens: tokens seen.
+        train_seconds: training seconds so far.
+        data: the training batches' ``state_dict`` (``None`` in checkpoints written before it was stored).
+        step_losses: ``(step,)`` float64 train loss of every step so far (empty in older checkpoints), so that
+            the resumed run's logging windows hold the same steps as the uninterrupted run's, whatever
+            ``run.log_every`` is now.
+        schedule: the learning-rate segment in force (``start_step``, ``start_factor``, ``max_steps``).
+    """
 
     step: int
     tokens: int
     train_seconds: float
+    data: dict[str, Any] | None = None
+    step_losses: list[float] = field(default_factory=list)
+    schedule: dict[str, float] | None = None
 
 
-def prepare_output_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
+def check_output_dir(path: Path) -> None:
+    """Refuse an output folder that is a file, lies under a file or cannot be written, before anything is built.
+
+    Raises:
+        ConfigError: naming ``run.output_dir``, the path and what is wrong with it.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.output_dir={str(path)!r} is a file, not a folder: choose another run.output_dir")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"run.output_dir={str(path)!r} lies under {str(existing)!r}, which is a file: choose another "
+            "run.output_dir"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(
+            f"run.output_dir={str(path)!r} cannot be written ({error.strerror or error}): choose a writable "
+            "run.output_dir"
+        ) from None
+
+
+def prepare_output_dir(
+    config: TrainConfig, resume: bool, *, log: Callable[[str], None] | None = None
+) -> tuple[Path, Path | None]:
     """Checks the run folder against ``resume`` / ``run.overwrite`` and writes ``config.yaml`` into it.
+
+    A resume takes the newest checkpoint that verifies (:func:`~lowrank_train.train.checkpoint.resolve_checkpoints`):
+    a missing or stale ``latest``, or a corrupt newest checkpoint with an older one kept, is passed over and said
+    in ``log``.
 
     Returns:
         ``(run folder, checkpoint folder to resume from or None)``.
 
     Raises:
+        ConfigError: an output folder that is a file, lies under a file or cannot be written.
         ResumeError: ``resume`` without a checkpoint or with one of a different config; a folder that holds
             checkpoints, without ``resume`` or ``run.overwrite``.
+        CheckpointError: every checkpoint of the run failed verification (each one named).
     """
     output = Path(config.run.output_dir)
+    check_output_dir(output)
     resume_from = None
     if resume:
-        resume_from = latest_checkpoint(output)
-        if resume_from is None:
+        resolved = resolve_checkpoints(output)
+        for note in resolved.notes:
+            (log or print)(f"resume: {note}")
+        if resolved.folder is None:
+            if resolved.rejected:
+                listed = "; ".join(reason for _, reason in resolved.rejected)
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {checkpoint_root(output)} is usable ({listed}). Restore the file, "
+                    "or start again with run.overwrite=true"
+                )
             raise ResumeError(
                 f"--resume: {output} holds no checkpoint to resume from (looked in {checkpoint_root(output)})"
             )
-        differences = config_differences(read_meta(resume_from)["config"], config.to_dict())
+        resume_from = resolved.folder
+        differences = config_differences(resolved.meta["config"], config.to_dict())
         if differences:
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differences.items())
             raise ResumeError(
                 f"--resume: the checkpoint in {resume_from} was written by a different config ({listed}). Resume "
                 "with the same config, or start a new run in another run.output_dir"
             )
-    elif latest_checkpoint(output) is not None:
+        step = int(resolved.meta.get("step", -1))
+        if step > config.run.max_steps:
+            raise ResumeError(
+                f"--resume: the checkpoint in {resume_from} is at step {step}, past run.max_steps="
+                f"{config.run.max_steps}; pass run.max_steps >= {step}"
+            )
+    elif has_checkpoints(output):
         if not config.run.overwrite:
             raise ResumeError(
                 f"{output} already holds checkpoints: pass --resume to continue that run, run.overwrite=true to "
                 "start again from scratch (deleting them), or choose another run.output_dir"
             )
         shutil.rmtree(checkpoint_root(output))
-    output.mkdir(parents=True, exist_ok=True)
     (output / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
     return output, resume_from
 
@@ -149,9 +226,18 @@ def checkpoint_state(
     step: int,
     tokens: int,
     train_seconds: float,
+    data: dict[str, Any] | None = None,
+    step_losses: list[float] | None = None,
+    schedule: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Everything a resume needs, as tensors and plain containers (loads with ``weights_only=True``)."""
-    return {
+    """Everything a resume needs, as tensors and plain containers (loads with ``weights_only=True``).
+
+    Args:
+        data: the training batches' ``state_dict()`` (their position in the data).
+        step_losses: the train loss of every step so far (see :class:`ResumePoint`).
+        schedule: the learning-rate segment in force (see :func:`lowrank_train.train.schedule.segment_lr_factor`).
+    """
+    state: dict[str, Any] = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": capture_rng(device),
@@ -159,12 +245,23 @@ def checkpoint_state(
         "tokens": torch.tensor(tokens),
         "train_seconds": torch.tensor(train_seconds, dtype=torch.float64),
     }
+    if data is not None:
+        state["data"] = data
+    if step_losses is not None:
+        state["step_losses"] = torch.tensor(step_losses, dtype=torch.float64)
+    if schedule is not None:
+        state["schedule"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in schedule.items()}
+    return state
 
 
-def save_run_checkpoint(output: Path, config: TrainConfig, mode: str, state: dict[str, Any]) -> Path:
-    """Writes ``state`` (from :func:`checkpoint_state`) with the meta a resume checks: step, config, fingerprint."""
+def save_run_checkpoint(
+    output: Path, config: TrainConfig, mode: str, state: dict[str, Any], *, data_fingerprint: str | None = None
+) -> Path:
+    """Writes ``state`` (from :func:`checkpoint_state`) with the meta a resume checks: step, config, fingerprints."""
     step = int(state["step"])
     meta = {"step": step, "mode": mode, "fingerprint": config_fingerprint(config), "config": config.to_dict()}
+    if data_fingerprint is not None:
+        meta["data_fingerprint"] = data_fingerprint
     return save_checkpoint(output, step, state, meta, keep=config.run.keep_checkpoints)
 
 
@@ -180,8 +277,15 @@ def restore_checkpoint(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"], device)
+    losses = state.get("step_losses")
+    schedule = state.get("schedule")
     return ResumePoint(
-        step=int(state["step"]), tokens=int(state["tokens"]), train_seconds=float(state["train_seconds"])
+        step=int(state["step"]),
+        tokens=int(state["tokens"]),
+        train_seconds=float(state["train_seconds"]),
+        data=state.get("data"),
+        step_losses=[] if losses is None else losses.tolist(),
+        schedule=None if schedule is None else {k: float(v) for k, v in schedule.items()},
     )
 
 

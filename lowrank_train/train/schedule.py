@@ -40,3 +40,46 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
         group["lr"] = group["initial_lr"] * factor
+
+
+def schedule_segment(max_steps: int) -> dict[str, float]:
+    """The schedule of a run that was never extended: warm-up and cosine over ``max_steps`` from step 0."""
+    return {"start_step": 0.0, "start_factor": 1.0, "max_steps": float(max_steps)}
+
+
+def segment_lr_factor(
+    step: int, *, segment: dict[str, float], warmup_steps: int, min_lr_ratio: float, kind: str = "cosine"
+) -> float:
+    """Multiplier of the peak learning rate at ``step`` under a (possibly re-stretched) schedule segment.
+
+    The segment of a run never extended (``start_step`` 0) is :func:`lr_factor` itself. After a resume with a
+    larger ``run.max_steps`` (:func:`extend_schedule`) the cosine goes on from ``start_factor`` at
+    ``start_step`` down to ``min_lr_ratio`` at the segment's last step: no jump in the rate, and the new end is
+    reached at ``min_lr_ratio`` as if the run had been planned that long from the resume point.
+    """
+    start, start_factor, max_steps = int(segment["start_step"]), segment["start_factor"], int(segment["max_steps"])
+    if start == 0 or kind != "cosine":
+        return lr_factor(step, max_steps=max_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, kind=kind)
+    progress = min(1.0, max(0, step - start) / max(1, max_steps - 1 - start))
+    return min_lr_ratio + (start_factor - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def extend_schedule(
+    segment: dict[str, float], *, step: int, max_steps: int, warmup_steps: int, min_lr_ratio: float, kind: str
+) -> dict[str, float]:
+    """The segment that continues ``segment`` at ``step`` (steps done) to a new ``max_steps``.
+
+    Inside warm-up (or for a constant schedule) no decay has happened yet, so the plain schedule over the new
+    ``max_steps`` continues without a jump. Later, the cosine restarts from the rate in force (the one the old
+    segment gives the next step, or its last step's for a finished run) and decays to ``min_lr_ratio`` at the new
+    end.
+    """
+    if max_steps == int(segment["max_steps"]):
+        return dict(segment)
+    if kind != "cosine" or step <= warmup_steps:
+        return {**schedule_segment(max_steps)}
+    old_max = int(segment["max_steps"])
+    current = segment_lr_factor(
+        min(step, old_max - 1), segment=segment, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, kind=kind
+    )
+    return {"start_step": float(step), "start_factor": current, "max_steps": float(max_steps)}

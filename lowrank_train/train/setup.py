@@ -70,6 +70,45 @@ def load_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
     return packed
 
 
+def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
+    """The run's training data through :func:`lowrank_train.data.open_training_data`: a memory-mapped token file
+    for local corpora, a packed stream for hub ones (never the whole corpus in memory).
+
+    Returns:
+        a :class:`lowrank_train.data.TrainingData` (resumable ``train_batches()``, ``heldout``, ``fingerprint``).
+
+    Raises:
+        ConfigError: a corpus name that is neither an offline corpus, a local path nor a reachable hub dataset
+            (names data.corpus and the offline choices), or a ``data.*`` value the data layer refuses.
+    """
+    from lowrank_train.data import check_vocab_fits, open_training_data
+
+    data = config.data
+    try:
+        training_data = open_training_data(
+            data.corpus,
+            tokenizer,
+            seq_len=data.seq_len,
+            batch_size=data.batch_size,
+            seed=config.run.seed,
+            heldout_fraction=data.heldout_fraction,
+            hub_config=data.hub_config,
+            split=data.split,
+            text_field=data.text_field,
+            max_documents=data.max_documents,
+            cache_dir=data.cache_dir,
+            streaming=data.streaming,
+            shuffle_buffer=data.shuffle_buffer,
+            heldout_documents=data.heldout_documents,
+        )
+    except ConnectionError as error:  # offline, an unknown name is tried on the hub: say what works offline
+        raise ConfigError(f"data.corpus={data.corpus!r}: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"data ({data.corpus!r}): {error}") from error
+    check_vocab_fits(training_data.max_token_id, vocab_size, tokenizer_name=data.tokenizer)
+    return training_data
+
+
 def prepare_model(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
     """INT8 weights (``optimizer.weight_bits``), activation checkpointing, then move to ``device``."""
     bits = config.optimizer.resolved_weight_bits
@@ -127,7 +166,16 @@ def finetune_param_groups(model: nn.Module, config: TrainConfig) -> list[dict[st
 
 def optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     """A function from param groups to the optimizer named by ``config.name`` (its registry entry's builder)."""
-    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay, "betas": config.betas, "eps": config.eps}
+    kwargs: dict[str, Any] = {
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
+        "betas": config.betas,
+        "eps": config.eps,
+    }
+    # Only when asked: a registered builder's contract is lr / weight_decay / betas / eps, and the GaLore family's
+    # default is "raise" already. Layer-wise, the engine around the inner optimizers applies the policy.
+    if config.nonfinite != "raise" and config.is_galore and not config.layerwise:
+        kwargs["nonfinite"] = config.nonfinite
     build = config.method.build
     return lambda groups: build(groups, **kwargs)
 
@@ -140,4 +188,10 @@ def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.
     from lowrank_train.optim.layerwise import LayerwiseOptimizer
 
     max_norm = config.optimizer.max_grad_norm or None
-    return LayerwiseOptimizer(groups, factory, accumulation_steps=config.data.grad_accum, max_grad_norm=max_norm)
+    return LayerwiseOptimizer(
+        groups,
+        factory,
+        accumulation_steps=config.data.grad_accum,
+        max_grad_norm=max_norm,
+        nonfinite=config.optimizer.nonfinite,
+    )

@@ -30,6 +30,7 @@ from lowrank_train.train.config_schema import (
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+AUTOCAST_DTYPES = ("bfloat16",)
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
 TRAINABLE = ("lrc", "all", "lrc+galore")
@@ -52,6 +53,9 @@ class RunConfig:
         keep_checkpoints: how many checkpoints to keep on disk (the newest).
         save_final: write a checkpoint at the end of the run.
         dtype: parameter dtype, ``float32`` or ``bfloat16``.
+        autocast: mixed precision: ``bfloat16`` runs forward passes (training and evaluation) under
+            ``torch.autocast(device_type, dtype=torch.bfloat16)`` with parameters and optimizer in ``run.dtype``
+            (what Trainer ``bf16=True`` and accelerate ``mixed_precision="bf16"`` do); ``None`` (default): off.
         activation_checkpointing: recompute block activations in the backward pass.
         loss_chunk_size: tokens per chunk of a chunked cross-entropy that never holds the whole batch's logits
             (``lowrank_train.nn.causal_lm_loss``); 0 uses the model's own loss.
@@ -77,6 +81,7 @@ class RunConfig:
     keep_checkpoints: int = 1
     save_final: bool = True
     dtype: str = "float32"
+    autocast: str | None = None
     activation_checkpointing: bool = False
     loss_chunk_size: int = 0
     device: str = "auto"
@@ -96,6 +101,9 @@ class RunConfig:
                 raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
         check_choice("run.dtype", self.dtype, DTYPES)
         check_choice("run.device", self.device, DEVICES)
+        if self.autocast is not None:
+            # float16 would need a gradient scaler, which the loop does not have.
+            check_choice("run.autocast", self.autocast, AUTOCAST_DTYPES)
         if self.num_threads is not None:
             check_positive("run.num_threads", self.num_threads)
         for sink in self.metrics:

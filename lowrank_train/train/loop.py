@@ -8,6 +8,7 @@ evaluation from :mod:`lowrank_train.train.evaluate`. WeLore's ``compress`` comma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,10 +24,10 @@ from lowrank_train.train.config import TrainConfig
 from lowrank_train.train.estimate import memory_fit_problem
 from lowrank_train.train.evaluate import evaluate, perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
-from lowrank_train.train.plot import plot_run_if_possible
-from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
+from lowrank_train.train.plot import plot_run_if_possible
+from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
 from lowrank_train.train.run_dir import (
     SUMMARY_FILE,
@@ -100,6 +101,11 @@ def train(
         return json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8"))
     log(f"run folder: {output.resolve()}")
 
+    def mixed_precision() -> contextlib.AbstractContextManager:
+        # Forward passes only: backward follows the dtypes autocast chose, and the optimizer sees run.dtype.
+        if run.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, run.autocast))
 
     torch.manual_seed(run.seed)
     model, model_tokenizer = build_model(
@@ -187,7 +193,8 @@ def train(
     )
 
     def run_eval(step: int) -> float:
-        loss = evaluate(model, training_data.heldout, data.batch_size, run.eval_batches, device)
+        with mixed_precision():
+            loss = evaluate(model, training_data.heldout, data.batch_size, run.eval_batches, device)
         metrics.write({"split": "eval", "step": step, "loss": loss, "perplexity": perplexity(loss)})
         log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         return loss
@@ -231,10 +238,11 @@ def train(
         step_loss = torch.zeros((), device=device)
         for _ in range(data.grad_accum):
             batch = next(batches).to(device)
-            if run.loss_chunk_size:
-                loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
-            else:
-                loss = model(input_ids=batch, labels=batch).loss
+            with mixed_precision():
+                if run.loss_chunk_size:
+                    loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss
             (loss / data.grad_accum).backward()
             step_loss += loss.detach().float() / data.grad_accum
         if not layerwise:
@@ -257,7 +265,8 @@ def train(
         done = step + 1
         last_step = done
         lr = optimizer.param_groups[0]["lr"]
-        progress.step(StepStats(done, loss_value, lr, tokens_per_step / max(elapsed, 1e-9), peak_memory_bytes(device)))
+        step_rate = tokens_per_step / max(elapsed, 1e-9)
+        progress.step(StepStats(done, loss_value, lr, step_rate, peak_memory_bytes(device)))
         if done % run.log_every == 0 or done == run.max_steps:
             lr = optimizer.param_groups[0]["lr"]
             tokens_per_second = window_steps * tokens_per_step / max(window_seconds, 1e-9)
@@ -308,6 +317,7 @@ def train(
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "memory_table": table.to_dict(),
         "device": str(device),
+        "autocast": run.autocast,
     }
     # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
     summary["model_folder"] = str(save_run_model(model, tokenizer, output / MODEL_FOLDER, mode=mode, dtype=dtype))

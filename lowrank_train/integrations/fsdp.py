@@ -12,10 +12,15 @@ decides whether a step needs communication:
 
 A basis refresh all-gathers the gradient (``DTensor.full_tensor``, one m x n all-gather every ``update_gap``
 steps, about one FSDP forward all-gather of that weight) and every rank builds the basis from the same matrix;
-the stored basis is then broadcast from the first rank so that the ranks agree bit for bit even if an SVD
-routine were not deterministic. "random" and "identity" projectors are regenerated from the seed: no
-communication at refresh time. The result equals single-process GaLore on the global batch up to the order of
-floating-point sums.
+the new basis is then broadcast from the first rank so that the ranks agree bit for bit even if an SVD
+routine were not deterministic (its quantized codes and the adaptive gap are then computed from identical
+inputs everywhere). "random" and "identity" projectors are regenerated from the seed: no communication at
+refresh time. The result equals single-process GaLore on the global batch up to the order of floating-point
+sums. The non-finite check of every step all-reduces one flag per sharded gradient, so every rank skips or
+refuses the same step.
+
+All of this is :class:`FSDP2Backend`, the :class:`~lowrank_train.optim.backend.ProjectionBackend` that
+:class:`FSDP2GaLore` hands to :class:`~lowrank_train.optim.GaLore`; nothing of GaLore is overridden.
 
 Supported placements: ``Shard(0)`` or ``Replicate()`` on every mesh dimension (FSDP2, HSDP). Layer-wise
 stepping (:class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer`) and INT8 (Q-GaLore) weights are not

@@ -396,6 +396,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_step.md"))
     args = parser.parse_args()
     set_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
 
     out: list[str] = []
     if not args.only_refresh:
@@ -451,6 +452,12 @@ def main() -> None:
             *notes,
         ]
         print("\n".join(out[-3:]), flush=True)
+    conditions = (
+        f"Run conditions: load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
+        f"{os.cpu_count()} cores. Where other jobs share the cores, wall times exceed the CPU times; then compare the "
+        "CPU columns and the in-run ratios, not the wall times of earlier runs."
+    )
+    out = [conditions, "", *out]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     mode = "a" if args.only_refresh and Path(args.out).exists() else "w"
     with open(args.out, mode) as f:

@@ -3,6 +3,7 @@ optimizer (from the optimizer registry, :mod:`lowrank_train.optim.registry`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -81,9 +82,18 @@ def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
         ConfigError: a corpus name that is neither an offline corpus, a local path nor a reachable hub dataset
             (names data.corpus and the offline choices), or a ``data.*`` value the data layer refuses.
     """
-    from lowrank_train.data import check_vocab_fits, open_training_data
+    from lowrank_train.data import check_vocab_fits, offline_corpus_names, open_training_data
+    from lowrank_train.data.corpora import is_hub_source
 
     data = config.data
+    switches = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes") for name in switches)
+    if offline and isinstance(data.corpus, str) and is_hub_source(data.corpus):
+        raise ConfigError(
+            f"data.corpus={data.corpus!r} is neither an offline corpus nor a local file or folder, and the hub is "
+            f"switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): use one of {', '.join(offline_corpus_names())} or "
+            "a local .txt/.jsonl file"
+        )
     try:
         training_data = open_training_data(
             data.corpus,

@@ -1,14 +1,18 @@
 """Model conversion: ``WeLoreConfig``, ``compress_model`` and ``mark_trainable``.
 
-``compress_model`` computes every replacement layer first and swaps them in only at the end, so a failure
-half-way (bad calibration data, an SVD that does not converge, running out of memory) leaves the model as it was.
+``compress_model`` works block by block (:mod:`lowrank_train.welore.blockwise`) and stages every replacement off
+the model, swapping them in only at the end, so a failure half-way (bad calibration data, a factorization that
+fails, running out of memory) leaves the model as it was, and peak memory is the model plus one block's work.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -16,7 +20,15 @@ from torch import Tensor, nn
 
 from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import block_modules, is_dense_linear, replace_module
-from lowrank_train.welore.allocation import STRATEGIES, allocate_ranks, get_strategy
+from lowrank_train.welore.allocation import STRATEGIES, AllocationStrategy, allocate_ranks, get_strategy
+from lowrank_train.welore.blockwise import (
+    STAGING_LOCATIONS,
+    BlockPlan,
+    FactorStaging,
+    block_statistics,
+    chain_mismatch,
+    plan_blocks,
+)
 from lowrank_train.welore.sensitivity import collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
     InputStatistics,
@@ -28,6 +40,7 @@ from lowrank_train.welore.spectrum import (
     model_fingerprint,
     prepare_calibration,
     save_spectra_cache,
+    truncated_factors,
     whitening_factor,
 )
 
@@ -42,6 +55,8 @@ __all__ = [
 ]
 
 TRAINABLE_MODES = ("lrc", "all", "lrc+galore")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,11 @@ class WeLoreConfig:
         asvd_alpha: exponent of ASVD's channel scale ``E[|x|]^alpha``.
         num_threads: torch threads for SVDs and the calibration pass (``None``: leave as is).
         cache_path: optional safetensors file caching singular values across runs.
+        staging: where finished blocks' factors wait until every block is done: ``"memory"`` (CPU tensors),
+            ``"disk"`` (one safetensors file per block, at most the compressed layers' size in all) or ``"auto"``
+            (disk for a model on the CPU, where memory staging would hold every replacement next to the model;
+            CPU memory for a model on an accelerator).
+        staging_dir: folder for the disk staging's temporary files (``None``: the system's temporary directory).
     """
 
     target: float
@@ -71,6 +91,8 @@ class WeLoreConfig:
     asvd_alpha: float = 0.5
     num_threads: int | None = 1
     cache_path: str | None = None
+    staging: str = "auto"
+    staging_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
@@ -90,6 +112,8 @@ class WeLoreConfig:
             raise ValueError(f"asvd_alpha must be > 0, got {self.asvd_alpha}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.staging not in STAGING_LOCATIONS:
+            raise ValueError(f"staging must be one of {STAGING_LOCATIONS}, got {self.staging!r}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +262,148 @@ def _calibration_energy(linear: nn.Linear, layer: LowRankLinear | None, stats: I
     return 1.0 - lost / total if total > 0 else 1.0
 
 
+def _calibration_key(model: nn.Module, linears: Mapping[str, nn.Linear], sequences: Sequence[Tensor]) -> str:
+    # Identifies token calibration for the spectra cache before any statistic exists: the token ids and every
+    # tensor outside the block linears' weights (embeddings, norms, biases), which shape the statistics too (the
+    # block weights are in the cache's fingerprint).
+    digest = hashlib.sha256()
+    for seq in sequences:
+        digest.update(f"{seq.shape[-1]};".encode())
+        digest.update(seq.detach().cpu().long().numpy().tobytes())
+    block_weights = {id(linear.weight) for linear in linears.values()}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if id(tensor) in block_weights:
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"tokens-{digest.hexdigest()[:16]}"
+
+
+def _calibration_source(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    plan: Sequence[BlockPlan],
+    strategy: AllocationStrategy,
+    config: WeLoreConfig,
+    calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+) -> tuple[list[Tensor] | dict[str, InputStatistics] | None, str, dict[str, float] | None]:
+    # What the block passes read their statistics from (token sequences for a CalibrationChain, or statistics
+    # already in memory), the calibration's key for the spectra cache, and the loss weights (output sensitivity).
+    if not strategy.needs_calibration:
+        return None, "", None
+    if calibration is None:
+        raise ValueError(f"strategy {config.strategy!r} is data-aware and needs a calibration set")
+    if isinstance(calibration, Mapping):
+        stats = dict(calibration)
+        missing = sorted(set(linears) - set(stats))
+        if missing:
+            raise ValueError(f"calibration statistics miss {len(missing)} block linears, e.g. {missing[0]!r}")
+        loss_weights = None
+        if strategy.sensitivity:
+            unmeasured = sorted(n for n in linears if stats[n].output_sensitivity is None)
+            if unmeasured:
+                raise ValueError(
+                    f"strategy {config.strategy!r} needs output sensitivities; {len(unmeasured)} statistics "
+                    f"lack them (e.g. {unmeasured[0]!r}): collect them with "
+                    "lowrank_train.welore.collect_calibration_statistics"
+                )
+            loss_weights = {n: float(stats[n].output_sensitivity) for n in linears}
+        return stats, _statistics_key(stats, linears), loss_weights
+    sequences = prepare_calibration(calibration, _input_vocab_size(model))
+    device = next(model.parameters()).device
+    sequences = [seq.to(device) for seq in sequences]
+    loss_weights = None
+    if strategy.sensitivity:
+        # One scalar per layer (a forward and backward per sequence, no parameter gradients): small at any size.
+        loss_weights = collect_output_sensitivity(model, linears, sequences, config.num_threads)
+    key = _calibration_key(model, linears, sequences)
+    reason = chain_mismatch(model, [entry.block for entry in plan], max(sequences, key=lambda s: s.shape[-1]))
+    if reason is not None:
+        warnings.warn(
+            f"compress_model: {reason}, so the blocks cannot be calibrated one at a time; measuring the whole "
+            "model at once instead, with every block linear's statistics in memory",
+            stacklevel=3,
+        )
+        return collect_input_statistics(model, linears, sequences, config.num_threads), key, loss_weights
+    return sequences, key, loss_weights
+
+
+def _weightings(
+    strategy: AllocationStrategy, config: WeLoreConfig, stats: Mapping[str, InputStatistics] | None
+) -> dict[str, dict[str, Tensor]] | None:
+    # Per linear, the keyword arguments of weighted_matrix / truncated_factors; layers that share an input (the
+    # same statistics tensor) share one whitening factor.
+    if stats is None or strategy.weighting == "none":
+        return None
+    if strategy.weighting == "scale":
+        # ASVD: scale channel j by E|x_j|^alpha; the floor keeps dead channels invertible.
+        return {n: {"input_scale": asvd_scale(s.mean_abs, config.asvd_alpha)} for n, s in stats.items()}
+    shrinkage = config.shrinkage if config.shrinkage is not None else strategy.shrinkage
+    factors: dict[int, Tensor] = {}
+    weightings = {}
+    for name, entry in stats.items():
+        key = id(entry.second_moment)
+        if key not in factors:
+            factors[key] = whitening_factor(entry.second_moment, config.damping, shrinkage)
+        weightings[name] = {"whitening": factors[key]}
+    return weightings
+
+
+def _spectrum_kind(strategy: AllocationStrategy, config: WeLoreConfig, key: str) -> str:
+    if strategy.weighting == "whiten":
+        shrinkage = config.shrinkage if config.shrinkage is not None else strategy.shrinkage
+        shrunk = f"shrink{shrinkage:g}:" if shrinkage > 0.0 else ""  # unshrunk keys match older caches
+        return f"whiten:{config.damping:g}:{shrunk}{key}"
+    if strategy.weighting == "scale":
+        return f"scale:{config.asvd_alpha:g}:{key}"
+    return "plain"
+
+
+def _lowrank_layer(linear: nn.Linear, factor_out: Tensor, factor_in: Tensor) -> LowRankLinear:
+    # A LowRankLinear holding the given factors (cast to the layer's dtype and device, as from_linear copies them),
+    # built on the meta device first so that no random init is paid for.
+    weight = linear.weight
+    layer = LowRankLinear(
+        linear.in_features,
+        linear.out_features,
+        factor_out.shape[1],
+        bias=linear.bias is not None,
+        device="meta",
+        dtype=weight.dtype,
+    )
+    layer.factor_out = nn.Parameter(factor_out.detach().to(weight.device, weight.dtype))
+    layer.factor_in = nn.Parameter(factor_in.detach().to(weight.device, weight.dtype))
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.detach().clone())
+    return layer
+
+
+def _swap_in(model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging) -> None:
+    # Block by block: load the staged factors, swap them in, drop the dense layer (the plan holds the last
+    # reference that compress_model keeps), so the model never holds more than one block's replacements extra.
+    staged = set(staging.keys())
+    swapped: list[str] = []
+    try:
+        for entry in plan:
+            if entry.name not in staged:
+                continue
+            device = next(iter(entry.linears.values())).weight.device
+            tensors = staging.take(entry.name, device)
+            for name in [n for n in entry.linears if f"{n}.factor_out" in tensors]:
+                linear = entry.linears.pop(name)
+                layer = _lowrank_layer(linear, tensors.pop(f"{name}.factor_out"), tensors.pop(f"{name}.factor_in"))
+                replace_module(model, name, layer)
+                swapped.append(name)
+                del linear, layer
+    except Exception as error:
+        if swapped:
+            error.add_note(
+                f"compress_model failed while swapping in factors it had computed and checked: {len(swapped)} "
+                f"layers (the last {swapped[-1]!r}) are already low-rank, the rest are dense"
+            )
+        raise
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -246,6 +412,21 @@ def compress_model(
 ) -> CompressionReport:
     """Replace the block linears selected by the allocation with :class:`LowRankLinear` layers, in place.
 
+    Everything runs block by block (issue 14; :mod:`lowrank_train.welore.blockwise`), in two passes, because the
+    ranks depend on every matrix's spectrum:
+
+    1. for each block: its linears' input statistics (calibration activations pushed through one block at a
+       time), their whitening or scaling, the (weighted) spectra; then the block's statistics are freed. The
+       spectra (``min(m, n)`` numbers per matrix) are all that is kept, and the ``cache_path`` file can supply
+       them instead.
+    2. ranks are allocated from all spectra, then for each block again: statistics, weighting, the factors of
+       its Low-Rank Components at their ranks, staged off the model (``config.staging``).
+
+    Only after every block succeeded are the staged factors swapped in, block by block, so peak memory is the
+    model plus about one block's working set (its float64 statistics, weighting factors and one
+    factorization), and a failure half-way leaves the model as it was. The results equal a whole-model pass
+    (the blocks see the same inputs, the dense model's), up to the factorization's rounding.
+
     Args:
         model: a causal LM (any module whose transformer blocks sit in an ``nn.ModuleList``).
         config: target, strategy and numerics.
@@ -253,7 +434,8 @@ def compress_model(
             ``(seq_len,)`` tensors (a few dozen sequences suffice), or the statistics that
             :func:`~lowrank_train.welore.sensitivity.collect_calibration_statistics` (or, for strategies that
             need no output sensitivity, ``collect_input_statistics``) returned for this model, to compress at
-            several targets with one calibration pass. Ignored by data-free strategies.
+            several targets with one calibration pass (they are all in memory already; the passes hand them out
+            block by block). Ignored by data-free strategies.
 
     Returns:
         Per-matrix ranks, LRC/N-LRC, and parameter totals.
@@ -269,76 +451,65 @@ def compress_model(
     strategy = get_strategy(config.strategy)
     linears = find_block_linears(model)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
-
-    weightings: dict[str, dict[str, Tensor]] | None = None
-    stats: dict[str, InputStatistics] | None = None
-    loss_weights: dict[str, float] | None = None
-    kind = "plain"
-    if strategy.needs_calibration:
-        if calibration is None:
-            raise ValueError(f"strategy {config.strategy!r} is data-aware and needs a calibration set")
-        if isinstance(calibration, Mapping):
-            stats = dict(calibration)
-            missing = sorted(set(linears) - set(stats))
-            if missing:
-                raise ValueError(f"calibration statistics miss {len(missing)} block linears, e.g. {missing[0]!r}")
-            if strategy.sensitivity:
-                unmeasured = sorted(n for n in linears if stats[n].output_sensitivity is None)
-                if unmeasured:
-                    raise ValueError(
-                        f"strategy {config.strategy!r} needs output sensitivities; {len(unmeasured)} statistics "
-                        f"lack them (e.g. {unmeasured[0]!r}): collect them with "
-                        "lowrank_train.welore.collect_calibration_statistics"
-                    )
-        else:
-            sequences = prepare_calibration(calibration, _input_vocab_size(model))
-            stats = collect_input_statistics(model, linears, sequences, config.num_threads)
-            if strategy.sensitivity:
-                sensitivity = collect_output_sensitivity(model, linears, sequences, config.num_threads)
-                stats = {n: replace(s, output_sensitivity=sensitivity[n]) for n, s in stats.items()}
-        if strategy.sensitivity:
-            loss_weights = {n: float(stats[n].output_sensitivity) for n in linears}
-        key = _statistics_key(stats, linears)
-        shrinkage = config.shrinkage if config.shrinkage is not None else strategy.shrinkage
+    plan = plan_blocks(model, linears)
+    device = next(iter(linears.values())).weight.device
+    location = config.staging if config.staging != "auto" else ("disk" if device.type == "cpu" else "memory")
+    was_training = model.training
+    model.eval()
+    try:
         with limit_threads(config.num_threads):
-            if strategy.weighting == "whiten":
-                weightings = {
-                    n: {"whitening": whitening_factor(s.second_moment, config.damping, shrinkage)}
-                    for n, s in stats.items()
-                }
-                shrunk = f"shrink{shrinkage:g}:" if shrinkage > 0.0 else ""  # unshrunk keys match older caches
-                kind = f"whiten:{config.damping:g}:{shrunk}{key}"
-            elif strategy.weighting == "scale":
-                # ASVD: scale channel j by E|x_j|^alpha; the floor keeps dead channels invertible.
-                weightings = {n: {"input_scale": asvd_scale(s.mean_abs, config.asvd_alpha)} for n, s in stats.items()}
-                kind = f"scale:{config.asvd_alpha:g}:{key}"
+            source, key, loss_weights = _calibration_source(model, linears, plan, strategy, config, calibration)
+            kind = _spectrum_kind(strategy, config, key)
+            spectra = None
+            fingerprint = ""
+            if config.cache_path is not None:
+                fingerprint = model_fingerprint(linears)
+                spectra = load_spectra_cache(config.cache_path, fingerprint, kind)
+                if spectra is not None and set(spectra) != set(linears):
+                    spectra = None  # written for another set of layers of the same weights: recompute
+            if spectra is None:
+                spectra = {}
+                # A plain loop, not enumerate: enumerate's reused result tuple would keep the previous block's
+                # statistics alive while the next block's are accumulated.
+                for entry, stats in block_statistics(model, plan, source):
+                    start = time.perf_counter()
+                    weightings = _weightings(strategy, config, stats)
+                    del stats  # only the weighting is needed from here on
+                    spectra.update(compute_spectra(entry.linears, weightings, config.num_threads))
+                    del weightings
+                    logger.info("spectra of %s in %.1f s", entry.name, time.perf_counter() - start)
+                if config.cache_path is not None:
+                    save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
 
-    spectra = None
-    fingerprint = ""
-    if config.cache_path is not None:
-        fingerprint = model_fingerprint(linears)
-        spectra = load_spectra_cache(config.cache_path, fingerprint, kind)
-        if spectra is not None and set(spectra) != set(linears):
-            spectra = None  # written for another set of layers of the same weights: recompute
-    if spectra is None:
-        spectra = compute_spectra(linears, weightings, config.num_threads)
-        if config.cache_path is not None:
-            save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
+            allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
 
-    allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
-
-    # Build every replacement before touching the model.
-    replacements: dict[str, LowRankLinear] = {}
-    with limit_threads(config.num_threads):
-        for name, linear in linears.items():
-            if allocation.lrc[name]:
-                extra = weightings[name] if weightings is not None else {}
-                replacements[name] = LowRankLinear.from_linear(linear, allocation.ranks[name], **extra)
-        energies = {}
-        if stats is not None:
-            energies = {n: _calibration_energy(linears[n], replacements.get(n), stats[n]) for n in linears}
-    for name, layer in replacements.items():
-        replace_module(model, name, layer)
+            # A dense layer keeps all of its calibration energy (as _calibration_energy says).
+            energies: dict[str, float] = dict.fromkeys(linears, 1.0) if source is not None else {}
+            del linears  # from here on the plan holds the only references to the dense layers
+            with FactorStaging(location, config.staging_dir) as staging:
+                for entry, stats in block_statistics(model, plan, source, allocation.lrc):
+                    start = time.perf_counter()
+                    weightings = _weightings(strategy, config, stats)
+                    tensors: dict[str, Tensor] = {}
+                    for name, linear in entry.linears.items():
+                        if not allocation.lrc[name]:
+                            continue
+                        extra = weightings[name] if weightings is not None else {}
+                        factor_out, factor_in = truncated_factors(linear.weight, allocation.ranks[name], **extra)
+                        layer = _lowrank_layer(linear, factor_out, factor_in)
+                        if stats is not None:
+                            energies[name] = _calibration_energy(linear, layer, stats[name])
+                        tensors[f"{name}.factor_out"] = layer.factor_out
+                        tensors[f"{name}.factor_in"] = layer.factor_in
+                        del factor_out, factor_in, layer
+                    if tensors:
+                        staging.put(entry.name, tensors)
+                    del stats, weightings, tensors
+                    logger.info("factors of %s in %.1f s", entry.name, time.perf_counter() - start)
+                staging.check()
+                _swap_in(model, plan, staging)
+    finally:
+        model.train(was_training)
 
     matrices = []
     for name, (m, n) in shapes.items():

@@ -1,4 +1,4 @@
-"""``lowrank-train``: pretrain | compress | finetune | estimate (YAML config + ``key=value`` overrides) | export.
+"""``lowrank-train``: pretrain | compress | finetune | estimate (YAML + ``key=value``) | export | plot.
 
 Examples::
 
@@ -9,6 +9,7 @@ Examples::
     lowrank-train finetune recipes/configs/welore_finetune.yaml
     lowrank-train estimate recipes/configs/llama_7b_qgalore_16gb.yaml
     lowrank-train export runs/demo --step 40
+    lowrank-train plot runs/demo
 
 Start-up: this module imports only the standard library. ``--help`` and argument errors return before torch or
 transformers is imported (issue 15 item 6, ``benchmarks/cli_startup.py``); each command imports what it uses.
@@ -28,13 +29,14 @@ for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 CONFIG_COMMANDS = ("pretrain", "compress", "finetune", "estimate")
-COMMANDS = (*CONFIG_COMMANDS, "export")
+COMMANDS = (*CONFIG_COMMANDS, "export", "plot")
 HELPS = {
     "pretrain": "train a model (from shapes or a pretrained path) on a corpus",
     "compress": "WeLore-compress a pretrained model; perplexity before and after",
     "finetune": "fine-tune a WeLore-compressed model",
     "estimate": "print the predicted memory of a run, component by component",
     "export": "write a Hugging Face model folder from a run's checkpoint",
+    "plot": "write PNGs of loss, learning rate and throughput from a run's metrics.jsonl",
 }
 
 
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "--out", default=None, help="destination folder (default: RUN_DIR/model, or RUN_DIR/model-step-N)"
             )
             continue
+        if name == "plot":
+            command.add_argument("run_dir", help="a run folder holding metrics.jsonl")
+            command.add_argument("--out", default=None, help="destination folder (default: RUN_DIR/plots)")
+            continue
         command.lists_optimizers = name != "compress"
         command.add_argument("config", help="YAML config, e.g. recipes/configs/demo.yaml")
         command.add_argument(
@@ -128,6 +134,12 @@ def _run(args: argparse.Namespace) -> None:
 
         folder = export_checkpoint(args.run_dir, step=args.step, out=args.out)
         _print(f"exported {folder} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+        return
+    if args.command == "plot":
+        from lowrank_train.train.plot import plot_run
+
+        for path in plot_run(args.run_dir, out=args.out):
+            _print(f"wrote {path}")
         return
     from lowrank_train.train.config import load_config
 

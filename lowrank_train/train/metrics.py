@@ -68,7 +68,8 @@ class MetricsWriter:
                 raise ModuleNotFoundError("run.metrics has wandb, which is not installed: pip install wandb")
             import wandb
 
-            self._wandb = wandb.init(name=run_name, config=dict(config or {}), resume="allow")
+            # Files (offline runs: WANDB_MODE=offline) go into the run folder, not the working directory.
+            self._wandb = wandb.init(name=run_name, config=dict(config or {}), resume="allow", dir=str(output_dir))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` (must have ``"step"`` and ``"split"``) and send its numbers to the other sinks."""

@@ -8,38 +8,42 @@ evaluation from :mod:`lowrank_train.train.evaluate`. WeLore's ``compress`` comma
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lowrank_train.nn.chunked_loss import causal_lm_loss
+from lowrank_train.train.checkpoint import read_meta
 from lowrank_train.train.config import TrainConfig
 from lowrank_train.train.estimate import memory_fit_problem
 from lowrank_train.train.evaluate import evaluate, perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
-from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes
+from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
 from lowrank_train.train.plot import plot_run_if_possible
 from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
 from lowrank_train.train.run_dir import (
     SUMMARY_FILE,
+    ResumeError,
     checkpoint_state,
     prepare_output_dir,
     restore_checkpoint,
     save_run_checkpoint,
     write_json,
 )
-from lowrank_train.train.schedule import lr_factor, set_learning_rate
+from lowrank_train.train.schedule import extend_schedule, schedule_segment, segment_lr_factor, set_learning_rate
 from lowrank_train.train.setup import (
     build_optimizer,
     finetune_param_groups,
-    load_run_data,
     load_run_tokenizer,
+    open_run_data,
     prepare_model,
     pretrain_param_groups,
     resolve_device,
@@ -86,8 +90,22 @@ def train(
         problem = memory_fit_problem(config, device)
         if problem:
             raise MemoryError(f"{problem} (set run.check_memory=false to try anyway)")
-    output, resume_from = prepare_output_dir(config, resume)
+    output, resume_from = prepare_output_dir(config, resume, log=log)
+    saved_meta = read_meta(resume_from) if resume_from is not None else {}
+    if resume_from is not None and int(saved_meta["step"]) >= run.max_steps and (output / SUMMARY_FILE).is_file():
+        # Issue 15 item 4: a finished run resumed with the same max_steps changes nothing and appends nothing.
+        log(
+            f"the run in {output} is already complete at step {saved_meta['step']} (run.max_steps={run.max_steps}); "
+            "nothing to do. Pass a larger run.max_steps to continue it"
+        )
+        return json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8"))
     log(f"run folder: {output.resolve()}")
+
+    def mixed_precision() -> contextlib.AbstractContextManager:
+        # Forward passes only: backward follows the dtypes autocast chose, and the optimizer sees run.dtype.
+        if run.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, run.autocast))
 
     torch.manual_seed(run.seed)
     model, model_tokenizer = build_model(
@@ -98,7 +116,18 @@ def train(
         seed=run.seed,
     )
     tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
-    packed = load_run_data(config, tokenizer, model.get_input_embeddings().num_embeddings)
+    training_data = open_run_data(config, tokenizer, model.get_input_embeddings().num_embeddings)
+    if resume_from is not None and saved_meta.get("data_fingerprint", training_data.fingerprint) != (
+        training_data.fingerprint
+    ):
+        if not run.allow_data_change:
+            raise ResumeError(
+                f"--resume: the data changed since the checkpoint in {resume_from} (the text of data.corpus="
+                f"{config.data.corpus!r}, the tokenizer or data.seq_len: fingerprint "
+                f"{saved_meta['data_fingerprint'][:12]}, now {training_data.fingerprint[:12]}). Restore the data, "
+                "or pass run.allow_data_change=true to continue on the new data"
+            )
+        log("resume: the data changed since the checkpoint; continuing on the new data (run.allow_data_change)")
     model = prepare_model(model, config, device)
 
     if mode == "finetune":
@@ -109,23 +138,49 @@ def train(
     trainable = [p for g in groups for p in g["params"]]
     layerwise = config.optimizer.layerwise
 
+    data = config.data
     start_step, tokens_done, train_seconds = 0, 0, 0.0
+    # The train loss of every step: logging windows are cut at multiples of run.log_every from these, so a resumed
+    # run logs what the uninterrupted run logs whatever log_every either used (issue 12 item 6).
+    step_losses: list[float] = []
+    schedule = schedule_segment(run.max_steps)
+    batches = training_data.train_batches()
     if resume_from is not None:
         point = restore_checkpoint(resume_from, model, optimizer, device)
         start_step, tokens_done, train_seconds = point.step, point.tokens, point.train_seconds
+        # Checkpoints written before the losses were stored: unknown steps are NaN, left out of their window.
+        step_losses = (point.step_losses + [math.nan] * start_step)[:start_step]
+        if point.data is not None and saved_meta.get("data_fingerprint") == training_data.fingerprint:
+            batches.load_state_dict(point.data)
+        else:  # older checkpoints, or new data (run.allow_data_change): the same position, counted in batches
+            batches = training_data.train_batches(start_step * data.grad_accum)
+        saved_max = int(saved_meta["config"]["run"]["max_steps"])
+        schedule = point.schedule or schedule_segment(saved_max)
         log(f"resumed from {resume_from} at step {start_step}")
+        if run.max_steps != int(schedule["max_steps"]):
+            schedule = extend_schedule(
+                schedule,
+                step=start_step,
+                max_steps=run.max_steps,
+                warmup_steps=config.schedule.warmup_steps,
+                min_lr_ratio=config.schedule.min_lr_ratio,
+                kind=config.schedule.kind,
+            )
+            log(
+                f"resume: run.max_steps {int(saved_max)} -> {run.max_steps}: the learning rate continues from "
+                f"{config.optimizer.lr * schedule['start_factor']:.3e} at step {start_step} and follows a cosine "
+                f"down to {config.optimizer.lr * config.schedule.min_lr_ratio:.3e} at step {run.max_steps}"
+                if int(schedule["start_step"])
+                else f"resume: run.max_steps {int(saved_max)} -> {run.max_steps}: the schedule is stretched to the "
+                "new max_steps (no decay had started)"
+            )
 
-    from lowrank_train.data import iterate_batches
-
-    data = config.data
     tokens_per_step = data.batch_size * data.seq_len * data.grad_accum
-    batches: Iterator[torch.Tensor] = iterate_batches(
-        packed.train, data.batch_size, seed=run.seed, start_step=start_step * data.grad_accum
-    )
     metrics = MetricsWriter(
         output,
         run.metrics,
         resume_step=start_step if resume_from is not None else None,
+        log=log,
         run_name=output.name,
         config=config.to_dict(),
     )
@@ -134,22 +189,32 @@ def train(
     log(
         f"{mode}: {type(model).__name__} with {num_params / 1e6:.2f}M parameters ({num_trainable / 1e6:.2f}M "
         f"trainable), optimizer {config.optimizer.name}{' (layer-wise)' if layerwise else ''}, {run.dtype} on "
-        f"{device}; {packed.train.shape[0]} training sequences of {data.seq_len} tokens from {data.corpus!r}, "
-        f"{tokens_per_step} tokens per step"
+        f"{device}; {training_data.describe()}, {tokens_per_step} tokens per step"
     )
 
     def run_eval(step: int) -> float:
-        loss = evaluate(model, packed.heldout, data.batch_size, run.eval_batches, device)
+        with mixed_precision():
+            loss = evaluate(model, training_data.heldout, data.batch_size, run.eval_batches, device)
         metrics.write({"split": "eval", "step": step, "loss": loss, "perplexity": perplexity(loss)})
         log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         return loss
 
     def checkpoint(step: int) -> None:
-        state = checkpoint_state(model, optimizer, device, step=step, tokens=tokens_done, train_seconds=train_seconds)
-        save_run_checkpoint(output, config, mode, state)
+        state = checkpoint_state(
+            model,
+            optimizer,
+            device,
+            step=step,
+            tokens=tokens_done,
+            train_seconds=train_seconds,
+            data=batches.state_dict(),
+            step_losses=step_losses,
+            schedule=schedule,
+        )
+        save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
 
     eval_loss = run_eval(0) if resume_from is None else None
-    window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+    window_steps, window_seconds = 0, 0.0
     last_step = start_step
     # A bar in a terminal, plain lines elsewhere; messages while the bar is drawn go above it.
     progress = RunProgress(total=run.max_steps, start=start_step, log=log)
@@ -161,9 +226,9 @@ def train(
             return {"stopped_at": step}
         set_learning_rate(
             optimizer,
-            lr_factor(
+            segment_lr_factor(
                 step,
-                max_steps=run.max_steps,
+                segment=schedule,
                 warmup_steps=config.schedule.warmup_steps,
                 min_lr_ratio=config.schedule.min_lr_ratio,
                 kind=config.schedule.kind,
@@ -173,10 +238,11 @@ def train(
         step_loss = torch.zeros((), device=device)
         for _ in range(data.grad_accum):
             batch = next(batches).to(device)
-            if run.loss_chunk_size:
-                loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
-            else:
-                loss = model(input_ids=batch, labels=batch).loss
+            with mixed_precision():
+                if run.loss_chunk_size:
+                    loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss
             (loss / data.grad_accum).backward()
             step_loss += loss.detach().float() / data.grad_accum
         if not layerwise:
@@ -193,7 +259,7 @@ def train(
             )
         tokens_done += tokens_per_step
         train_seconds += elapsed
-        window_loss += loss_value
+        step_losses.append(loss_value)
         window_steps += 1
         window_seconds += elapsed
         done = step + 1
@@ -205,26 +271,34 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             tokens_per_second = window_steps * tokens_per_step / max(window_seconds, 1e-9)
             peak = peak_memory_bytes(device)
+            window = [x for x in step_losses[(done - 1) // run.log_every * run.log_every : done] if not math.isnan(x)]
             record = {
                 "split": "train",
                 "step": done,
-                "loss": window_loss / window_steps,
+                "loss": sum(window) / len(window),
                 "lr": lr,
                 "tokens_per_s": tokens_per_second,
                 "tokens": tokens_done,
                 "peak_memory_bytes": peak,
             }
+            skipped = getattr(optimizer, "skipped_steps", None)  # optimizer.nonfinite="skip"
+            if isinstance(skipped, int):
+                record["skipped_steps"] = skipped
             metrics.write(record)
             progress.interval(StepStats(done, record["loss"], lr, tokens_per_second, peak))
-            window_loss, window_steps, window_seconds = 0.0, 0, 0.0
+            window_steps, window_seconds = 0, 0.0
         if run.eval_every and done % run.eval_every == 0 and done != run.max_steps:
             eval_loss = run_eval(done)
         if run.save_every and done % run.save_every == 0 and done != run.max_steps:
             checkpoint(done)
 
-    if eval_loss is None or last_step != 0:
+    finished_before = resume_from is not None and start_step >= run.max_steps
+    earlier = [r["loss"] for r in read_metrics(output) if r["split"] == "eval" and r["step"] == last_step]
+    if finished_before and earlier:  # killed after its final checkpoint, before summary.json: nothing to redo
+        eval_loss = earlier[-1]
+    else:
         eval_loss = run_eval(last_step)
-    if run.save_final:
+    if run.save_final and not finished_before:
         checkpoint(last_step)
     progress.close()
     table = memory_table(model, optimizer, config.optimizer.name, dtype)
@@ -243,6 +317,7 @@ def train(
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
         "memory_table": table.to_dict(),
         "device": str(device),
+        "autocast": run.autocast,
     }
     # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
     summary["model_folder"] = str(save_run_model(model, tokenizer, output / MODEL_FOLDER, mode=mode, dtype=dtype))

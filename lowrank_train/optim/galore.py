@@ -275,26 +275,26 @@ class GaLore(torch.optim.Optimizer):
                 index += 1
         raise ValueError(f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
 
-    def _gradients(self) -> list[tuple[str, torch.Tensor]]:
-        """(label, tensor) of every gradient the next step would apply: each ``.grad`` and each projected
-        accumulator."""
+    def _gradients(self) -> list[tuple[Callable[[], str], torch.Tensor]]:
+        """(label maker, tensor) of every gradient the next step would apply: each ``.grad`` and each projected
+        accumulator. Labels are only formatted for an error."""
         found = []
         for group in self.param_groups:
             for local, p in enumerate(group["params"]):
                 accum = self.state[p].get("grad_accum") if p in self.state else None
                 for grad, where in ((p.grad, ""), (accum, " (its projected accumulator)")):
                     if grad is not None:
-                        found.append((_param_label(group, local, p) + where, grad))
+                        found.append((lambda g=group, i=local, q=p, w=where: _param_label(g, i, q) + w, grad))
         return found
 
-    def _nonfinite(self, gradients: list[tuple[str, torch.Tensor]]) -> list[str]:
+    def _nonfinite(self, gradients: list[tuple[Callable[[], str], torch.Tensor]]) -> list[str]:
         """Labels of the non-finite tensors among ``gradients``: one host synchronisation for all of them."""
         if not gradients:
             return []
         finite = self.backend.finite_flags([g for _, g in gradients]).cpu()
         if bool(finite.all()):
             return []
-        return [label for (label, _), ok in zip(gradients, finite.tolist(), strict=True) if not ok]
+        return [label() for (label, _), ok in zip(gradients, finite.tolist(), strict=True) if not ok]
 
     def _refuse_or_skip(self, bad: list[str], where: str) -> None:
         """Applies the non-finite policy to a step (or micro-batch) whose gradients ``bad`` hold NaN/Inf."""
@@ -473,7 +473,7 @@ class GaLore(torch.optim.Optimizer):
         state = self.state.get(param)
         due = not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
         if due and get_projector(group["projector"]).uses_gradient:
-            bad = self._nonfinite([(label, param.grad)])
+            bad = self._nonfinite([(lambda: label, param.grad)])
             if bad:
                 self._refuse_or_skip(bad, "accumulate_grad (a basis refresh was due)")
                 param.grad = None

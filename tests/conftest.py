@@ -24,3 +24,21 @@ def tiny_llama():
         max_position_embeddings=128,
     )
     return LlamaForCausalLM(config)
+
+
+# The device-sensitive tests run on every device: `pytest -m cuda` selects their CUDA cases on a GPU machine; on a
+# CPU-only machine those cases are collected and skipped with a reason, so the summary shows how many (issue 13).
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda",
+        id="cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device-sensitive test once per device: ``cpu``, and ``cuda`` (marked ``cuda``, skipped without one)."""
+    return torch.device(request.param)

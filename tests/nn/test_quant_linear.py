@@ -86,16 +86,17 @@ def brute_force_quantization(weight, bits, group_size):
 
 
 @pytest.mark.parametrize("n_in,n_out,bias,bits,group_size,dtype,tol", LAYER_CASES)
-def test_forward_and_gradients_match_independent_reference(n_in, n_out, bias, bits, group_size, dtype, tol):
+def test_forward_and_gradients_match_independent_reference(n_in, n_out, bias, bits, group_size, dtype, tol, device):
     """Reference: F.linear with the weight quantized by the brute-force oracle above, never the layer's own
     dequantization; and the layer's weight stays within half a quantization step of the original float weight."""
     linear = make_float(n_in, n_out, bias)
     original = linear.weight.detach().double().clone()
     oracle, steps = brute_force_quantization(linear.weight, bits, group_size)
-    layer = QuantLinear.from_linear(linear, bits, group_size).to(dtype)
+    layer = QuantLinear.from_linear(linear, bits, group_size).to(device, dtype)
+    original, oracle, steps = original.to(device), oracle.to(device), steps.to(device)
     assert ((layer.dequantized_weight(torch.float64) - original).abs() <= steps / 2 * (1 + 1e-6)).all()
     torch.testing.assert_close(layer.dequantized_weight(torch.float64), oracle, rtol=1e-6, atol=1e-9)
-    x = torch.randn(3, 5, n_in, dtype=dtype, requires_grad=True)
+    x = torch.randn(3, 5, n_in, dtype=dtype).to(device).requires_grad_(True)
     weight = oracle.to(dtype).requires_grad_(True)
     bias_ref = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -122,17 +123,17 @@ AUTOCAST_CASES = [
 
 
 @pytest.mark.parametrize("amp_dtype,bits,bias,tol", AUTOCAST_CASES)
-def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bias, tol):
+def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bias, tol, device):
     """Issue 13: under autocast grad_out is half precision while the input was fp32; the weight-gradient matmul
     used to fail (`expected m1 and m2 to have the same dtype`). Reference: nn.Linear holding the dequantized
     weight, fp32 parameters, the same CPU autocast (the path Trainer bf16=True / accelerate take)."""
-    layer = make_layer(32, 16, bias, bits, 32)
-    reference = nn.Linear(32, 16, bias=bias)
+    layer = make_layer(32, 16, bias, bits, 32).to(device)
+    reference = nn.Linear(32, 16, bias=bias).to(device)
     with torch.no_grad():
         reference.weight.copy_(layer.dequantized_weight(torch.float32))
         if bias:
             reference.bias.copy_(layer.bias)
-    x = torch.randn(3, 5, 32, requires_grad=True)
+    x = torch.randn(3, 5, 32).to(device).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     saved = []
 
@@ -140,9 +141,9 @@ def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bia
         saved.append((tuple(tensor.shape), tensor.dtype))
         return tensor
 
-    with torch.autocast("cpu", dtype=amp_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast(device.type, dtype=amp_dtype), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
-    with torch.autocast("cpu", dtype=amp_dtype):
+    with torch.autocast(device.type, dtype=amp_dtype):
         expected = reference(x_ref)
     assert out.dtype == expected.dtype == amp_dtype
     assert [dtype for shape, dtype in saved if shape == (3, 5, 32)] == [amp_dtype]  # input saved cast, as nn.Linear
@@ -160,7 +161,7 @@ def test_autocast_matches_nn_linear_under_the_same_autocast(amp_dtype, bits, bia
     # backward called inside the autocast region gives the same gradients (dtypes are fixed in forward)
     first = layer.weight.grad.clone()
     layer.weight.grad = None
-    with torch.autocast("cpu", dtype=amp_dtype):
+    with torch.autocast(device.type, dtype=amp_dtype):
         layer(x).backward(grad_out)
     torch.testing.assert_close(layer.weight.grad, first, rtol=0, atol=0)
 
@@ -246,25 +247,25 @@ def test_link_survives_to_deepcopy_pickle_and_state_dict():
     torch.testing.assert_close(fresh.dequantized_weight(), expected, atol=0.05, rtol=0)
 
 
-def test_write_back_is_unbiased_and_reproducible():
-    base = make_layer(64, 4, False, 8, 64)
+def test_write_back_is_unbiased_and_reproducible(device):
+    base = make_layer(64, 4, False, 8, 64).to(device)
     start = base.dequantized_weight()
     step = base.weight_scales.repeat_interleave(64).reshape(4, 64)
     update = 0.3 * step  # a third of a step: round-to-nearest would drop it
     draws = []
     for seed in range(300):
         layer = copy.deepcopy(base)
-        apply_quantized_update(layer.weight, update, generator=torch.Generator().manual_seed(seed))
+        apply_quantized_update(layer.weight, update, generator=torch.Generator(device).manual_seed(seed))
         draws.append(layer.dequantized_weight())
     mean = torch.stack(draws).mean(0)
     standard_error = 0.5 * step / 300**0.5
     assert ((mean - (start + update)).abs() <= 5 * standard_error + 1e-3 * step).all()
     idle = copy.deepcopy(base)
-    apply_quantized_update(idle.weight, torch.zeros(4, 64), generator=torch.Generator())
+    apply_quantized_update(idle.weight, torch.zeros(4, 64, device=device), generator=torch.Generator(device))
     assert torch.equal(idle.weight_codes, base.weight_codes)  # re-quantizing grid points is exact, even with SR
     first, second = copy.deepcopy(base), copy.deepcopy(base)
     for layer in (first, second):
-        apply_quantized_update(layer.weight, update, generator=torch.Generator().manual_seed(5))
+        apply_quantized_update(layer.weight, update, generator=torch.Generator(device).manual_seed(5))
     assert torch.equal(first.weight_codes, second.weight_codes)
 
 

@@ -9,15 +9,15 @@ from lowrank_train import GaLore, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit,
 from lowrank_train.projection import svd_basis
 
 
-def make_params(seed: int = 0, dtype=torch.float32) -> list[nn.Parameter]:
+def make_params(seed: int = 0, dtype=torch.float32, device="cpu") -> list[nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     shapes = [(24, 40), (40, 24), (16, 16), (16,)]
-    return [nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in shapes]
+    return [nn.Parameter(torch.randn(*s, generator=g).to(device, dtype)) for s in shapes]
 
 
 def fake_grads(step: int, params, seed: int = 100) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed + step)
-    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=g).to(p.device, p.dtype) for p in params]
 
 
 def run(opt, params, steps: int, start: int = 0) -> None:
@@ -29,8 +29,8 @@ def run(opt, params, steps: int, start: int = 0) -> None:
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_identity_projection_reproduces_torch_adamw(weight_decay):
-    ours, ref = make_params(), make_params()
+def test_identity_projection_reproduces_torch_adamw(weight_decay, device):
+    ours, ref = make_params(device=device), make_params(device=device)
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
     opt = GaLoreAdamW(
         [{"params": ours[:3], "rank": 16, "projector": "identity", "scale": 1.0}, {"params": ours[3:]}], **kw
@@ -63,11 +63,11 @@ def accumulate_reference(base_cls, w0, grads, basis, scale, **kw):
     [(GaLoreAdamW, torch.optim.AdamW), (GaLoreAdamW8bit, bnb.optim.AdamW8bit)],
     ids=["adamw", "adamw8bit"],
 )
-def test_lowrank_step_is_the_base_optimizer_on_projected_gradients(ours_cls, base_cls):
+def test_lowrank_step_is_the_base_optimizer_on_projected_gradients(ours_cls, base_cls, device):
     torch.manual_seed(0)
-    w = nn.Parameter(torch.randn(64, 1024))  # r x n = 8192 elements: bitsandbytes uses 8-bit states
+    w = nn.Parameter(torch.randn(64, 1024).to(device))  # r x n = 8192 elements: bitsandbytes uses 8-bit states
     w0 = w.detach().clone()
-    grads = [torch.randn(64, 1024) for _ in range(6)]
+    grads = [torch.randn(64, 1024).to(device) for _ in range(6)]
     rank, scale = 8, 0.5
     opt = ours_cls([{"params": [w], "rank": rank, "update_gap": 1000, "scale": scale}], lr=1e-2, weight_decay=0.0)
     basis = svd_basis(grads[0], rank)
@@ -112,20 +112,20 @@ OPTIMIZERS = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("cls, options", OPTIMIZERS, ids=lambda x: getattr(x, "__name__", str(x)))
-def test_state_dict_round_trip_through_weights_only_load(cls, options, dtype):
+def test_state_dict_round_trip_through_weights_only_load(cls, options, dtype, device):
     def build(params):
         groups = [{"params": params[:3], "rank": 4, "update_gap": 4, **options}, {"params": params[3:]}]
         return cls(groups, lr=1e-2, weight_decay=0.01)
 
-    params = make_params(dtype=dtype)
+    params = make_params(dtype=dtype, device=device)
     opt = build(params)
     run(opt, params, 6)  # stops mid-gap: last refresh at step 4
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = torch.load(buffer, weights_only=True, map_location="cpu")  # load to the CPU, then move (issue 13)
 
-    resumed = [nn.Parameter(t.clone()) for t in saved["params"]]
+    resumed = [nn.Parameter(t.to(device)) for t in saved["params"]]
     opt2 = build(resumed)
     opt2.load_state_dict(saved["opt"])
     stores_basis = options.get("projector", "svd") in ("svd", "rsvd")  # "random" regenerates it from the seed

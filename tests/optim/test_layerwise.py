@@ -96,13 +96,13 @@ def assert_same_params(a: nn.Module, b: nn.Module, atol=1e-6, rtol=1e-5):
 
 @pytest.mark.parametrize("accumulation", [1, 3])
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_layerwise_matches_ordinary_loop(tiny_llama, kind, accumulation):
+def test_layerwise_matches_ordinary_loop(tiny_llama, kind, accumulation, device):
     groups_of, make = OPTIMIZERS[kind]
-    ref_model = tiny_llama
+    ref_model = tiny_llama.to(device)
     model = copy.deepcopy(ref_model)
     ref_opt = make(groups_of(ref_model))
     opt = LayerwiseOptimizer(groups_of(model), make, accumulation_steps=accumulation)
-    data = batches(4, accumulation)  # update_gap 3: GaLore refreshes at steps 0 and 3
+    data = [[t.to(device) for t in step] for step in batches(4, accumulation)]  # GaLore refreshes at steps 0, 3
     run_ordinary(ref_model, ref_opt, data, accumulation)
     run_layerwise(model, opt, data, accumulation)
     assert opt.steps == 4
@@ -305,15 +305,15 @@ def test_parameter_without_gradient_is_skipped(accumulation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_round_trip_weights_only(tiny_llama, dtype):
-    model = tiny_llama.to(dtype)
+def test_state_round_trip_weights_only(tiny_llama, dtype, device):
+    model = tiny_llama.to(device, dtype)
     opt = LayerwiseOptimizer(galore_groups(model), make_galore, accumulation_steps=2, max_grad_norm=1.0)
-    data = batches(6, 2)
+    data = [[t.to(device) for t in step] for step in batches(6, 2)]
     run_layerwise(model, opt, data[:3], 2)
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
+    loaded = torch.load(buffer, weights_only=True, map_location="cpu")  # load to the CPU, then move (issue 13)
 
     resumed_model = copy.deepcopy(model)
     resumed = LayerwiseOptimizer(galore_groups(resumed_model), make_galore, accumulation_steps=2, max_grad_norm=1.0)

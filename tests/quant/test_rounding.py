@@ -10,9 +10,9 @@ torch.set_num_threads(1)
 DRAWS = 4000
 
 
-def test_stochastic_round_is_unbiased_per_element():
-    y = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 3
-    rounded = stochastic_round(y.expand(DRAWS, -1), torch.Generator().manual_seed(1))
+def test_stochastic_round_is_unbiased_per_element(device):
+    y = (torch.randn(256, generator=torch.Generator().manual_seed(0)) * 3).to(device)
+    rounded = stochastic_round(y.expand(DRAWS, -1), torch.Generator(device=device).manual_seed(1))
     assert torch.equal(rounded, rounded.round())
     assert ((rounded == y.floor()) | (rounded == y.ceil())).all()
     frac = y - y.floor()
@@ -22,9 +22,9 @@ def test_stochastic_round_is_unbiased_per_element():
     assert z.mean().abs() < 5 / 256**0.5
 
 
-def test_stochastic_quantize_is_unbiased_after_dequantize():
-    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))
-    generator = torch.Generator().manual_seed(3)
+def test_stochastic_quantize_is_unbiased_after_dequantize(device):
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(2)).to(device)
+    generator = torch.Generator(device=device).manual_seed(3)
     draws = torch.stack(
         [dequantize(*quantize(x, 4, 128, stochastic=True, generator=generator), x.shape) for _ in range(DRAWS // 4)]
     )

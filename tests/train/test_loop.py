@@ -21,9 +21,9 @@ def _losses(output_dir, split="train"):
 
 
 @pytest.mark.parametrize("optimizer", ["qgalore", pytest.param("galore", marks=pytest.mark.slow)])
-def test_resume_equals_uninterrupted(tiny, tmp_path, optimizer):
+def test_resume_equals_uninterrupted(tiny, tmp_path, optimizer, device):
     """4 steps straight vs 3 steps (killed after the step-2 checkpoint) + resume: same losses and parameters."""
-    common = [f"optimizer.name={optimizer}", "run.save_every=2", "run.eval_every=0"]
+    common = [f"optimizer.name={optimizer}", "run.save_every=2", "run.eval_every=0", f"run.device={device.type}"]
     straight = _config(tiny, *common, f"run.output_dir={tmp_path / 'straight'}")
     train(straight, log=lambda line: None)
 

@@ -247,7 +247,8 @@ def block_statistics(
 
     Yields:
         ``(block, statistics)``; ``statistics`` is ``None`` without calibration data, else a dict by name of the
-        block's measured linears. It is the caller's to drop before the next block.
+        block's measured linears. The generator keeps no reference to it: once the caller drops it, it is freed
+        (iterate with a plain ``for`` loop: ``enumerate``'s reused result tuple would keep it alive).
     """
     wanted = [{n: lin for n, lin in entry.linears.items() if measure is None or measure[n]} for entry in plan]
     if calibration is None:
@@ -263,16 +264,16 @@ def block_statistics(
         for entry in plan:
             yield entry, {}
         return
-    chain: CalibrationChain | None = CalibrationChain(model, plan[0].block, calibration)
+    # The statistics are yielded straight from the call, never bound to a local name: a suspended generator keeps
+    # its locals alive, which would hold a block's statistics while the caller is already done with them.
+    chain = [CalibrationChain(model, plan[0].block, calibration)]
     for index, (entry, linears) in enumerate(zip(plan, wanted, strict=True)):
-        if chain is None:
+        if not chain:
             yield entry, {}
-            continue
-        stats = chain.run(entry.block, linears)
-        if index == last:
-            chain = None  # no later block is measured: drop the activations
-        yield entry, stats
-        del stats  # before the next block's statistics are accumulated
+        elif index == last:
+            yield entry, chain.pop().run(entry.block, linears)  # no later block is measured: drop the activations
+        else:
+            yield entry, chain[0].run(entry.block, linears)
 
 
 class FactorStaging:

@@ -15,6 +15,7 @@ precision).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -40,3 +41,13 @@ def autocast_disabled(tensor: Tensor) -> contextlib.AbstractContextManager:
     if not torch.amp.is_autocast_available(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def autocast_disabled_on(tensors: Iterable[Tensor]) -> contextlib.ExitStack:
+    """A context with autocast off for the device types of ``tensors``: for optimizer steps, whose projections and
+    bases must keep their fp32 precision even when ``step()`` is called inside an autocast region (issue 13)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted({t.device.type for t in tensors}):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+    return stack

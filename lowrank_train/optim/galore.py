@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_train.nn.autocast import autocast_disabled_on
 from lowrank_train.nn.quant_linear import is_quantized_weight
 from lowrank_train.optim.backend import DenseBackend, ProjectionBackend
 from lowrank_train.optim.bases import resolve_base
@@ -386,6 +387,13 @@ class GaLore(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # A step called inside an autocast region would run the projections in bf16 (issue 13 audit).
+        with autocast_disabled_on(p for group in self.param_groups for p in group["params"]):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        """The step itself: the non-finite check, projections, the base step, the write-backs."""
         if not self._poisoned:  # else a micro-batch already spoiled this step: no need to look again
             bad = self._nonfinite(self._gradients())  # the step's one host synchronisation
             if bad:
@@ -393,7 +401,7 @@ class GaLore(torch.optim.Optimizer):
         if self._poisoned:  # nonfinite="skip": the whole step goes, accumulated micro-batches included
             self._skipped_steps.add_(1)
             self._drop_accumulation()
-            return loss
+            return
         todo = self._lowrank_params()
         pending = []
         for p, group, index in todo:
@@ -413,7 +421,6 @@ class GaLore(torch.optim.Optimizer):
             shadow.grad = None
             shadow.data = shadow.data.new_empty(0)
             state["step"].add_(1)
-        return loss
 
     def _write_back(
         self, param: torch.Tensor, update: torch.Tensor, group: dict[str, Any], state: dict[str, torch.Tensor]
@@ -479,7 +486,8 @@ class GaLore(torch.optim.Optimizer):
                 param.grad = None
                 return
         state = self._init_state(param, group, index)
-        state["grad_accum"] = self._take_projected_grad(param, state, self._basis(param, group, state))
+        with autocast_disabled_on([param]):  # as in step(): fp32 projections inside an autocast region too
+            state["grad_accum"] = self._take_projected_grad(param, state, self._basis(param, group, state))
         param.grad = None
 
     def _drop_accumulation(self) -> None:

@@ -103,6 +103,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=128)
     parser.add_argument("--ablation", action="store_true", help="the candidate table instead of the main one")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the rows already in the .jsonl next to --out and run the rest"
+    )
     parser.add_argument("--max-chars", type=int, default=3_000_000, help="train text tokenized per corpus")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "welore_ood.md"))
     return parser.parse_args()
@@ -220,11 +223,19 @@ def main() -> int:
     cache = os.path.join(tempfile.mkdtemp(prefix="welore-ood-"), "spectra.safetensors")
     jsonl = Path(args.out).with_suffix(".jsonl")
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    jsonl.write_text("")
     rows: list[dict] = []
+    if args.resume and jsonl.exists():
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+        log(f"resuming: {len(rows)} rows from {jsonl}")
+    else:
+        jsonl.write_text("")
+    resumed = len(rows)
 
-    def run(label: str, strategy: str, target: float, corpus: str, overrides: dict, transform: tuple | None) -> dict:
+    def run(label: str, strategy: str, target: float, corpus: str, overrides: dict, transform: tuple | None) -> None:
+        if any(r["label"] == label and r["target"] == target and r["calibrated_on"] == corpus for r in rows):
+            return
         model = copy.deepcopy(dense)
+        t_start = time.perf_counter()
         extra = statistics(transform[1]) if transform is not None and transform[0] == "mix" else None
         stats = transform_statistics(statistics(corpus), transform, extra)
         t0 = time.perf_counter()
@@ -245,8 +256,10 @@ def main() -> int:
             "num_matrices": len(report.matrices),
             "mean_lrc_energy": sum(energies) / len(energies) if energies else None,
             "compress_s": compress_s,
+            "wall_s": None,
             **{f"ppl_{d}": v for d, v in ppl.items()},
         }
+        row["wall_s"] = time.perf_counter() - t_start
         log(
             f"{label} @ {target:.0%} (calibrated on {corpus}): reduction {report.param_reduction:.3f}, "
             + ", ".join(f"{d} {v:,.1f}" for d, v in ppl.items())
@@ -257,7 +270,6 @@ def main() -> int:
         rows.append(row)
         del model
         gc.collect()
-        return row
 
     lines = [
         "# WeLore out of domain: SmolLM2-135M-Instruct (issue 16)",
@@ -341,7 +353,13 @@ def main() -> int:
     lines += [
         "",
         f"Command: `OMP_WAIT_POLICY=PASSIVE {command}` (torch threads: {args.threads}, shared 2-core CPU).",
-        f"Total wall time: {(time.time() - started) / 60:.1f} min.",
+        f"Wall time: {(time.time() - started) / 60:.1f} min for this invocation"
+        + (
+            f" ({resumed} rows resumed from earlier ones; all rows together took "
+            f"{sum(r['wall_s'] or 0 for r in rows) / 60:.1f} min of compression + evaluation)."
+            if resumed
+            else "."
+        ),
         "",
     ]
     text = "\n".join(lines)

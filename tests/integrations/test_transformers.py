@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
@@ -13,10 +15,12 @@ from lowrank_train.integrations.transformers import (
     LowRankOptimizerConfig,
     LowRankTrainer,
     TrainerLayerwiseOptimizer,
+    create_lowrank_optimizer,
     create_lowrank_optimizer_and_scheduler,
 )
 from lowrank_train.nn import quantize_model
-from lowrank_train.optim import GaLore, QGaLoreAdamW8bit
+from lowrank_train.optim import GaLore, QGaLoreAdamW8bit, get_optimizer_method, lowrank_param_groups
+from lowrank_train.optim.options import GALORE_DEFAULTS, GROUP_OPTIONS
 
 _spec = importlib.util.spec_from_file_location(
     "arithmetic_tokens", pathlib.Path(__file__).with_name("arithmetic_tokens.py")
@@ -84,9 +88,7 @@ def test_identity_projection_reproduces_trainer_adamw(tiny_llama, tmp_path):
 METHODS = [
     pytest.param(LowRankOptimizerConfig(rank=8, update_gap=3, scale=1.0), GaLore, id="galore"),
     pytest.param(
-        LowRankOptimizerConfig(
-            method="qgalore", rank=8, update_gap=3, scale=1.0, group_options={"proj_group_size": 64}
-        ),
+        LowRankOptimizerConfig(method="qgalore", rank=8, update_gap=3, scale=1.0, proj_group_size=64),
         QGaLoreAdamW8bit,
         id="qgalore",
     ),
@@ -177,6 +179,96 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="must not set"):
         LowRankOptimizerConfig(group_options={"rank": 4})
     assert LowRankOptimizerConfig(target_modules=["q_proj"]).target_modules == ("q_proj",)
+
+
+# (keywords, the message): each refused when the config is built, naming the option as the config spells it.
+BAD_CONFIGS = [
+    ({"scael": 1.0}, r"LowRankOptimizerConfig: unknown option 'scael' \(did you mean 'scale'\?\)"),
+    ({"update_proj_gap": 50}, "update_proj_gap is called update_gap here"),
+    ({"proj_type": "std"}, "proj_type has no equivalent"),
+    ({"rank": -4}, "LowRankOptimizerConfig: rank must be a positive integer, got -4"),
+    ({"projector": "svdd"}, r"projector must be a registered projector name, got 'svdd' \(did you mean 'svd'\?\)"),
+    ({"proj_bits": 3}, "proj_bits must be 4, 8 or None"),
+    ({"full_rank_fallback": "yes"}, "full_rank_fallback must be True or False"),
+    ({"refresh_threshold": 1.5}, r"refresh_threshold must be in \(0, 1\]"),
+    ({"proj_bits": 4, "proj_group_size": 3}, "proj_group_size must be even"),
+    ({"adaptive_refresh": True, "update_gap": 10, "max_update_gap": 5}, "max_update_gap"),
+    ({"proj_bits": 8, "group_options": {"proj_bits": 4}}, r"group_options must not set \['proj_bits'\]"),
+    ({"group_options": {"scael": 1.0}}, "did you mean 'scale'"),
+    ({"group_options": {"lr": -1.0}}, "lr must be"),
+    ({"base": "adamm"}, "base must be None or one of"),
+]
+
+
+@pytest.mark.parametrize("keywords, message", BAD_CONFIGS, ids=[str(k) for k, _ in BAD_CONFIGS])
+def test_config_refuses_at_construction(keywords, message):
+    with pytest.raises(ValueError, match=message):
+        LowRankOptimizerConfig(**keywords)
+
+
+def test_config_refuses_positional_arguments():
+    with pytest.raises(ValueError, match="keyword arguments only"):
+        LowRankOptimizerConfig("galore")
+
+
+def test_config_takes_every_group_option_by_name(tiny_llama):
+    """Each option of the one schema is a keyword; the optimizer's low-rank group gets exactly those values,
+    the same group that lowrank_param_groups builds from the same keywords (the reference)."""
+    values = {
+        "update_gap": 7, "scale": 0.5, "projector": "rsvd", "proj_seed": 3, "seed_offset": 2, "oversample": 4,
+        "power_iters": 2, "full_rank_fallback": True, "proj_bits": 8, "proj_group_size": 32,
+        "adaptive_refresh": True, "refresh_threshold": 0.5, "refresh_growth": 3.0, "refresh_history": 2,
+        "max_update_gap": 21,
+    }  # fmt: skip
+    assert set(values) | {"rank"} == set(GROUP_OPTIONS), "a schema option is missing from this test"
+    config = LowRankOptimizerConfig(rank=np.int64(8), **{k: _numpy_if_int(v) for k, v in values.items()})
+    assert config.rank == 8 and type(config.rank) is int  # numpy integers are accepted and converted
+    for name, value in values.items():
+        assert getattr(config, name) == value and type(getattr(config, name)) is type(value), name
+    optimizer = create_lowrank_optimizer(tiny_llama, training_args("unused"), config)
+    reference = lowrank_param_groups(tiny_llama, rank=8, **values)[0]
+    group = next(g for g in optimizer.param_groups if "rank" in g)
+    for name in GROUP_OPTIONS:
+        assert group[name] == reference[name], name
+    assert group["param_names"] == reference["param_names"]
+
+
+def _numpy_if_int(value):
+    return np.int64(value) if type(value) is int else value
+
+
+def test_config_fills_the_method_defaults():
+    """Left-out options take the method's defaults (registry: Q-GaLore's INT4 basis, adaptive refresh)."""
+    qgalore = get_optimizer_method("qgalore")
+    config = LowRankOptimizerConfig(method="qgalore")
+    assert (config.proj_bits, config.adaptive_refresh) == (qgalore.proj_bits, qgalore.adaptive_refresh) == (4, True)
+    assert LowRankOptimizerConfig(method="qgalore", proj_bits=None).proj_bits is None  # an explicit None stays
+    plain = LowRankOptimizerConfig()
+    assert {name: getattr(plain, name) for name in GALORE_DEFAULTS} == GALORE_DEFAULTS
+    # The older spelling still works: a GaLore option inside group_options moves to its field.
+    moved = LowRankOptimizerConfig(group_options={"proj_group_size": 64, "lr": 1e-3})
+    assert moved.proj_group_size == 64 and moved.group_options == {"lr": 1e-3}
+    assert dataclasses.replace(moved, rank=4) == LowRankOptimizerConfig(rank=4, proj_group_size=64,
+                                                                         group_options={"lr": 1e-3})  # fmt: skip
+
+
+def test_full_rank_fallback_from_the_config(tiny_llama, tmp_path):
+    """rank = hidden size (64): refused when the trainer is built, naming the config's keyword; with
+    full_rank_fallback=True those weights get the plain update and training runs."""
+    args = training_args(tmp_path, max_steps=2)
+    with pytest.raises(ValueError, match=r"LowRankOptimizerConfig\(full_rank_fallback=True\)"):
+        LowRankTrainer(model=tiny_llama, args=args, train_dataset=ArithmeticTokens(), lowrank=LowRankOptimizerConfig(
+            rank=64))  # fmt: skip
+    config = LowRankOptimizerConfig(rank=64, full_rank_fallback=True)
+    trainer = LowRankTrainer(model=tiny_llama, args=args, train_dataset=ArithmeticTokens(), lowrank=config)
+    trainer.train()
+    assert len(logged_losses(trainer)) == 2
+
+
+def test_lowrank_next_to_a_non_default_optim_is_refused(tiny_llama, tmp_path):
+    args = training_args(tmp_path, optim="adafactor")
+    with pytest.raises(ValueError, match="would be ignored"):
+        LowRankTrainer(model=tiny_llama, args=args, train_dataset=ArithmeticTokens(), lowrank=LowRankOptimizerConfig())
 
 
 def test_layerwise_step_refuses_a_partial_accumulation(tiny_llama, tmp_path):

@@ -488,7 +488,7 @@ def compress_model(
             del linears  # from here on the plan holds the only references to the dense layers
             with FactorStaging(location, config.staging_dir) as staging:
                 for entry, stats in block_statistics(model, plan, source, allocation.lrc):
-                    start = time.perf_counter()
+                    start, energy_seconds = time.perf_counter(), 0.0
                     weightings = _weightings(strategy, config, stats)
                     tensors: dict[str, Tensor] = {}
                     for name, linear in entry.linears.items():
@@ -498,14 +498,19 @@ def compress_model(
                         factor_out, factor_in = truncated_factors(linear.weight, allocation.ranks[name], **extra)
                         layer = _lowrank_layer(linear, factor_out, factor_in)
                         if stats is not None:
+                            energy_start = time.perf_counter()
                             energies[name] = _calibration_energy(linear, layer, stats[name])
+                            energy_seconds += time.perf_counter() - energy_start
                         tensors[f"{name}.factor_out"] = layer.factor_out
                         tensors[f"{name}.factor_in"] = layer.factor_in
                         del factor_out, factor_in, layer
                     if tensors:
                         staging.put(entry.name, tensors)
                     del stats, weightings, tensors
-                    logger.info("factors of %s in %.1f s", entry.name, time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    logger.info(
+                        "factors of %s in %.1f s (calibration energy %.1f s)", entry.name, seconds, energy_seconds
+                    )
                 staging.check()
                 _swap_in(model, plan, staging)
     finally:

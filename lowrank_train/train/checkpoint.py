@@ -56,8 +56,11 @@ _HASH_CHUNK = 1 << 22
 _saves_in_process = 0
 
 
-class CheckpointError(OSError):
-    """A checkpoint that cannot be written (disk full, I/O error) or read (missing, corrupt, truncated)."""
+class CheckpointError(OSError, ValueError):
+    """A checkpoint that cannot be written (disk full, I/O error) or read (missing, corrupt, truncated).
+
+    Also a ``ValueError`` (as ``io.UnsupportedOperation`` is), so the command line reports it as a clear error.
+    """
 
 
 def checkpoint_root(output_dir: str | os.PathLike[str]) -> Path:

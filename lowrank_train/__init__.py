@@ -1,19 +1,60 @@
 """lowrank_train: train and fine-tune large language models in far less memory than AdamW needs."""
 
-from lowrank_train.memory import MemoryEstimate, estimate_memory
-from lowrank_train.nn import QuantLinear, dequantize_model, quantize_model
-from lowrank_train.optim import (
-    GaLore,
-    GaLoreAdafactor,
-    GaLoreAdamW,
-    GaLoreAdamW8bit,
-    LayerwiseOptimizer,
-    QGaLoreAdamW4bit,
-    QGaLoreAdamW8bit,
-    lowrank_param_groups,
-)
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it, imported on first use (PEP 562) so that importing the package
+# stays cheap (no torch / transformers until a name needs them): `lowrank-train --help` depends on it.
+_EXPORTS = {
+    "MemoryEstimate": "lowrank_train.memory",
+    "estimate_memory": "lowrank_train.memory",
+    "QuantLinear": "lowrank_train.nn",
+    "dequantize_model": "lowrank_train.nn",
+    "quantize_model": "lowrank_train.nn",
+    "GaLore": "lowrank_train.optim",
+    "GaLoreAdafactor": "lowrank_train.optim",
+    "GaLoreAdamW": "lowrank_train.optim",
+    "GaLoreAdamW8bit": "lowrank_train.optim",
+    "LayerwiseOptimizer": "lowrank_train.optim",
+    "QGaLoreAdamW4bit": "lowrank_train.optim",
+    "QGaLoreAdamW8bit": "lowrank_train.optim",
+    "lowrank_param_groups": "lowrank_train.optim",
+}
+
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from lowrank_train.memory import MemoryEstimate, estimate_memory  # noqa: F401
+    from lowrank_train.nn import QuantLinear, dequantize_model, quantize_model  # noqa: F401
+    from lowrank_train.optim import (
+        GaLore,
+        GaLoreAdafactor,
+        GaLoreAdamW,
+        GaLoreAdamW8bit,
+        LayerwiseOptimizer,
+        QGaLoreAdamW4bit,
+        QGaLoreAdamW8bit,
+        lowrank_param_groups,
+    )  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        if importlib.util.find_spec(f"lowrank_train.{name}") is not None:  # a subpackage, e.g. lowrank_train.{name}
+            return importlib.import_module(f"lowrank_train.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "GaLore",

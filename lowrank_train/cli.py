@@ -8,6 +8,7 @@ Examples::
     lowrank-train compress recipes/configs/welore_compress.yaml
     lowrank-train finetune recipes/configs/welore_finetune.yaml
     lowrank-train estimate recipes/configs/llama_7b_qgalore_16gb.yaml
+    lowrank-train estimate recipes/configs/llama_1b.yaml --fit 12GiB
     lowrank-train export runs/demo --step 40
     lowrank-train plot runs/demo
 
@@ -101,23 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir"
             )
+        if name == "estimate":
+            command.add_argument(
+                "--fit",
+                metavar="SIZE",
+                default=None,
+                help="find the fastest settings that fit SIZE (e.g. 12GiB, 16GB) and write them as a config",
+            )
+            command.add_argument(
+                "--plan-out", default=None, help="where --fit writes its config (default: ./<config stem>.fit.yaml)"
+            )
     return parser
 
 
 def estimate(config: Any) -> str:
     """The memory estimator's breakdown for a run, and whether it fits this machine's device."""
-    from lowrank_train.train.config import ConfigError
-    from lowrank_train.train.estimate import device_capacity, estimate_run
+    from lowrank_train.train.estimate import device_capacity, estimate_device, estimate_run
     from lowrank_train.train.metrics import format_bytes
-    from lowrank_train.train.setup import resolve_device
 
     result = estimate_run(config)
     lines = [result.table()]
-    try:
-        device = resolve_device(config.run.device)
-    except ConfigError:
-        device = None  # e.g. a cuda recipe estimated on a machine without a GPU
-    if device is None:
+    device = estimate_device(config.run.device)
+    if device is None:  # e.g. a cuda recipe estimated on a machine without a GPU
         lines.append(f"run.device is {config.run.device}, which this machine lacks: compare the peak with that device")
     else:
         capacity = device_capacity(device)
@@ -126,6 +132,46 @@ def estimate(config: Any) -> str:
             f"predicted peak {format_bytes(result.peak)}: {verdict} in the {format_bytes(capacity)} of {device}"
         )
     return "\n".join(lines)
+
+
+def fit(config: Any, budget: str, source: str, out: str | None) -> str:
+    """``estimate --fit``: the plan, both breakdowns side by side, and the YAML written for ``pretrain``."""
+    from pathlib import Path
+
+    import yaml
+
+    from lowrank_train.memory import GIB
+    from lowrank_train.memory.plan import parse_bytes
+    from lowrank_train.train.estimate import estimate_run, plan_run
+    from lowrank_train.train.metrics import format_bytes
+
+    limit = parse_bytes(budget)
+    current = estimate_run(config)
+    planned, plan = plan_run(config, limit)
+    path = Path(out) if out is not None else Path(f"{Path(source).stem}.fit.yaml")
+    header = (
+        f"# Written by `lowrank-train estimate {source} --fit {budget}`: the fastest plan predicted to fit\n"
+        f"# {format_bytes(limit)} (peak {format_bytes(plan.estimate.peak)}); {plan.describe()}.\n"
+    )
+    path.write_text(header + yaml.safe_dump(planned.to_dict(), sort_keys=False), encoding="utf-8")
+    speed = 1 / plan.relative_time
+    fidelity = ("same update math", "fewer moment bits (another optimizer method)", "a lower rank")[plan.fidelity]
+    rows = [f"{'component':<26}{'config GiB':>12}{'plan GiB':>12}"]
+    for key, value in plan.estimate.as_dict().items():
+        if key == "peak":
+            rows.append("-" * 50)
+        rows.append(f"{key.replace('_', ' '):<26}{current.as_dict()[key] / GIB:>12.3f}{value / GIB:>12.3f}")
+    verdict = "fits" if current.peak <= limit else "does NOT fit"
+    return "\n".join(
+        [
+            f"config: predicted peak {format_bytes(current.peak)}, {verdict} in {format_bytes(limit)}",
+            f"plan ({fidelity}): {plan.describe()}",
+            f"plan: predicted peak {format_bytes(plan.estimate.peak)}, ~{speed:.2f}x the config's speed "
+            "(cost model: lowrank_train.memory.plan)",
+            *rows,
+            f"wrote {path}: lowrank-train pretrain {path}",
+        ]
+    )
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -146,7 +192,7 @@ def _run(args: argparse.Namespace) -> None:
     # Every key and type is checked here, before any model or data is touched.
     config = load_config(args.config, args.overrides)
     if args.command == "estimate":
-        _print(estimate(config))
+        _print(estimate(config) if args.fit is None else fit(config, args.fit, args.config, args.plan_out))
     elif args.command == "compress":
         from lowrank_train.train.compress import compress
 

@@ -3,31 +3,91 @@
 ``config`` (typed YAML sections) and ``config_schema`` (dataclasses from plain values), ``setup`` (device, data, model,
 optimizer), ``run_dir`` (run folder, resume, RNG), ``checkpoint`` (atomic saves), ``loop`` (``train``), ``evaluate``,
 ``compress`` (WeLore), ``estimate`` (memory fit), ``metrics`` / ``report`` (what a run records).
+
+Names are imported on first use, so lowrank_train.train.config alone does not pull in the loop's dependencies.
 """
 
-from lowrank_train.train.checkpoint import latest_checkpoint, load_state, read_meta, save_checkpoint
-from lowrank_train.train.compress import compress
-from lowrank_train.train.config import (
-    CompressConfig,
-    ConfigError,
-    DataConfig,
-    FinetuneConfig,
-    ModelConfig,
-    OptimizerConfig,
-    RunConfig,
-    ScheduleConfig,
-    TrainConfig,
-    config_from_dict,
-    load_config,
-    parse_overrides,
-)
-from lowrank_train.train.evaluate import evaluate, perplexity
-from lowrank_train.train.loop import train
-from lowrank_train.train.metrics import read_metrics
-from lowrank_train.train.model import build_model, llama_config
-from lowrank_train.train.report import MemoryTable, memory_table, optimizer_state_bytes
-from lowrank_train.train.run_dir import ResumeError
-from lowrank_train.train.schedule import lr_factor
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it, imported on first use (PEP 562) so that importing the package
+# stays cheap (no torch / transformers until a name needs them): `lowrank-train --help` depends on it.
+_EXPORTS = {
+    "latest_checkpoint": "lowrank_train.train.checkpoint",
+    "load_state": "lowrank_train.train.checkpoint",
+    "read_meta": "lowrank_train.train.checkpoint",
+    "save_checkpoint": "lowrank_train.train.checkpoint",
+    "compress": "lowrank_train.train.compress",
+    "CompressConfig": "lowrank_train.train.config",
+    "ConfigError": "lowrank_train.train.config",
+    "DataConfig": "lowrank_train.train.config",
+    "FinetuneConfig": "lowrank_train.train.config",
+    "ModelConfig": "lowrank_train.train.config",
+    "OptimizerConfig": "lowrank_train.train.config",
+    "RunConfig": "lowrank_train.train.config",
+    "ScheduleConfig": "lowrank_train.train.config",
+    "TrainConfig": "lowrank_train.train.config",
+    "config_from_dict": "lowrank_train.train.config",
+    "load_config": "lowrank_train.train.config",
+    "parse_overrides": "lowrank_train.train.config",
+    "evaluate": "lowrank_train.train.evaluate",
+    "perplexity": "lowrank_train.train.evaluate",
+    "train": "lowrank_train.train.loop",
+    "read_metrics": "lowrank_train.train.metrics",
+    "build_model": "lowrank_train.train.model",
+    "llama_config": "lowrank_train.train.model",
+    "MemoryTable": "lowrank_train.train.report",
+    "memory_table": "lowrank_train.train.report",
+    "optimizer_state_bytes": "lowrank_train.train.report",
+    "ResumeError": "lowrank_train.train.run_dir",
+    "lr_factor": "lowrank_train.train.schedule",
+}
+
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from lowrank_train.train.checkpoint import latest_checkpoint, load_state, read_meta, save_checkpoint  # noqa: F401
+    from lowrank_train.train.compress import compress  # noqa: F401
+    from lowrank_train.train.config import (
+        CompressConfig,
+        ConfigError,
+        DataConfig,
+        FinetuneConfig,
+        ModelConfig,
+        OptimizerConfig,
+        RunConfig,
+        ScheduleConfig,
+        TrainConfig,
+        config_from_dict,
+        load_config,
+        parse_overrides,
+    )  # noqa: F401
+    from lowrank_train.train.evaluate import evaluate, perplexity  # noqa: F401
+    from lowrank_train.train.loop import train  # noqa: F401
+    from lowrank_train.train.metrics import read_metrics  # noqa: F401
+    from lowrank_train.train.model import build_model, llama_config  # noqa: F401
+    from lowrank_train.train.report import MemoryTable, memory_table, optimizer_state_bytes  # noqa: F401
+    from lowrank_train.train.run_dir import ResumeError  # noqa: F401
+    from lowrank_train.train.schedule import lr_factor  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        if (
+            importlib.util.find_spec(f"lowrank_train.train.{name}") is not None
+        ):  # a subpackage, e.g. lowrank_train.train.{name}
+            return importlib.import_module(f"lowrank_train.train.{name}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
 
 __all__ = [
     "CompressConfig",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -170,11 +171,18 @@ def block_linear_share(model: torch.nn.Module) -> float:
     return n_block / (n_block + sum(p.numel() for p in rest))
 
 
-def per_group_lr_groups(model: torch.nn.Module, lr: float, block_ratio: float) -> list[dict]:
-    """Two plain param groups: the block linear weights at ``block_ratio * lr`` and everything else at ``lr``.
+def per_group_lr_groups(
+    model: torch.nn.Module, lr: float, block_ratio: float | Callable[[torch.nn.Parameter], float]
+) -> list[dict]:
+    """Plain param groups: the block linear weights at ``block_ratio * lr`` and everything else at ``lr``.
 
     This is the learning-rate split GaLore's groups imply (projected block weights updated at ``scale x lr``, the
     embeddings / norms / head at ``lr``), so a full-rank baseline tuned with it is a fair comparison.
+    ``block_ratio`` may be a function of the weight (one group per distinct ratio).
     """
     block, rest = block_linear_split(model)
-    return [{"params": block, "lr": lr * block_ratio}, {"params": rest, "lr": lr}]
+    ratio_of = block_ratio if callable(block_ratio) else (lambda weight: block_ratio)
+    by_ratio: dict[float, list[torch.nn.Parameter]] = {}
+    for weight in block:
+        by_ratio.setdefault(float(ratio_of(weight)), []).append(weight)
+    return [{"params": ps, "lr": lr * ratio} for ratio, ps in by_ratio.items()] + [{"params": rest, "lr": lr}]

@@ -51,11 +51,12 @@ from common import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).parent / "results"
-BASELINES = ("adamw", "adamw_grouped", "adamw8bit", "adamw8bit_grouped")
+BASELINES = ("adamw", "adamw_grouped", "adamw_grouped_rms", "adamw8bit", "adamw8bit_grouped")
 METHODS = (*BASELINES, "galore", "qgalore", "qgalore_layerwise", "qgalore_4bit_moments")
 LABELS = {
     "adamw": "AdamW, one lr",
     "adamw_grouped": "AdamW, per-group lr",
+    "adamw_grouped_rms": "AdamW, per-group lr, GaLore-RMS-matched",
     "adamw8bit": "8-bit AdamW, one lr",
     "adamw8bit_grouped": "8-bit AdamW, per-group lr",
     "galore": "GaLore (AdamW)",
@@ -87,6 +88,23 @@ def _model(vocab: int, args: argparse.Namespace, quantized: bool, seed: int) -> 
     )
 
 
+# Settings that change a run's result: a --resume reuses saved runs only when all of them match.
+RUN_SETTINGS = (
+    "steps", "warmup", "batch", "seq", "hidden", "intermediate", "layers", "heads", "untied", "max_vocab", "rank",
+    "update_gap", "scale", "block_ratio", "eval_blocks", "threads",
+)  # fmt: skip
+
+
+def galore_rms_ratio(weight: torch.Tensor, rank: int, scale: float) -> float:
+    """GaLore's block step relative to ``lr``, in RMS per element: ``scale * sqrt(r / min(m, n))``.
+
+    GaLore applies ``scale * P @ N`` with ``P`` (min(m, n) x r) orthonormal and ``N`` the inner Adam's normalized
+    r-row update; ``||P @ N||_F = ||N||_F`` spread over ``min(m, n) / r`` times more entries.
+    """
+    side = min(weight.shape)
+    return scale * math.sqrt(min(rank, side) / side)
+
+
 def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
     import bitsandbytes as bnb
 
@@ -99,11 +117,14 @@ def make_optimizer(model, method: str, lr: float, args: argparse.Namespace):
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if method == "adamw_grouped":
         return torch.optim.AdamW(per_group_lr_groups(model, lr, ratio), lr=lr, weight_decay=0.0)
+    rank = args.rank or args.hidden // 4
+    if method == "adamw_grouped_rms":
+        groups = per_group_lr_groups(model, lr, lambda w: galore_rms_ratio(w, rank, args.scale))
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     if method == "adamw8bit":
         return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
     if method == "adamw8bit_grouped":
         return bnb.optim.AdamW8bit(per_group_lr_groups(model, lr, ratio), lr=lr, weight_decay=0.0)
-    rank = args.rank or args.hidden // 4
     groups = lowrank_param_groups(model, rank=rank, update_gap=args.update_gap, scale=args.scale)
     if method == "galore":
         return GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
@@ -271,8 +292,8 @@ def report(
         + (
             "every point for every swept method"
             if args.full_sweep
-            else f"the middle {args.start_lrs} points first, extended one point at a time on the side of the best "
-            "while the best is at the edge of what was tried"
+            else f"{' '.join(f'{x:g}' for x in args.start_lrs)} first, extended one grid point at a time on the side "
+            "of the best while the best is at the edge of what was tried"
         )
         + f", seed {sweep_seed}; the best lr of each method is rerun with seed(s) "
         f"{', '.join(map(str, args.seeds[1:])) or '(none)'} (a seed sets the initial weights and the data order, the "
@@ -350,7 +371,7 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["adamw", "adamw_grouped", "galore", "qgalore"],
+        default=["adamw", "adamw_grouped", "adamw_grouped_rms", "galore", "qgalore"],
         choices=METHODS,
         help="methods swept over --lrs",
     )
@@ -362,8 +383,10 @@ def main() -> None:
         help="variants run unswept at the best lr of their anchor method, first seed only: "
         + ", ".join(f"{k} at {v}'s" for k, v in ANCHORS.items()),
     )
-    parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], help="the grid")
-    parser.add_argument("--start-lrs", type=int, default=3, help="grid points tried first (the middle ones)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], help="the grid")
+    parser.add_argument(
+        "--start-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="grid points tried first"
+    )
     parser.add_argument("--full-sweep", action="store_true", help="try every grid point for every method")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="first: the sweep; rest: best lrs")
     parser.add_argument("--steps", type=int, default=200)
@@ -386,6 +409,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite quality.md from --output's quality.json")
+    parser.add_argument(
+        "--resume", action="store_true", help="reuse the runs saved in --output's quality.json (same run settings)"
+    )
     args = parser.parse_args()
     args.max_vocab = args.max_vocab or None
     for method in args.extras:
@@ -396,7 +422,7 @@ def main() -> None:
     if args.report_only:
         saved = json.loads((args.output / "quality.json").read_text())
         for key, value in saved["args"].items():
-            if key not in ("output", "report_only"):
+            if key not in ("output", "report_only", "resume"):
                 setattr(args, key, value)
         heldout_blocks = min(args.eval_blocks, compact_kjv_blocks(args.seq, args.max_vocab)[1].shape[0])
         text = report(saved["results"], args, saved["vocab"], heldout_blocks, saved["elapsed_s"], saved["rare_share"])
@@ -408,15 +434,23 @@ def main() -> None:
 
     train, heldout, vocab = compact_kjv_blocks(args.seq, args.max_vocab)
     rare_share = float((heldout == vocab - 1).float().mean()) if args.max_vocab else 0.0
+    saved = {}  # (method, lr, seed) -> a run of an earlier invocation with the same run settings
+    if args.resume and (args.output / "quality.json").exists():
+        previous = json.loads((args.output / "quality.json").read_text())
+        differ = [k for k in RUN_SETTINGS if previous["args"].get(k) != getattr(args, k)]
+        if differ:
+            parser.error(f"--resume: {args.output / 'quality.json'} was run with other {', '.join(differ)}")
+        for r in previous["results"] + previous.get("unused", []):
+            saved[(r["method"], r["lr"], r["seed"])] = {**r, "reused": True}
     results = []
 
     def record(method: str, lr: float, seed: int) -> dict:
-        result = run(method, lr, seed, train, heldout, vocab, args)
+        result = saved.pop((method, lr, seed), None) or run(method, lr, seed, train, heldout, vocab, args)
         results.append(result)
         # Saved after every run, so a killed run keeps what it did (--report-only rewrites the report from it).
-        dump(results, args, vocab, rare_share, time.perf_counter() - began, partial=True)
+        dump(results, list(saved.values()), args, vocab, rare_share, time.perf_counter() - began, partial=True)
         print(
-            f"{method:<20} lr {lr:<7g} seed {seed} eval {result['eval_loss']:.4f} "
+            f"{method:<20} lr {lr:<7g} seed {seed} eval {result['eval_loss']:.4f}{' (saved)' * ('reused' in result)} "
             f"step {result['step_s'] * 1e3:.0f} ms run {result['run_s']:.0f} s "
             f"(total {(time.perf_counter() - began) / 60:.1f} min)",
             flush=True,
@@ -437,23 +471,24 @@ def main() -> None:
         for method, lr in best.items():
             if method in args.methods:  # extras are side rows: one seed keeps the CPU budget
                 record(method, lr, seed)
-    elapsed = time.perf_counter() - began
-    dump(results, args, vocab, rare_share, elapsed, partial=False)
+    # Runs reused with --resume count at the time they took then.
+    elapsed = time.perf_counter() - began + sum(r["run_s"] for r in results if "reused" in r)
+    dump(results, list(saved.values()), args, vocab, rare_share, elapsed, partial=False)
     text = report(results, args, vocab, min(args.eval_blocks, heldout.shape[0]), elapsed, rare_share)
     (args.output / "quality.md").write_text(text)
     print(text)
 
 
 def sweep(method: str, evaluate, args: argparse.Namespace) -> float | None:
-    """Best lr of ``method`` on the sorted grid ``args.lrs``: the ``args.start_lrs`` middle points first, then one
-    more grid point at a time on the side of the best while the best sits at the edge of what was tried (so every
-    method gets an interior optimum, or the grid's edge, on the same grid). ``--full-sweep`` tries every point."""
+    """Best lr of ``method`` on the sorted grid ``args.lrs``: the ``args.start_lrs`` points first, then one more grid
+    point at a time on the side of the best while the best sits at the edge of what was tried (so every method gets
+    an interior optimum, or the grid's edge, on the same grid). ``--full-sweep`` tries every point."""
     grid = sorted(args.lrs)
-    if args.full_sweep or len(grid) <= args.start_lrs:
+    start = [lr for lr in grid if lr in args.start_lrs]
+    if args.full_sweep or not start:
         tried = {lr: evaluate(lr) for lr in grid}
     else:
-        first = (len(grid) - args.start_lrs) // 2
-        tried = {lr: evaluate(lr) for lr in grid[first : first + args.start_lrs]}
+        tried = {lr: evaluate(lr) for lr in start}
         while True:
             finite = {lr: loss for lr, loss in tried.items() if math.isfinite(loss)}
             low, high = min(tried), max(tried)
@@ -469,11 +504,14 @@ def sweep(method: str, evaluate, args: argparse.Namespace) -> float | None:
     return min(finite, key=finite.get) if finite else None
 
 
-def dump(results: list[dict], args, vocab: int, rare_share: float, elapsed: float, partial: bool) -> None:
+def dump(
+    results: list[dict], unused: list[dict], args, vocab, rare_share: float, elapsed: float, partial: bool
+) -> None:
+    """``results``: the runs of this protocol; ``unused``: saved runs it did not ask for (kept for a later resume)."""
     args.output.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"args": settings, "vocab": vocab, "rare_share": rare_share, "elapsed_s": elapsed, "partial": partial}
-    payload["results"] = results
+    payload.update(results=[{k: v for k, v in r.items() if k != "reused"} for r in results], unused=unused)
     (args.output / "quality.json").write_text(json.dumps(payload))
 
 

@@ -4,7 +4,13 @@ Two ways in:
 
 * :func:`create_lowrank_optimizer_and_scheduler` for ``Trainer(optimizers=(optimizer, scheduler))``.
 * :class:`LowRankTrainer`, a ``Trainer`` that builds the optimizer itself (after FSDP wrapping, when
-  accelerate shards the model) and reports the layer-wise engine's gradient norm.
+  accelerate shards the model) and reports the layer-wise engine's gradient norm. Without ``lowrank=`` it reads
+  transformers' own GaLore settings (``TrainingArguments(optim="galore_adamw", optim_target_modules=...,
+  optim_args="rank=..., update_proj_gap=..., scale=...")``, see :func:`lowrank_config_from_training_args`), so a
+  transformers GaLore run switches by replacing ``Trainer`` with ``LowRankTrainer`` (issue 15 item 2).
+
+:class:`LowRankOptimizerConfig` takes every GaLore group option of :mod:`lowrank_train.optim.options` by name and
+checks them when it is built; :class:`LowRankTrainer` also checks ranks against the model's weights when built.
 
 ``Trainer`` calls ``optimizer.step()`` after every accumulated step. The layer-wise engine has already stepped
 every parameter inside ``backward()`` by then, so layer-wise runs get :class:`TrainerLayerwiseOptimizer`, whose

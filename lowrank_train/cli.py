@@ -156,11 +156,12 @@ def fit(config: Any, budget: str, source: str, out: str | None) -> str:
     path.write_text(header + yaml.safe_dump(planned.to_dict(), sort_keys=False), encoding="utf-8")
     speed = 1 / plan.relative_time
     fidelity = ("same update math", "fewer moment bits (another optimizer method)", "a lower rank")[plan.fidelity]
-    rows = [f"{'component':<26}{'config GiB':>12}{'plan GiB':>12}"]
+    unit, size = ("GiB", GIB) if max(current.peak, plan.estimate.peak) >= GIB else ("MiB", 2**20)
+    rows = [f"{'component':<26}{'config ' + unit:>12}{'plan ' + unit:>12}"]
     for key, value in plan.estimate.as_dict().items():
         if key == "peak":
             rows.append("-" * 50)
-        rows.append(f"{key.replace('_', ' '):<26}{current.as_dict()[key] / GIB:>12.3f}{value / GIB:>12.3f}")
+        rows.append(f"{key.replace('_', ' '):<26}{current.as_dict()[key] / size:>12.3f}{value / size:>12.3f}")
     verdict = "fits" if current.peak <= limit else "does NOT fit"
     return "\n".join(
         [

@@ -11,6 +11,7 @@ are printed above the bar. Anywhere else (a log file, a pipe, a notebook capture
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +32,16 @@ class StepStats:
     lr: float
     tokens_per_s: float
     peak_memory_bytes: int
+
+
+def _is_terminal() -> bool:
+    """stdout is a terminal with a width (a pseudo-terminal of width 0, e.g. under `script`, draws no bar)."""
+    if not sys.stdout.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns > 0
+    except (OSError, ValueError, AttributeError):
+        return True  # a terminal-like stream without a file descriptor (tests, IDE consoles)
 
 
 def format_eta(seconds: float) -> str:
@@ -60,7 +71,7 @@ class RunProgress:
 
     def __init__(self, *, total: int, start: int, log: Log, interactive: bool | None = None, file: Any = None) -> None:
         self.total, self.start, self._log = total, start, log
-        self.interactive = sys.stdout.isatty() if interactive is None else interactive
+        self.interactive = _is_terminal() if interactive is None else interactive
         self._started = time.perf_counter()
         self._bar = None
         if self.interactive:

@@ -91,7 +91,7 @@ def test_fit_writes_a_config_that_loads_and_fits(tmp_path, capsys):
     out = tmp_path / "plan.yaml"
     assert main(["estimate", BIG, "--fit", "7GiB", "--plan-out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "plan (" in printed and "config GiB" in printed and f"wrote {out}" in printed
+    assert "plan (" in printed and "config GiB" in printed and "plan GiB" in printed and f"wrote {out}" in printed
     planned = load_config(out)
     assert estimate_run(planned).peak <= 7 * 2**30 < estimate_run(load_config(BIG)).peak
     original = load_config(BIG)

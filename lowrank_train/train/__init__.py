@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 # Public name -> the module that defines it, imported on first use (PEP 562) so that importing the package
@@ -87,6 +89,22 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """Keeps ``compress`` and ``evaluate`` the functions once their same-named submodules are imported.
+
+    Importing ``lowrank_train.train.compress`` sets the package attribute ``compress`` to that module; the eager
+    ``from .compress import compress`` this package used to run replaced it by the function, and so does this.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

@@ -18,7 +18,7 @@ from lowrank_train.integrations.transformers import (
     create_lowrank_optimizer,
     create_lowrank_optimizer_and_scheduler,
 )
-from lowrank_train.nn import quantize_model
+from lowrank_train.nn import QuantLinear, quantize_model
 from lowrank_train.optim import GaLore, QGaLoreAdamW8bit, get_optimizer_method, lowrank_param_groups
 from lowrank_train.optim.options import GALORE_DEFAULTS, GROUP_OPTIONS
 
@@ -52,8 +52,12 @@ def training_args(output_dir, **overrides) -> TrainingArguments:
 
 
 def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter as a plain float tensor (INT8 weights dequantized)."""
-    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    """Every parameter as a plain float tensor (INT8 weights dequantized: their Parameter is an empty carrier)."""
+    params = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            params[f"{name}.weight"] = module.dequantized_weight(torch.float32)
+    return params
 
 
 def quantized_if_qgalore(model: torch.nn.Module, config: LowRankOptimizerConfig) -> torch.nn.Module:

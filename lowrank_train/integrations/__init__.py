@@ -4,6 +4,8 @@ Each submodule imports its framework only when used:
 
 * :mod:`lowrank_train.integrations.transformers`: ``LowRankTrainer``, ``LowRankOptimizerConfig``,
   ``create_lowrank_optimizer_and_scheduler`` for ``Trainer(optimizers=...)``.
+* :mod:`lowrank_train.integrations.trainer_config`: ``LowRankOptimizerConfig`` and
+  ``lowrank_config_from_training_args`` (transformers' ``optim="galore_*"`` settings), re-exported by the above.
 * :mod:`lowrank_train.integrations.fsdp`: ``FSDP2GaLore``, GaLore on ``fully_shard`` (DTensor) parameters.
 * :mod:`lowrank_train.integrations.deepspeed`: ``deepspeed_initialize``, the ZeRO configurations that can
   carry a GaLore optimizer, and a clear error for the others.

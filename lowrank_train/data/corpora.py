@@ -163,16 +163,13 @@ def split_text_pieces(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
 def _piece_cut(text: str, start: int, limit: int) -> int:
     """Where the piece starting at ``start`` ends: a safe cut in ``(start + half, limit]``, else ``limit``."""
     low = start + (limit - start) // 2
-    newline = text.rfind("\n", low, limit)
-    while newline > low:
-        if _plain(text[newline - 1]) and _plain(text[newline + 1]):
-            return newline + 1
-        newline = text.rfind("\n", low, newline)
-    space = text.rfind(" ", low, limit)
-    while space > low:
-        if _plain(text[space - 1]) and _plain(text[space + 1]):
-            return space
-        space = text.rfind(" ", low, space)
+    # A newline between plain characters first (the cut keeps it in this piece), then such a space.
+    for separator, keep in (("\n", 1), (" ", 0)):
+        position = text.rfind(separator, low, limit)
+        while position > low:
+            if _plain(text[position - 1]) and _plain(text[position + 1]):
+                return position + keep
+            position = text.rfind(separator, low, position)
     return limit
 
 
@@ -201,6 +198,17 @@ def load_corpus(
     return "\n\n".join(
         iter_documents(source, hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents)
     )
+
+
+def document_selection(
+    *, hub_config: str | None = None, split: str = "train", text_field: str = "text", max_documents: int | None = None
+) -> dict[str, Any]:
+    """The keywords that choose a corpus' documents, as :func:`iter_documents` takes them.
+
+    The one place that names them, so functions that pass a selection down (token files, packing, training data)
+    spell it once.
+    """
+    return {"hub_config": hub_config, "split": split, "text_field": text_field, "max_documents": max_documents}
 
 
 def corpus_fingerprint(

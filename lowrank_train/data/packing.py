@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from lowrank_train.data.blocks import TokenBlocks, check_split_settings, heldout_block_count, split_token_blocks
+from lowrank_train.data.corpora import document_selection
 from lowrank_train.data.token_file import TokenFile, build_token_file, token_file_path
 from lowrank_train.data.tokenizer import tokenizer_fingerprint
 
@@ -149,15 +150,10 @@ def packed_cache_path(
     arguments are kept so existing calls work.
     """
     del seq_len, heldout_fraction
-    return token_file_path(
-        source,
-        tokenizer,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        cache_dir=cache_dir,
+    selection = document_selection(
+        hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
     )
+    return token_file_path(source, tokenizer, cache_dir=cache_dir, **selection)
 
 
 def build_packed_corpus(
@@ -194,7 +190,9 @@ def build_packed_corpus(
         The packed corpus.
     """
     check_split_settings(seq_len, heldout_fraction)
-    options = {"hub_config": hub_config, "split": split, "text_field": text_field, "max_documents": max_documents}
+    options = document_selection(
+        hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
+    )
     if use_cache:
         token_file = build_token_file(source, tokenizer, cache_dir=cache_dir, **options)
         return _packed_from_token_file(token_file, seq_len, heldout_fraction)

@@ -32,7 +32,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from lowrank_train.data.cache import cache_root
-from lowrank_train.data.corpora import MAX_PIECE_CHARS, corpus_fingerprint, iter_document_pieces
+from lowrank_train.data.corpora import MAX_PIECE_CHARS, corpus_fingerprint, document_selection, iter_document_pieces
 from lowrank_train.data.tokenizer import tokenizer_fingerprint
 from lowrank_train.data.tokens import TOKEN_DTYPES, eos_token_id, iter_token_chunks, token_dtype
 
@@ -142,15 +142,17 @@ def token_file_path(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Where :func:`build_token_file` keeps the token stream of a corpus (the ``.tokens`` file)."""
-    key = token_file_key(
-        source,
-        tokenizer,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        max_piece_chars=max_piece_chars,
+    selection = document_selection(
+        hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
     )
+    key = token_file_key(source, tokenizer, max_piece_chars=max_piece_chars, **selection)
+    return _entry_path(source, tokenizer, key, cache_dir)
+
+
+def _entry_path(
+    source: str, tokenizer: PreTrainedTokenizerBase, key: str, cache_dir: str | os.PathLike[str] | None
+) -> Path:
+    """The ``.tokens`` file of the cache entry ``key``: a readable name, then the key's start."""
     folder = Path(cache_dir) if cache_dir is not None else cache_root() / "tokens"
     readable = _slug(f"{Path(source).name or source}-{Path(tokenizer.name_or_path).name}")
     return folder / f"{readable}-{key[:16]}{TOKENS_SUFFIX}"
@@ -185,25 +187,11 @@ def build_token_file(
     Returns:
         The verified token file.
     """
-    key = token_file_key(
-        source,
-        tokenizer,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        max_piece_chars=max_piece_chars,
+    selection = document_selection(
+        hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
     )
-    path = token_file_path(
-        source,
-        tokenizer,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        max_piece_chars=max_piece_chars,
-        cache_dir=cache_dir,
-    )
+    key = token_file_key(source, tokenizer, max_piece_chars=max_piece_chars, **selection)
+    path = _entry_path(source, tokenizer, key, cache_dir)
     try:
         opened = read_token_file(path, key=key)
         logger.info("reading %d tokens of %s from %s", opened.header.num_tokens, source, path)
@@ -214,14 +202,7 @@ def build_token_file(
         logger.warning("%s; deleting it and tokenizing %s again", error, source)
         remove_token_file(path)
     logger.info("tokenizing %s with %s into %s", source, tokenizer.name_or_path, path)
-    pieces = iter_document_pieces(
-        source,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        max_piece_chars=max_piece_chars,
-    )
+    pieces = iter_document_pieces(source, max_piece_chars=max_piece_chars, **selection)
     return write_token_file(
         path,
         iter_token_chunks(pieces, tokenizer),

@@ -35,6 +35,7 @@ from lowrank_train.data.blocks import TokenBlocks, check_split_settings, split_t
 from lowrank_train.data.corpora import (
     MAX_PIECE_CHARS,
     corpus_fingerprint,
+    document_selection,
     is_hub_source,
     iter_documents,
     open_hub_stream,
@@ -262,6 +263,9 @@ def open_training_data(
         raise ValueError("a dataset object is always streamed; pass streaming=None or True")
     if streaming is None:
         streaming = is_dataset or is_hub_source(corpus)
+    selection = document_selection(
+        hub_config=hub_config, split=split, text_field=text_field, max_documents=max_documents
+    )
     if streaming:
         return _open_stream(
             corpus,
@@ -270,24 +274,12 @@ def open_training_data(
             batch_size=batch_size,
             seed=seed,
             heldout_fraction=heldout_fraction,
-            hub_config=hub_config,
-            split=split,
-            text_field=text_field,
-            max_documents=max_documents,
             shuffle_buffer=shuffle_buffer,
             heldout_documents=heldout_documents,
             max_piece_chars=max_piece_chars,
+            **selection,
         )
-    token_file = build_token_file(
-        corpus,
-        tokenizer,
-        hub_config=hub_config,
-        split=split,
-        text_field=text_field,
-        max_documents=max_documents,
-        max_piece_chars=max_piece_chars,
-        cache_dir=cache_dir,
-    )
+    token_file = build_token_file(corpus, tokenizer, max_piece_chars=max_piece_chars, cache_dir=cache_dir, **selection)
     train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction)
     if train.num_blocks < batch_size:
         raise ValueError(

@@ -51,17 +51,7 @@ def load_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
     from lowrank_train.data import build_packed_corpus, check_vocab_fits
 
     data = config.data
-    packed = build_packed_corpus(
-        data.corpus,
-        tokenizer,
-        data.seq_len,
-        heldout_fraction=data.heldout_fraction,
-        hub_config=data.hub_config,
-        split=data.split,
-        text_field=data.text_field,
-        max_documents=data.max_documents,
-        cache_dir=data.cache_dir,
-    )
+    packed = build_packed_corpus(data.corpus, tokenizer, data.seq_len, **_corpus_options(config))
     check_vocab_fits(packed.max_token_id, vocab_size, tokenizer_name=data.tokenizer)
     if packed.train.shape[0] < data.batch_size:
         raise ConfigError(
@@ -69,6 +59,19 @@ def load_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
             f"{data.seq_len} tokens in {data.corpus!r}: lower data.batch_size or data.seq_len"
         )
     return packed
+
+
+def _corpus_options(config: TrainConfig) -> dict[str, Any]:
+    """The ``data.*`` keywords that choose, split and cache the corpus, as both data entry points take them."""
+    data = config.data
+    return {
+        "heldout_fraction": data.heldout_fraction,
+        "hub_config": data.hub_config,
+        "split": data.split,
+        "text_field": data.text_field,
+        "max_documents": data.max_documents,
+        "cache_dir": data.cache_dir,
+    }
 
 
 def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
@@ -101,15 +104,10 @@ def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
             seq_len=data.seq_len,
             batch_size=data.batch_size,
             seed=config.run.seed,
-            heldout_fraction=data.heldout_fraction,
-            hub_config=data.hub_config,
-            split=data.split,
-            text_field=data.text_field,
-            max_documents=data.max_documents,
-            cache_dir=data.cache_dir,
             streaming=data.streaming,
             shuffle_buffer=data.shuffle_buffer,
             heldout_documents=data.heldout_documents,
+            **_corpus_options(config),
         )
     except ConnectionError as error:  # offline, an unknown name is tried on the hub: say what works offline
         raise ConfigError(f"data.corpus={data.corpus!r}: {error}") from None

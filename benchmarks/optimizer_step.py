@@ -159,14 +159,13 @@ def paired_projector_steps(lowrank, plain, grads, rank: int, pairs: int) -> dict
 
 def nonfinite_check_ms(grads: list[torch.Tensor], repeats: int = 9) -> tuple[float, float]:
     """Median CPU milliseconds of the GaLore step's NaN/Inf check over every gradient (``finite_flags``, one host
-    sync) and of the same check by ``torch.aminmax`` (NaN and Inf propagate through a minimum and a maximum too)."""
+    sync) and of an inf-norm check (the first version of the check, ~10x slower on the CPU)."""
 
-    def by_aminmax() -> bool:
-        extremes = torch.stack([torch.stack(torch.aminmax(g)) for g in grads])
-        return bool(extremes.isfinite().all())
+    def by_inf_norm() -> bool:
+        return bool(torch.stack([torch.linalg.vector_norm(g, float("inf")) for g in grads]).isfinite().all())
 
     ours = statistics.median(timed(lambda: bool(finite_flags(grads).all()))[1] for _ in range(repeats))
-    alternative = statistics.median(timed(by_aminmax)[1] for _ in range(repeats))
+    alternative = statistics.median(timed(by_inf_norm)[1] for _ in range(repeats))
     return ours * 1e3, alternative * 1e3
 
 
@@ -246,11 +245,11 @@ def step_table(args: argparse.Namespace) -> list[str]:
         f"(pairs {paired['wall_ratio_min']:.2f}-{paired['wall_ratio_max']:.2f}), {paired['cpu_ratio']:.3f} CPU time "
         f"(target <= 1.1): {verdict}"
     )
-    check_ms, aminmax_ms = nonfinite_check_ms(grads)
+    check_ms, inf_norm_ms = nonfinite_check_ms(grads)
     out.append(
-        f"- non-finite gradient check of every step (issue 12 item 4: `finite_flags`, inf-norm of all {len(grads)} "
+        f"- non-finite gradient check of every step (issue 12 item 4: `finite_flags`, aminmax of all {len(grads)} "
         f"gradients, one host sync): {check_ms:.1f} CPU ms = {check_ms / paired['svd_cpu_ms'] * 100:.1f}% of the svd "
-        f"projector's non-refresh step (CPU); the same check by `torch.aminmax` would take {aminmax_ms:.1f} CPU ms"
+        f"projector's non-refresh step (CPU); the same check by an inf-norm would take {inf_norm_ms:.1f} CPU ms"
     )
     print("\n".join(out), flush=True)
     return out

@@ -224,7 +224,13 @@ def _mean(values: list[float]) -> float:
 
 
 def report(
-    results: list[dict], args: argparse.Namespace, vocab: int, heldout_blocks: int, elapsed: float, rare_share: float
+    results: list[dict],
+    args: argparse.Namespace,
+    vocab: int,
+    heldout_blocks: int,
+    elapsed: float,
+    rare_share: float,
+    reused: int = 0,
 ) -> str:
     """The markdown report: best lr per method with every seed, the gap to the best AdamW baseline, the sweep."""
     sweep_seed = args.seeds[0]
@@ -270,7 +276,12 @@ def report(
         f"{args.intermediate} --layers {args.layers} --heads {args.heads} --lrs {lrs} --seeds "
         f"{' '.join(map(str, args.seeds))}{' --full-sweep' if args.full_sweep else ''}` ({args.threads} thread, "
         "shared 2-core machine). "
-        f"Total wall time {elapsed / 60:.1f} min.",
+        f"Total wall time {elapsed / 60:.1f} min"
+        + (
+            f" ({reused} of the {len(results)} runs saved by an earlier invocation, reused with `--resume`)."
+            if reused
+            else "."
+        ),
         "",
         f"Model: LLaMA, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, MLP {args.intermediate}, "
         + (
@@ -361,7 +372,8 @@ def report(
         "",
         "Optimizer-state bytes are measured live tensors (the optimizer's state_dict walked, shared storages counted "
         "once). The embedding / head is full-rank in every method, so the low-rank saving on the block weights shows "
-        "less here than at 7B.",
+        "less here than at 7B. Step times are medians on a 2-core machine shared with other jobs (load 3-10 during "
+        "this run): they vary 2x between runs of the same method; use `benchmarks/optimizer_step.py` for speed.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -425,7 +437,15 @@ def main() -> None:
             if key not in ("output", "report_only", "resume"):
                 setattr(args, key, value)
         heldout_blocks = min(args.eval_blocks, compact_kjv_blocks(args.seq, args.max_vocab)[1].shape[0])
-        text = report(saved["results"], args, saved["vocab"], heldout_blocks, saved["elapsed_s"], saved["rare_share"])
+        text = report(
+            saved["results"],
+            args,
+            saved["vocab"],
+            heldout_blocks,
+            saved["elapsed_s"],
+            saved["rare_share"],
+            saved.get("reused_runs", 0),
+        )
         (args.output / "quality.md").write_text(text + ("\n(partial run)\n" if saved["partial"] else ""))
         print(text)
         return
@@ -473,8 +493,9 @@ def main() -> None:
                 record(method, lr, seed)
     # Runs reused with --resume count at the time they took then.
     elapsed = time.perf_counter() - began + sum(r["run_s"] for r in results if "reused" in r)
-    dump(results, list(saved.values()), args, vocab, rare_share, elapsed, partial=False)
-    text = report(results, args, vocab, min(args.eval_blocks, heldout.shape[0]), elapsed, rare_share)
+    reused = sum("reused" in r for r in results)
+    dump(results, list(saved.values()), args, vocab, rare_share, elapsed, partial=False, reused=reused)
+    text = report(results, args, vocab, min(args.eval_blocks, heldout.shape[0]), elapsed, rare_share, reused)
     (args.output / "quality.md").write_text(text)
     print(text)
 
@@ -505,12 +526,20 @@ def sweep(method: str, evaluate, args: argparse.Namespace) -> float | None:
 
 
 def dump(
-    results: list[dict], unused: list[dict], args, vocab, rare_share: float, elapsed: float, partial: bool
+    results: list[dict],
+    unused: list[dict],
+    args,
+    vocab: int,
+    rare_share: float,
+    elapsed: float,
+    partial: bool,
+    reused: int = 0,
 ) -> None:
     """``results``: the runs of this protocol; ``unused``: saved runs it did not ask for (kept for a later resume)."""
     args.output.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     payload = {"args": settings, "vocab": vocab, "rare_share": rare_share, "elapsed_s": elapsed, "partial": partial}
+    payload["reused_runs"] = reused
     payload.update(results=[{k: v for k, v in r.items() if k != "reused"} for r in results], unused=unused)
     (args.output / "quality.json").write_text(json.dumps(payload))
 

@@ -13,7 +13,8 @@ come from ``compress_model``'s log: pass 1 (statistics, whitening, spectra) and 
 factors of the block's Low-Rank Components); "other" is the rest (the calibration capture and chain check, the
 output-sensitivity backward passes of loss-based strategies, the allocation, the swap).
 
-Run: ``.venv/bin/python benchmarks/welore_7b_shapes.py`` (writes ``benchmarks/results/welore_7b_shapes.md``).
+Run: ``.venv/bin/python benchmarks/welore_7b_shapes.py`` (writes ``benchmarks/results/welore_7b_shapes.md`` and
+the raw numbers next to it as ``.json``).
 On this project's shared 2-core CPU one block takes tens of minutes: the 4096-sized eigendecompositions dominate.
 """
 
@@ -242,6 +243,21 @@ def main() -> None:
 
     work = block_working_set(args.hidden, args.intermediate)
     table = markdown_table(HEADER, [_row(r) for r in results])
+    block_rows = [
+        [
+            r["strategy"],
+            r["layers"],
+            name,
+            f"{t.get('spectra', 0):.0f}",
+            f"{t.get('factors', 0):.0f}",
+            f"{t.get('energy', 0):.0f}",
+        ]
+        for r in results
+        for name, t in r["per_block"].items()
+    ]
+    block_table = markdown_table(
+        ["strategy", "layers", "block", "pass 1 s", "pass 2 s", "of which energy s"], block_rows
+    )
     lines = [
         "# WeLore at LLaMA-7B layer shapes (CPU)",
         "",
@@ -260,12 +276,18 @@ def main() -> None:
         f"{32 * (work['statistics'] + work['whitening']) / GIB:.0f} GiB for LLaMA-7B's 32 blocks) plus every "
         "replacement layer before swapping any in.",
         "",
+        "Seconds per block, as `compress_model` logged them (pass 2 includes the report's calibration energy, "
+        "float64 products with the input second moment):",
+        "",
+        block_table,
+        "",
         "Ranks of the Low-Rank Components: "
         + "; ".join(f"{r['strategy']}/{r['layers']}: {json.dumps(r['ranks'])}" for r in results),
         "",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
     print(f"\nwrote {args.out}")
 
 

@@ -25,6 +25,7 @@ from lowrank_train.welore.compress import (
     compress_model,
     mark_trainable,
 )
+from lowrank_train.welore.generation import generate_calibration, mix_generated_calibration
 from lowrank_train.welore.io import export_dense, load_compressed, lowrank_layers, merge_lowrank, save_compressed
 from lowrank_train.welore.sensitivity import collect_calibration_statistics, collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
@@ -54,6 +55,7 @@ __all__ = [
     "compute_spectra",
     "export_dense",
     "find_block_linears",
+    "generate_calibration",
     "get_strategy",
     "is_low_rank_component",
     "limit_threads",
@@ -61,6 +63,7 @@ __all__ = [
     "lowrank_layers",
     "mark_trainable",
     "merge_lowrank",
+    "mix_generated_calibration",
     "model_fingerprint",
     "paper_tau",
     "register_strategy",

@@ -136,6 +136,8 @@ class AllocationStrategy:
             needs a calibration set and one backward pass over it).
         shrinkage: fraction ``a`` of the whitening second moment moved to its diagonal,
             ``S' = (1 - a) S + a diag(S)`` (``"whiten"`` weighting only; 0 keeps ``S``).
+        generated_fraction: share of the calibration tokens that the model generates itself and that are mixed
+            into a token-id calibration set (see :mod:`lowrank_train.welore.generation`); data-aware only.
     """
 
     name: str
@@ -145,6 +147,7 @@ class AllocationStrategy:
     objective: str = "threshold"
     sensitivity: bool = False
     shrinkage: float = 0.0
+    generated_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.weighting not in ("none", "whiten", "scale"):
@@ -161,6 +164,12 @@ class AllocationStrategy:
             raise ValueError(f"strategy {self.name!r}: shrinkage must be in [0, 1], got {self.shrinkage}")
         if self.shrinkage > 0.0 and self.weighting != "whiten":
             raise ValueError(f"strategy {self.name!r}: shrinkage applies to weighting='whiten' only")
+        if not 0.0 <= self.generated_fraction < 1.0:
+            raise ValueError(
+                f"strategy {self.name!r}: generated_fraction must be in [0, 1), got {self.generated_fraction}"
+            )
+        if self.generated_fraction > 0.0 and not self.needs_calibration:
+            raise ValueError(f"strategy {self.name!r}: generated_fraction applies to data-aware strategies only")
 
     @property
     def needs_calibration(self) -> bool:
@@ -209,7 +218,14 @@ register_strategy(AllocationStrategy("whitened", minmax_scores, weighting="white
 register_strategy(AllocationStrategy("asvd", minmax_scores, weighting="scale"))
 register_strategy(AllocationStrategy("whitened-energy", energy_scores, weighting="whiten"))
 register_strategy(
-    AllocationStrategy("whitened-loss", weighting="whiten", objective="loss", sensitivity=True, shrinkage=0.1)
+    AllocationStrategy(
+        "whitened-loss",
+        weighting="whiten",
+        objective="loss",
+        sensitivity=True,
+        shrinkage=0.1,
+        generated_fraction=1 / 3,
+    )
 )
 
 

@@ -29,6 +29,7 @@ from lowrank_train.welore.blockwise import (
     chain_mismatch,
     plan_blocks,
 )
+from lowrank_train.welore.generation import mix_generated_calibration
 from lowrank_train.welore.sensitivity import collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
     InputStatistics,
@@ -73,6 +74,9 @@ class WeLoreConfig:
         damping: ridge added to the input second moment before whitening, relative to its mean diagonal.
         shrinkage: fraction of the input second moment moved to its diagonal before whitening; ``None`` uses the
             strategy's own (0.1 for ``"whitened-loss"``, 0 for the others).
+        generated_fraction: share of calibration tokens the model generates itself, mixed into a token-id
+            calibration set (not into precomputed statistics); ``None`` uses the strategy's own (1/3 for
+            ``"whitened-loss"``, 0 for the others).
         asvd_alpha: exponent of ASVD's channel scale ``E[|x|]^alpha``.
         num_threads: torch threads for SVDs and the calibration pass (``None``: leave as is).
         cache_path: optional safetensors file caching singular values across runs.
@@ -88,6 +92,7 @@ class WeLoreConfig:
     min_ratio: float = 0.5
     damping: float = 1e-3
     shrinkage: float | None = None
+    generated_fraction: float | None = None
     asvd_alpha: float = 0.5
     num_threads: int | None = 1
     cache_path: str | None = None
@@ -108,6 +113,8 @@ class WeLoreConfig:
                 raise ValueError(f"shrinkage must be in [0, 1] or None, got {self.shrinkage}")
             if self.shrinkage > 0.0 and STRATEGIES[self.strategy].weighting != "whiten":
                 raise ValueError(f"shrinkage applies to whitening strategies, not {self.strategy!r}")
+        if self.generated_fraction is not None and not 0.0 <= self.generated_fraction < 1.0:
+            raise ValueError(f"generated_fraction must be in [0, 1) or None, got {self.generated_fraction}")
         if self.asvd_alpha <= 0.0:
             raise ValueError(f"asvd_alpha must be > 0, got {self.asvd_alpha}")
         if self.num_threads is not None and self.num_threads < 1:
@@ -312,6 +319,8 @@ def _calibration_source(
     sequences = prepare_calibration(calibration, _input_vocab_size(model))
     device = next(model.parameters()).device
     sequences = [seq.to(device) for seq in sequences]
+    generated = config.generated_fraction if config.generated_fraction is not None else strategy.generated_fraction
+    sequences = mix_generated_calibration(model, sequences, generated, num_threads=config.num_threads)
     loss_weights = None
     if strategy.sensitivity:
         # One scalar per layer (a forward and backward per sequence, no parameter gradients): small at any size.

@@ -21,8 +21,10 @@ from lowrank_train.welore import (
     collect_output_sensitivity,
     compress_model,
     find_block_linears,
+    generate_calibration,
     get_strategy,
     is_low_rank_component,
+    mix_generated_calibration,
     shrink_second_moment,
     truncation_losses,
     whitening_factor,
@@ -224,6 +226,7 @@ def test_default_strategy_is_the_robust_one():
     assert WeLoreConfig(0.2).strategy == "whitened-loss"
     rule = get_strategy("whitened-loss")
     assert rule.objective == "loss" and rule.sensitivity and rule.weighting == "whiten" and rule.shrinkage == 0.1
+    assert rule.generated_fraction == pytest.approx(1 / 3)
     assert rule.needs_calibration and "whitened-loss" in STRATEGIES
 
 
@@ -269,7 +272,9 @@ def test_output_sensitivity_matches_direct_gradients(llama, calibration):
 
 def test_whitened_loss_compresses_and_reports_calibration_energy(llama, calibration):
     linears = find_block_linears(llama)
-    stats = collect_input_statistics(llama, linears, list(calibration[:, None]))
+    # The calibration set compress_model measures: the user's tokens plus the model's own samples.
+    sequences = mix_generated_calibration(llama, list(calibration[:, None]), 1 / 3)
+    stats = collect_input_statistics(llama, linears, sequences)
     dense = copy.deepcopy(llama)
     report = compress_model(llama, WeLoreConfig(0.3, min_ratio=0.0), calibration)
     assert report.strategy == "whitened-loss" and report.param_reduction >= 0.3 and report.num_lrc > 0
@@ -294,7 +299,8 @@ def test_precomputed_statistics_need_sensitivities(llama, calibration):
     plain = collect_input_statistics(llama, linears, sequences)
     with pytest.raises(ValueError, match="collect_calibration_statistics"):
         compress_model(copy.deepcopy(llama), WeLoreConfig(0.3, min_ratio=0.0), plain)
-    full = collect_calibration_statistics(llama, linears, sequences)
+    # The token path mixes in the model's own samples; precomputed statistics are taken as given.
+    full = collect_calibration_statistics(llama, linears, mix_generated_calibration(llama, sequences, 1 / 3))
     from_stats, from_tokens = copy.deepcopy(llama), copy.deepcopy(llama)
     report_stats = compress_model(from_stats, WeLoreConfig(0.3, min_ratio=0.0), full)
     report_tokens = compress_model(from_tokens, WeLoreConfig(0.3, min_ratio=0.0), calibration)
@@ -354,3 +360,75 @@ def test_every_strategy_on_non_llama_models(build, layer_names, strategy, calibr
     assert torch.isfinite(logits).all() and logits.shape == reference.shape
     if get_strategy(strategy).needs_calibration:
         assert all(0.0 <= entry.calibration_energy <= 1.0 for entry in report.matrices)
+
+
+def test_generated_calibration_mix_sizes_and_reproducibility(llama, calibration):
+    sequences = list(calibration[:, None])  # 24 x 32 tokens
+    state = torch.random.get_rng_state()
+    mixed = mix_generated_calibration(llama, sequences, 1 / 3, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left alone
+    generated = mixed[len(sequences) :]
+    assert mixed[: len(sequences)] == sequences
+    assert len(generated) == 12 and all(seq.shape == (1, 32) for seq in generated)  # 384 / (768 + 384) = 1/3
+    assert all(int(seq.min()) >= 0 and int(seq.max()) < 128 for seq in generated)
+    assert all(int(seq[0, 0]) == llama.generation_config.bos_token_id for seq in generated)
+    again = mix_generated_calibration(llama, sequences, 1 / 3, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(mixed, again, strict=True))
+    other = mix_generated_calibration(llama, sequences, 1 / 3, seed=6)
+    assert not all(torch.equal(a, b) for a, b in zip(mixed, other, strict=True))
+    assert mix_generated_calibration(llama, sequences, 0.0) == sequences
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        mix_generated_calibration(llama, sequences, 1.0)
+
+
+class _Bigram(torch.nn.Module):
+    """A causal LM without ``generate`` whose next-token distribution depends on the last token only."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(logits, freeze=True)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.table(input_ids)
+
+
+@pytest.mark.parametrize("use_generate", [False, True], ids=["plain-loop", "hf-generate"])
+def test_generated_tokens_follow_the_model_distribution(use_generate):
+    # Temperature 1, no top-k / top-p: the frequencies of the sampled second tokens match softmax(logits[start]).
+    generator = torch.Generator().manual_seed(0)
+    if use_generate:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=3,
+            eos_token_id=7,
+        )
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            expected = torch.softmax(model(torch.tensor([[3]])).logits[0, -1].float(), -1)
+    else:
+        model = _Bigram(torch.randn(8, 8, generator=generator) * 2)
+        expected = torch.softmax(model.table.weight[3], -1)
+    count = 4000
+    samples = generate_calibration(model, count, 2, torch.full((count,), 3), seed=1)
+    second = torch.stack([seq[0, 1] for seq in samples])
+    observed = torch.bincount(second, minlength=8).double() / count
+    # Four standard deviations of a binomial frequency, per token.
+    tolerance = 4 * torch.sqrt(expected.double() * (1 - expected.double()) / count) + 1e-3
+    assert bool(torch.all((observed - expected.double()).abs() <= tolerance)), (observed, expected)
+
+
+def test_plain_loop_starts_from_user_tokens_without_bos():
+    model = _Bigram(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
+    sequences = [torch.tensor([[5, 1, 2, 3]]), torch.tensor([[6, 0, 0, 1]])]
+    mixed = mix_generated_calibration(model, sequences, 0.5)
+    generated = mixed[2:]
+    assert len(generated) == 2 and all(seq.shape == (1, 4) for seq in generated)
+    assert [int(seq[0, 0]) for seq in generated] == [5, 6]

@@ -47,6 +47,8 @@ from lowrank_train.welore import (  # noqa: E402
     collect_calibration_statistics,
     compress_model,
     find_block_linears,
+    get_strategy,
+    mix_generated_calibration,
     register_strategy,
 )
 
@@ -63,20 +65,26 @@ ABLATION = (
     ("whitened (old default: min-max threshold on whitened spectra)", "whitened", {}, None),
     ("whitened, damping 1e-2 (10x)", "whitened", {"damping": 1e-2}, None),
     ("whitened, shrinkage 0.1 toward diag", "whitened", {"shrinkage": 0.1}, None),
-    ("whitened, shrinkage 0.5 toward diag", "whitened", {"shrinkage": 0.5}, None),
     ("whitened, shrinkage 0.1 toward mean(diag) I", "whitened", {}, ("identity", 0.1)),
+    ("whitened + 1/3 generated tokens", "whitened", {"generated_fraction": 1 / 3}, None),
     ("loss knapsack, unweighted tail energy", "whitened-loss-unweighted", {"shrinkage": 0.0}, None),
-    ("loss knapsack x sensitivity, no shrinkage", NEW_DEFAULT, {"shrinkage": 0.0}, None),
-    ("loss knapsack x sensitivity, damping 1e-2", NEW_DEFAULT, {"shrinkage": 0.0, "damping": 1e-2}, None),
+    ("loss knapsack x sensitivity", NEW_DEFAULT, {"shrinkage": 0.0, "generated_fraction": 0.0}, None),
     (
         "loss knapsack x sensitivity, shrinkage 0.02 toward mean(diag) I",
         NEW_DEFAULT,
-        {"shrinkage": 0.0},
+        {"shrinkage": 0.0, "generated_fraction": 0.0},
         ("identity", 0.02),
     ),
-    ("whitened-loss (new default: shrinkage 0.1 toward diag)", NEW_DEFAULT, {}, None),
-    ("whitened-loss, shrinkage 0.2", NEW_DEFAULT, {"shrinkage": 0.2}, None),
-    ("whitened-loss, calibration mixed 50/50 with Shakespeare", NEW_DEFAULT, {}, ("mix", "shakespeare")),
+    ("loss knapsack x sensitivity, shrinkage 0.1 toward diag", NEW_DEFAULT, {"generated_fraction": 0.0}, None),
+    ("same, shrinkage 0.2", NEW_DEFAULT, {"shrinkage": 0.2, "generated_fraction": 0.0}, None),
+    ("same + 1/3 generated tokens (new default, whitened-loss)", NEW_DEFAULT, {}, None),
+    ("same + 1/2 generated tokens", NEW_DEFAULT, {"generated_fraction": 0.5}, None),
+    (
+        "same, no generated tokens, statistics mixed 50/50 with Shakespeare's",
+        NEW_DEFAULT,
+        {"generated_fraction": 0.0},
+        ("mix", "shakespeare"),
+    ),
 )
 
 
@@ -103,6 +111,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--calib-len", type=int, default=128)
     parser.add_argument("--ablation", action="store_true", help="the candidate table instead of the main one")
+    parser.add_argument("--ablation-rows", type=int, nargs="*", default=None, help="indices of ABLATION rows to run")
     parser.add_argument(
         "--resume", action="store_true", help="keep the rows already in the .jsonl next to --out and run the rest"
     )
@@ -208,17 +217,20 @@ def main() -> int:
     dense_ppl = {d: perplexity(dense, evals[d]) for d in DOMAINS}
     log("dense perplexity " + ", ".join(f"{d} {v:.2f}" for d, v in dense_ppl.items()))
 
-    stats_cache: dict[str, dict] = {}
+    stats_cache: dict[tuple[str, float], dict] = {}
 
-    def statistics(corpus: str) -> dict:
-        if corpus not in stats_cache:
+    def statistics(corpus: str, generated: float) -> dict:
+        # What compress_model measures from token ids: the user's windows plus the model's own samples (the same
+        # call with the same seed), computed once and shared by every target.
+        if (corpus, generated) not in stats_cache:
             t0 = time.perf_counter()
-            calibration = windows(train_ids[corpus], args.calib_seqs, args.calib_len, seed=0)
-            stats_cache[corpus] = collect_calibration_statistics(
-                dense, linears, list(calibration[:, None]), args.threads
+            calibration = list(windows(train_ids[corpus], args.calib_seqs, args.calib_len, seed=0)[:, None])
+            calibration = mix_generated_calibration(dense, calibration, generated, num_threads=args.threads)
+            stats_cache[(corpus, generated)] = collect_calibration_statistics(
+                dense, linears, calibration, args.threads
             )
-            log(f"calibration statistics on {corpus} in {time.perf_counter() - t0:.0f} s")
-        return stats_cache[corpus]
+            log(f"calibration statistics on {corpus} (+{generated:.2f} generated) in {time.perf_counter() - t0:.0f} s")
+        return stats_cache[(corpus, generated)]
 
     cache = os.path.join(tempfile.mkdtemp(prefix="welore-ood-"), "spectra.safetensors")
     jsonl = Path(args.out).with_suffix(".jsonl")
@@ -236,8 +248,11 @@ def main() -> int:
             return
         model = copy.deepcopy(dense)
         t_start = time.perf_counter()
-        extra = statistics(transform[1]) if transform is not None and transform[0] == "mix" else None
-        stats = transform_statistics(statistics(corpus), transform, extra)
+        generated = overrides.get("generated_fraction")
+        if generated is None:
+            generated = get_strategy(strategy).generated_fraction
+        extra = statistics(transform[1], generated) if transform is not None and transform[0] == "mix" else None
+        stats = transform_statistics(statistics(corpus, generated), transform, extra)
         t0 = time.perf_counter()
         config = WeLoreConfig(
             target, strategy, min_ratio=args.min_ratio, num_threads=args.threads, cache_path=cache, **overrides
@@ -287,8 +302,11 @@ def main() -> int:
     header = "| " + " | ".join(DOMAIN_NAMES[d] for d in DOMAINS) + " |"
     if args.ablation:
         target = args.targets[0]
-        for label, strategy, overrides, transform in ABLATION:
-            run(label, strategy, target, args.calibrate_on, overrides, transform)
+        for index, (label, strategy, overrides, transform) in enumerate(ABLATION):
+            if args.ablation_rows is None or index in args.ablation_rows:
+                run(label, strategy, target, args.calibrate_on, overrides, transform)
+        order = {label: index for index, (label, *_) in enumerate(ABLATION)}
+        rows.sort(key=lambda r: order.get(r["label"], len(order)))
         lines += [
             f"## Candidates at a {target:.0%} cut, calibrated on {DOMAIN_NAMES[args.calibrate_on]}",
             "",

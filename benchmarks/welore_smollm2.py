@@ -45,7 +45,9 @@ from lowrank_train.welore import (  # noqa: E402
     compress_model,
     compute_spectra,
     find_block_linears,
+    get_strategy,
     mark_trainable,
+    mix_generated_calibration,
 )
 
 STRATEGIES = ("uniform", "welore", "whitened", "whitened-loss")
@@ -225,10 +227,20 @@ def main() -> int:
     eval_s = time.perf_counter() - t0
     log(f"dense perplexity {dense_ppl:.2f} ({eval_s:.1f} s per evaluation)")
 
-    # One calibration pass serves every data-aware compression below.
-    t0 = time.perf_counter()
-    stats = collect_calibration_statistics(dense, linears, list(calibration[:, None]), args.threads)
-    log(f"calibration statistics in {time.perf_counter() - t0:.1f} s")
+    # One calibration pass per calibration set serves every data-aware compression below.
+    stats_by_fraction: dict[float, dict] = {}
+
+    def statistics(strategy: str) -> dict:
+        # As compress_model measures token ids for this strategy: the windows plus the model's own samples.
+        fraction = get_strategy(strategy).generated_fraction
+        if fraction not in stats_by_fraction:
+            t0 = time.perf_counter()
+            sequences = mix_generated_calibration(
+                dense, list(calibration[:, None]), fraction, num_threads=args.threads
+            )
+            stats_by_fraction[fraction] = collect_calibration_statistics(dense, linears, sequences, args.threads)
+            log(f"calibration statistics (+{fraction:.2f} generated) in {time.perf_counter() - t0:.1f} s")
+        return stats_by_fraction[fraction]
 
     cache = args.cache or os.path.join(tempfile.mkdtemp(prefix="welore-"), "spectra.safetensors")
     results: dict[tuple[str, float], tuple[float, object]] = {}
@@ -239,7 +251,7 @@ def main() -> int:
             config = WeLoreConfig(
                 target, strategy, min_ratio=args.min_ratio, num_threads=args.threads, cache_path=cache
             )
-            report = compress_model(model, config, stats)
+            report = compress_model(model, config, statistics(strategy))
             compress_s = time.perf_counter() - t0
             ppl = perplexity(model, heldout)
             results[(strategy, target)] = (ppl, report)
@@ -323,7 +335,7 @@ def main() -> int:
             num_threads=args.threads,
             cache_path=cache,
         )
-        compress_model(compressed, config, stats)
+        compress_model(compressed, config, statistics(args.finetune_strategy))
         # Perplexities before fine-tuning are those of part 1 (compression is deterministic).
         compressed_before = results[(args.finetune_strategy, args.finetune_target)][0]
         mode_names = {"all": "all block linears", "lrc": "LRC only (WeLore)", "lrc+galore": "LRC + GaLore on N-LRC"}

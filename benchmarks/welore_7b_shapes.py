@@ -9,9 +9,10 @@ on disk (the default for a CPU model).
 Each case runs in a fresh subprocess. Peak RSS is the kernel's high-water mark (``VmHWM``), reset
 (``/proc/self/clear_refs``) right before ``compress_model``, so it is the peak of the compression alone;
 "before" is the resident set just before (Python, torch, the model, the calibration ids). Seconds per block
-come from ``compress_model``'s log: pass 1 (statistics, whitening, spectra) and pass 2 (statistics, whitening,
-factors of the block's Low-Rank Components); "other" is the rest (the calibration capture and chain check, the
-output-sensitivity backward passes of loss-based strategies, the allocation, the swap).
+come from ``compress_model``'s log: pass 1 (the block's calibration forward and statistics, whitening, spectra)
+and pass 2 (the same statistics and whitening, the factors of the block's Low-Rank Components and their
+calibration energy for the report); "other" is the rest (the chain check, the output-sensitivity backward passes
+of loss-based strategies, the allocation, the swap).
 
 Run: ``.venv/bin/python benchmarks/welore_7b_shapes.py`` (writes ``benchmarks/results/welore_7b_shapes.md`` and
 the raw numbers next to it as ``.json``).

@@ -479,14 +479,16 @@ def compress_model(
             if spectra is None:
                 spectra = {}
                 # A plain loop, not enumerate: enumerate's reused result tuple would keep the previous block's
-                # statistics alive while the next block's are accumulated.
+                # statistics alive while the next block's are accumulated. A block's seconds include its
+                # calibration forward and statistics, which the generator computes before handing it out.
+                start = time.perf_counter()
                 for entry, stats in block_statistics(model, plan, source):
-                    start = time.perf_counter()
                     weightings = _weightings(strategy, config, stats)
                     del stats  # only the weighting is needed from here on
                     spectra.update(compute_spectra(entry.linears, weightings, config.num_threads))
                     del weightings
                     logger.info("spectra of %s in %.1f s", entry.name, time.perf_counter() - start)
+                    start = time.perf_counter()
                 if config.cache_path is not None:
                     save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
 
@@ -496,8 +498,9 @@ def compress_model(
             energies: dict[str, float] = dict.fromkeys(linears, 1.0) if source is not None else {}
             del linears  # from here on the plan holds the only references to the dense layers
             with FactorStaging(location, config.staging_dir) as staging:
+                start = time.perf_counter()
                 for entry, stats in block_statistics(model, plan, source, allocation.lrc):
-                    start, energy_seconds = time.perf_counter(), 0.0
+                    energy_seconds = 0.0
                     weightings = _weightings(strategy, config, stats)
                     tensors: dict[str, Tensor] = {}
                     for name, linear in entry.linears.items():
@@ -520,6 +523,7 @@ def compress_model(
                     logger.info(
                         "factors of %s in %.1f s (calibration energy %.1f s)", entry.name, seconds, energy_seconds
                     )
+                    start = time.perf_counter()
                 staging.check()
                 _swap_in(model, plan, staging)
     finally:

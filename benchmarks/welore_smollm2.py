@@ -61,9 +61,10 @@ NOTES = (
     "whitened = SVD-LLM whitening by the calibration inputs' second moment (damping 1e-3), allocated by the WeLore "
     "min-max rule on the whitened spectra, truncated in the whitened space. The energy-per-parameter variant "
     "('whitened-energy') was worse in a probe (72 vs 64 on 4 x 512 tokens at 20%).",
-    "whitened-loss (the default since issue 16) = whitening shrunk 10% toward its diagonal, ranks from a knapsack on "
-    "each matrix's whitened truncation loss times its output sensitivity (empirical Fisher trace from one backward "
-    "pass over the calibration set), with the dense/LRC choice as one of each matrix's options.",
+    "whitened-loss (the default since issue 16) = calibration set plus half as many tokens again sampled from the "
+    "model itself (a third of the mix), whitening shrunk 10% toward its diagonal, ranks from a knapsack on each "
+    "matrix's whitened truncation loss times its output sensitivity (empirical Fisher trace from one backward pass "
+    "over the calibration set), with the dense/LRC choice as one of each matrix's options.",
     "The paper's tau table rows for 10/50/70% use the taus quoted in issue 7; 30% is interpolated between them.",
 )
 

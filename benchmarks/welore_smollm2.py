@@ -87,6 +87,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--finetune-target", type=float, default=0.2)
     parser.add_argument("--finetune-strategy", default="whitened-loss")
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), help="fine-tuning runs, see the docstring")
+    parser.add_argument(
+        "--dense-reference",
+        type=float,
+        default=None,
+        help="dense fine-tuned perplexity of an earlier run with the same settings, when --runs has no dense run",
+    )
     parser.add_argument("--galore-rank", type=int, default=128, help="GaLore rank of the N-LRC group (lrc+galore)")
     parser.add_argument("--galore-gap", type=int, default=50, help="GaLore basis refresh gap (lrc+galore)")
     parser.add_argument("--steps", type=int, default=30)
@@ -373,7 +379,11 @@ def main() -> int:
             "|---|---|---|---|---|---|---|",
         ]
         dense_runs = [r for r in runs if r["source"] == "dense"]
-        dense_after = dense_runs[0]["after"] if dense_runs else float("nan")
+        if dense_runs:
+            dense_after = dense_runs[0]["after"]
+        else:
+            dense_after = args.dense_reference if args.dense_reference is not None else float("nan")
+            lines[-2:-2] = [f"Dense fine-tuned reference (an earlier run, same settings): {dense_after:.2f}.", ""]
         for r in runs:
             lines.append(
                 f"| {r['label']} | {r['before']:,.2f} | {r['after']:,.2f} | {r['after'] / dense_after:.3f}x | "

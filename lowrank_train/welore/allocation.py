@@ -32,9 +32,9 @@ Strategies are registered by name (see :data:`STRATEGIES`):
   third of the calibration tokens are the model's own samples (:mod:`lowrank_train.welore.generation`). On
   SmolLM2-135M calibrated on 32 x 128 KJV tokens, a 20% cut gives 1.65x the dense perplexity on KJV, 1.80x on
   Shakespeare and 2.19x on Python documentation, where ``"whitened"`` gave 2.55x, 3.75x and 7.79x
-  (``benchmarks/results/welore_ood.md``). Without the sensitivity the same knapsack on absolute output error was
-  far worse than ``"whitened"`` (12x dense in domain), and on relative error (``"whitened-energy"``'s rule with
-  the dense option) no better (3x).
+  (``benchmarks/results/welore_ood.md``; each ingredient's share in ``welore_ood_ablation.md``). Without the
+  sensitivity the same knapsack on absolute output error is far worse than ``"whitened"`` (12.8x dense in
+  domain), and in a probe on relative output error it was worse too (3.0x vs 2.6x).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """WeLore (Jaiswal et al., 2024): spectrum-driven low-rank compression of pretrained LLMs, and LRC fine-tuning.
 
-Layout: ``spectrum`` (block linears, calibration statistics, cached singular values), ``allocation`` (rank per
-matrix from a parameter budget, strategies by name), ``compress`` (config, model conversion, trainable modes),
-``io`` (save/load without SVD, merge and dense export).
+Layout: ``spectrum`` (block linears, calibration statistics, cached singular values), ``sensitivity`` (each layer's
+output sensitivity, the weights of loss-based allocation), ``generation`` (calibration text sampled from the model
+itself), ``allocation`` (rank per matrix from a parameter budget, strategies by name), ``compress`` (config,
+model conversion, trainable modes), ``io`` (save/load without SVD, merge and dense export).
 """
 
 from lowrank_train.welore.allocation import (

@@ -106,7 +106,10 @@ def test_welore_table_uses_paper_tau():
 
 
 def test_registry():
-    assert {"welore", "welore-table", "uniform", "whitened", "asvd", "whitened-energy"} <= set(STRATEGIES)
+    assert {"welore", "welore-table", "uniform", "whitened", "asvd", "whitened-energy", "whitened-loss"} <= set(
+        STRATEGIES
+    )
+    assert get_strategy("whitened-loss").needs_calibration and get_strategy("whitened-loss").objective == "loss"
     assert get_strategy("whitened").needs_calibration and not get_strategy("welore").needs_calibration
     with pytest.raises(ValueError, match="unknown allocation strategy"):
         get_strategy("svd-magic")

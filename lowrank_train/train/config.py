@@ -366,7 +366,7 @@ class CompressConfig:
     """
 
     target: float = 0.5
-    strategy: str = "welore"
+    strategy: str = "whitened-loss"
     min_ratio: float = 0.5
     damping: float = 1e-3
     asvd_alpha: float = 0.5

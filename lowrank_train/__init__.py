@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from lowrank_train._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -41,19 +41,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     )  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        if importlib.util.find_spec(f"lowrank_train.{name}") is not None:  # a subpackage, e.g. lowrank_train.{name}
-            return importlib.import_module(f"lowrank_train.{name}")
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 __all__ = [

@@ -9,11 +9,11 @@ Names are imported on first use, so lowrank_train.train.config alone does not pu
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import sys
 import types
 from typing import TYPE_CHECKING, Any
+
+from lowrank_train._lazy import lazy_exports
 
 # Public name -> the module that defines it, imported on first use (PEP 562) so that importing the package
 # stays cheap (no torch / transformers until a name needs them): `lowrank-train --help` depends on it.
@@ -74,21 +74,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from lowrank_train.train.schedule import lr_factor  # noqa: F401
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        if (
-            importlib.util.find_spec(f"lowrank_train.train.{name}") is not None
-        ):  # a subpackage, e.g. lowrank_train.train.{name}
-            return importlib.import_module(f"lowrank_train.train.{name}")
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 
 
 class _Package(types.ModuleType):

@@ -44,9 +44,10 @@ same basis. Every rank must produce gradients for the same parameters in the sam
 ``find_unused_parameters``), otherwise the collectives mismatch.
 
 Seeds: GaLore seeds a parameter's random projections ("random", "rsvd") and the stochastic rounding of INT8
-weights with the parameter's index inside its optimizer. Here every inner optimizer holds one parameter, so all
-share index 0 (the same streams for same-shaped weights): deterministic, but not the streams of a single GaLore
-over the whole model. With "svd" (the default) and float weights the updates are the same.
+weights with ``seed_offset`` plus the parameter's index inside its optimizer. Every inner optimizer of a low-rank
+group holds one parameter (index 0) and gets its own ``seed_offset``: the parameter's position in this engine,
+counted over all groups. Each weight thus gets its own streams, the ones a single GaLore over the same groups in
+the same order would give it, so layer-wise and ordinary steps match for every projector and for INT8 weights.
 
 Non-finite gradients (issue 12 item 5): a parameter is stepped inside backward before the next one's gradient
 exists, so a step cannot be refused as a whole. The engine therefore checks each gradient right before stepping it

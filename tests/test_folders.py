@@ -44,7 +44,8 @@ def _version(folder):
 
 
 def _hidden(parent):
-    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith((".lowrank-staging-", ".lowrank-aside-")))
+    prefixes = (folders.STAGING_PREFIX, folders.ASIDE_PREFIX)
+    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith(prefixes))
 
 
 def _write_new(target, **kwargs):
@@ -118,8 +119,10 @@ def test_a_kill_at_every_step_leaves_one_whole_folder_and_the_next_write_recover
         # Right after the kill: the old or the new folder is whole, in place or set aside under its hidden name.
         visible = _version(target)
         asides = [parent / name for name in _hidden(parent) if name.startswith(".lowrank-aside-")]
-        assert visible in ("old", "new") or (visible == "missing" and not existing) or (
-            visible == "missing" and [_version(a) for a in asides] == ["old"]
+        assert (
+            visible in ("old", "new")
+            or (visible == "missing" and not existing)
+            or (visible == "missing" and [_version(a) for a in asides] == ["old"])
         ), (k, visible, _hidden(parent))
         recover_folder(target)
         after = _version(target)
@@ -140,7 +143,7 @@ def test_a_failure_at_every_step_keeps_the_old_folder_or_commits_the_new(tmp_pat
         _fill(target, "old")
         count = [0]
 
-        def failing(original):
+        def failing(original, count=count, k=k):
             def call(*args, **kwargs):
                 count[0] += 1
                 if count[0] == k:

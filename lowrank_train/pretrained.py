@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lowrank_train.data.cache import cache_root
+from lowrank_train.folders import write_folder
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +142,7 @@ def _is_complete_model_folder(folder: Path) -> bool:
 
 
 def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary shared cache entry
-    try:
+    # The cache entry is ours (incomplete, or from another build): replaced whole, never half-written.
+    with write_folder(folder, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

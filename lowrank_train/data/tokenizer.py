@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from lowrank_train.data.cache import cache_root
+from lowrank_train.folders import write_folder
 
 GPT2_OFFLINE = "gpt2-offline"
 GPT2_VOCAB_SIZE = 50257
@@ -97,23 +96,15 @@ def _package_data_folder() -> Path:
 
 def _build_gpt2_offline_folder(folder: Path) -> None:
     data = _package_data_folder()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder and rename it into place, so a crash or a concurrent builder never
-    # leaves a half-written tokenizer behind.
-    staging = Path(tempfile.mkdtemp(prefix=f".{GPT2_OFFLINE}-", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary shared cache entry
     try:
-        shutil.copyfile(data / "encoder.json", staging / "vocab.json")
-        shutil.copyfile(data / "vocab.bpe", staging / "merges.txt")
-        tokenizer = GPT2TokenizerFast.from_pretrained(staging, model_max_length=1024)
-        tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process put a complete folder there first; keep theirs.
-            if not (folder / "tokenizer.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # Built in a private staging folder and renamed into place (lowrank_train.folders): a crash or a concurrent
+        # builder never leaves a half-written tokenizer behind.
+        with write_folder(folder, overwrite=True) as staging:
+            shutil.copyfile(data / "encoder.json", staging / "vocab.json")
+            shutil.copyfile(data / "vocab.bpe", staging / "merges.txt")
+            tokenizer = GPT2TokenizerFast.from_pretrained(staging, model_max_length=1024)
+            tokenizer.save_pretrained(staging)
+    except OSError:
+        # Another process put a complete folder there first; keep theirs.
+        if not (folder / "tokenizer.json").exists():
+            raise

@@ -407,27 +407,34 @@ def test_second_engine_on_the_same_parameters_is_refused():
 
 # ----- INT8 quantized linear layers ------------------------------------------------------------------------
 def test_quantized_linear_weights(tiny_llama):
-    """Layer-wise GaLore on INT8 QuantLinear weights equals the ordinary GaLore loop (same rounding streams)."""
-    model = quantize_model(tiny_llama, bits=8, group_size=64, target_modules=["layers.0.mlp.down_proj"])
+    """Layer-wise GaLore on INT8 QuantLinear weights equals the ordinary GaLore loop (same rounding streams).
+
+    GaLore seeds a weight's rounding stream with its index in the optimizer. The quantized weights sit after the
+    float parameters, at different indices, and two share a shape: a layer-wise engine that gave its inner
+    optimizers the wrong seed offset (or none) would round them differently from the single optimizer.
+    """
+    names = ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj", "layers.1.self_attn.o_proj"]
+    model = quantize_model(tiny_llama, bits=8, group_size=64, target_modules=names)
     ref_model = copy.deepcopy(model)
 
+    def layers_of(m):
+        return [m.model.layers[0].mlp.down_proj, m.model.layers[1].mlp.down_proj, m.model.layers[1].self_attn.o_proj]
+
     def groups_of(m):
-        # The quantized weight first: GaLore seeds its rounding stream with the parameter's index in the optimizer,
-        # index 0 in both optimizers here.
-        weight = m.model.layers[0].mlp.down_proj.weight
-        rest = [p for p in m.parameters() if p is not weight]
-        return [{"params": [weight], "rank": 8, "update_gap": 3, "scale": 0.5}, {"params": rest}]
+        weights = [layer.weight for layer in layers_of(m)]
+        rest = [p for p in m.parameters() if all(p is not w for w in weights)]
+        return [{"params": rest}, {"params": weights, "rank": 8, "update_gap": 3, "scale": 0.5}]
 
     ref_opt = make_galore(groups_of(ref_model))
     opt = LayerwiseOptimizer(groups_of(model), make_galore, accumulation_steps=2)
-    before = model.model.layers[0].mlp.down_proj.weight_codes.clone()
+    before = [layer.weight_codes.clone() for layer in layers_of(model)]
     data = batches(3, 2)
     run_ordinary(ref_model, ref_opt, data, 2)
     run_layerwise(model, opt, data, 2)
-    layer, ref_layer = model.model.layers[0].mlp.down_proj, ref_model.model.layers[0].mlp.down_proj
-    assert not torch.equal(layer.weight_codes, before)
-    assert torch.equal(layer.weight_codes, ref_layer.weight_codes)
-    torch.testing.assert_close(layer.weight_scales, ref_layer.weight_scales)
+    for layer, ref_layer, codes in zip(layers_of(model), layers_of(ref_model), before, strict=True):
+        assert not torch.equal(layer.weight_codes, codes)
+        assert torch.equal(layer.weight_codes, ref_layer.weight_codes)
+        torch.testing.assert_close(layer.weight_scales, ref_layer.weight_scales)
     assert_same_params(model, ref_model)
 
 

@@ -80,16 +80,29 @@ def test_backend_must_implement_the_protocol():
         GaLoreAdamW([nn.Parameter(torch.randn(4, 8))], backend=object())
 
 
-def test_fsdp2galore_only_supplies_a_backend():
-    """Composition, not implementation inheritance: no GaLore method is overridden."""
-    assert [name for name in vars(FSDP2GaLore) if callable(vars(FSDP2GaLore)[name])] == ["__init__"]
+def test_fsdp2galore_on_ordinary_tensors_is_adamw_on_the_projected_gradient():
+    """Ordinary tensors take FSDP2Backend's dense path. Reference: torch AdamW on Z (r x n) with the projected
+    gradients, W <- W (1 - lr wd) + s P dZ (decoupled decay on the full weight), torch AdamW on the bias."""
     assert isinstance(FSDP2Backend(), ProjectionBackend)
-    w = nn.Parameter(torch.randn(8, 16))
-    opt = FSDP2GaLore([{"params": [w], "rank": 2}], lr=1e-3)  # ordinary tensors take the dense path
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
+    w_ref, b_ref = w.detach().clone(), nn.Parameter(b.detach().clone())
+    grads = [(torch.randn(8, 16), torch.randn(16)) for _ in range(4)]
+    rank, scale, lr, wd = 2, 0.5, 1e-2, 0.1
+    groups = [{"params": [w], "rank": rank, "update_gap": 100, "scale": scale}, {"params": [b]}]
+    opt = FSDP2GaLore(groups, lr=lr, weight_decay=wd)
     assert isinstance(opt.backend, FSDP2Backend)
-    w.grad = torch.randn(8, 16)
-    before = w.detach().clone()
-    opt.step()
-    assert not torch.equal(w, before)
+    basis = torch.linalg.svd(grads[0][0], full_matrices=False)[0][:, :rank]  # left singular vectors (m < n)
+    z = nn.Parameter(torch.zeros(rank, 16))
+    z_opt, b_opt = torch.optim.AdamW([z], lr=lr, weight_decay=0.0), torch.optim.AdamW([b_ref], lr=lr, weight_decay=wd)
+    for gw, gb in grads:
+        w.grad, b.grad, z.grad, b_ref.grad = gw.clone(), gb.clone(), basis.T @ gw, gb.clone()
+        opt.step()
+        z_before = z.detach().clone()
+        z_opt.step()
+        b_opt.step()
+        w_ref = w_ref * (1 - lr * wd) + scale * basis @ (z.detach() - z_before)
+        torch.testing.assert_close(w.detach(), w_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, b_ref)
     with pytest.raises(ValueError, match="supplies its own backend"):
         FSDP2GaLore([w], backend=DenseBackend())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,10 +18,18 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from lowrank_train.folders import write_folder
 from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import replace_module
 
-__all__ = ["export_dense", "load_compressed", "lowrank_layers", "merge_lowrank", "save_compressed"]
+__all__ = [
+    "export_dense",
+    "load_compressed",
+    "lowrank_layers",
+    "merge_lowrank",
+    "save_compressed",
+    "write_compressed_files",
+]
 
 FORMAT = "lowrank_train.welore/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -32,14 +41,37 @@ def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
 
 
-def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write a compressed model to the folder ``path``.
+def save_compressed(
+    model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
+    """Write a compressed model to the folder ``path``, whole or not at all (``lowrank_train.folders.write_folder``).
 
     Args:
         model: a model holding :class:`LowRankLinear` layers (e.g. after ``compress_model``).
-        path: output folder, created if needed.
+        path: output folder; its parent is created if needed.
+        tokenizer: saved next to the weights with ``save_pretrained`` (``None``: weights only).
+        overwrite: replace an existing, non-empty ``path`` (an empty folder is always replaced).
+
+    Returns:
+        The folder written.
+
+    Raises:
+        FolderExistsError: ``path`` holds files and ``overwrite`` is False.
     """
-    os.makedirs(path, exist_ok=True)
+    with write_folder(path, overwrite=overwrite) as staging:
+        write_compressed_files(model, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(path)
+
+
+def write_compressed_files(model: nn.Module, folder: str | os.PathLike) -> None:
+    """The files of a compressed model, written straight into ``folder`` (a staging folder of the writer).
+
+    Args:
+        model: a model holding :class:`LowRankLinear` layers.
+        folder: an existing folder; files of the same names are overwritten.
+    """
     layers = lowrank_layers(model)
     first = next(model.parameters())
     description: dict[str, Any] = {
@@ -56,9 +88,9 @@ def save_compressed(model: nn.Module, path: str | os.PathLike) -> None:
     }
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(path)
-    save_model(model, os.path.join(path, WEIGHTS_NAME))
-    with open(os.path.join(path, RANKS_NAME), "w") as handle:
+        config.save_pretrained(folder)
+    save_model(model, os.path.join(folder, WEIGHTS_NAME))
+    with open(os.path.join(folder, RANKS_NAME), "w") as handle:
         json.dump(description, handle, indent=1)
 
 
@@ -153,13 +185,19 @@ def merge_lowrank(model: nn.Module, inplace: bool = False) -> nn.Module:
     return target
 
 
-def export_dense(model: nn.Module, path: str | os.PathLike) -> None:
+def export_dense(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Save a dense copy of a compressed Hugging Face model in the ``save_pretrained`` layout, for serving.
 
     Args:
         model: a compressed model with a ``save_pretrained`` method (left unchanged).
-        path: output folder.
+        path: output folder, written whole or not at all.
+        overwrite: replace an existing, non-empty ``path``.
+
+    Returns:
+        The folder written.
     """
     if not hasattr(model, "save_pretrained"):
         raise ValueError("export_dense needs a Hugging Face model (with save_pretrained); use merge_lowrank instead")
-    merge_lowrank(model).save_pretrained(path)
+    with write_folder(path, overwrite=overwrite) as staging:
+        merge_lowrank(model).save_pretrained(staging)
+    return Path(path)

@@ -102,3 +102,17 @@ def test_merge_and_dense_export(compressed, calibration, tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(again.state_dict().values(), merged.state_dict().values(), strict=True)
     )
+
+
+def test_save_is_whole_and_refuses_a_non_empty_folder(compressed, tmp_path):
+    from lowrank_train.folders import FolderExistsError
+
+    folder = tmp_path / "out"
+    save_compressed(compressed, folder)
+    first = (folder / "model.safetensors").read_bytes()
+    with pytest.raises(FolderExistsError, match=f"{folder}.*--overwrite"):
+        save_compressed(compressed, folder)
+    assert (folder / "model.safetensors").read_bytes() == first
+    (folder / "stale.txt").write_text("from before")
+    save_compressed(compressed, folder, overwrite=True)  # replaced whole: nothing of the old folder stays
+    assert not (folder / "stale.txt").exists() and sorted(os.listdir(tmp_path)) == ["out"]

@@ -23,6 +23,7 @@ from lowrank_train.train.config_schema import (
     build_dataclass,
     check_choice,
     check_positive,
+    load_yaml,
     merge_dicts,
     parse_overrides,
     plain,
@@ -453,7 +454,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
         if not file.is_file():
             raise FileNotFoundError(f"config file {file} does not exist")
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = load_yaml(file.read_text(encoding="utf-8"), source=file)  # refuses a repeated key
         except yaml.YAMLError as error:
             raise ConfigError(f"{file} is not valid YAML: {error}") from error
         if loaded is None:

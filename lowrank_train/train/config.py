@@ -244,7 +244,12 @@ class OptimizerConfig:
         layerwise: step each parameter inside the backward pass and free its gradient right away.
         nonfinite: what a step does with a NaN/Inf gradient (GaLore family and ``layerwise``): ``raise`` (stop
             with an error naming the parameters) or ``skip`` (skip the step and count it; the count is the
-            ``skipped_steps`` of the train records in ``metrics.jsonl``).
+            ``skipped_steps`` of the train records in ``metrics.jsonl``). Under ``skip`` a step whose loss is
+            NaN/Inf is skipped by the loop too (no backward, no update).
+        max_skipped_steps: under ``nonfinite: skip``, stop the run (an error, non-zero exit) once more steps than
+            this were skipped in all.
+        max_consecutive_skips: under ``nonfinite: skip``, stop the run once more than this many steps in a row
+            were skipped.
     """
 
     name: str = "adamw"
@@ -264,6 +269,8 @@ class OptimizerConfig:
     weight_group_size: int = 256
     layerwise: bool = False
     nonfinite: str = "raise"
+    max_skipped_steps: int = 100
+    max_consecutive_skips: int = 10
 
     def __post_init__(self) -> None:
         try:
@@ -279,6 +286,9 @@ class OptimizerConfig:
         if self.max_grad_norm < 0:
             raise ConfigError(f"optimizer.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
         check_choice("optimizer.nonfinite", self.nonfinite, NONFINITE)
+        for key in ("max_skipped_steps", "max_consecutive_skips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optimizer.{key} must be >= 0, got {getattr(self, key)}")
         if self.nonfinite != "raise" and not (method.lowrank or self.layerwise):
             raise ConfigError(
                 f"optimizer.nonfinite={self.nonfinite!r} needs a GaLore-family optimizer.name "

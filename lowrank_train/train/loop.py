@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +32,13 @@ from lowrank_train.train.plot import plot_run_if_possible
 from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
 from lowrank_train.train.run_dir import (
+    CONFIG_FILE,
     SUMMARY_FILE,
     ResumeError,
     checkpoint_state,
     prepare_output_dir,
     restore_checkpoint,
+    run_folder_lock,
     save_run_checkpoint,
     write_json,
 )
@@ -49,11 +53,51 @@ from lowrank_train.train.setup import (
     resolve_device,
     resolve_dtype,
 )
+from lowrank_train.train.signals import RunInterrupted, StopRequest, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
 Log = Callable[[str], None]
 MODES = ("pretrain", "finetune")
+
+
+@dataclass
+class SkippedSteps:
+    """Steps skipped under ``optimizer.nonfinite: skip``, and the bounds that stop a run that keeps skipping.
+
+    A step is skipped when its loss is NaN/Inf (the loop does no backward and no update) or when the optimizer
+    skipped it for a NaN/Inf gradient (its own ``skipped_steps`` grew).
+    """
+
+    max_total: int
+    max_consecutive: int
+    total: int = 0
+    consecutive: int = 0
+
+    def record(self, step: int, skipped: bool, loss: float, log: Log) -> None:
+        """Counts step ``step`` (1-based) and says so when it was skipped.
+
+        Raises:
+            FloatingPointError: more skipped steps than ``optimizer.max_skipped_steps`` in all, or than
+                ``optimizer.max_consecutive_skips`` in a row.
+        """
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        cause = f"the loss was {loss}" if not math.isfinite(loss) else "a gradient held NaN/Inf"
+        log(f"step {step} skipped ({cause}; no update applied): {self.total} skipped so far")
+        for count, bound, key in (
+            (self.total, self.max_total, "max_skipped_steps"),
+            (self.consecutive, self.max_consecutive, "max_consecutive_skips"),
+        ):
+            if count > bound:
+                raise FloatingPointError(
+                    f"stopped at step {step}: {self.total} steps skipped ({self.consecutive} in a row) for non-finite "
+                    f"values, more than optimizer.{key}={bound}. Lower optimizer.lr or add warm-up "
+                    "(schedule.warmup_steps), then --resume from the last checkpoint"
+                )
 
 
 def train(
@@ -66,6 +110,9 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) a training run to ``run.max_steps`` and return its summary.
 
+    The run holds the run folder's lock (:func:`~lowrank_train.train.run_dir.run_folder_lock`) throughout, and
+    SIGTERM / SIGINT stop it after the current step with a checkpoint (:mod:`lowrank_train.train.signals`).
+
     Args:
         config: the validated run config.
         mode: ``pretrain`` (all parameters; GaLore groups for the GaLore family) or ``finetune`` (a WeLore
@@ -77,10 +124,24 @@ def train(
 
     Returns:
         The summary (also written to ``summary.json``): final eval loss and perplexity, tokens/s, peak memory,
-        parameter counts, optimizer-state bytes and the memory table against AdamW.
+        parameter counts, optimizer-state bytes, skipped steps and the memory table against AdamW.
+
+    Raises:
+        RunInterrupted: SIGTERM or SIGINT (a ``SystemExit`` with status 143 / 130) after the checkpoint was written.
+        FloatingPointError: a non-finite loss under ``optimizer.nonfinite: raise``, or more skipped steps than the
+            bounds allow under ``skip``.
+        RunLockedError: another process is using ``run.output_dir``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    with run_folder_lock(Path(config.run.output_dir)), stop_on_signals() as stop:
+        return _train(config, mode=mode, resume=resume, log=log, stop_after=stop_after, stop=stop)
+
+
+def _train(
+    config: TrainConfig, *, mode: str, resume: bool, log: Log, stop_after: int | None, stop: StopRequest
+) -> dict[str, Any]:
+    """:func:`train` inside the run lock, with ``stop`` set by the signal handlers."""
     run = config.run
     device = resolve_device(run.device)
     dtype = resolve_dtype(run.dtype)
@@ -143,6 +204,7 @@ def train(
     # The train loss of every step: logging windows are cut at multiples of run.log_every from these, so a resumed
     # run logs what the uninterrupted run logs whatever log_every either used (issue 12 item 6).
     step_losses: list[float] = []
+    skips = SkippedSteps(config.optimizer.max_skipped_steps, config.optimizer.max_consecutive_skips)
     schedule = schedule_segment(run.max_steps)
     batches = training_data.train_batches()
     if resume_from is not None:
@@ -156,6 +218,8 @@ def train(
             batches = training_data.train_batches(start_step * data.grad_accum)
         saved_max = int(saved_meta["config"]["run"]["max_steps"])
         schedule = point.schedule or schedule_segment(saved_max)
+        skips.total, skips.consecutive = point.skipped_steps, point.consecutive_skips
+        rescale_peak_lr(optimizer, float(saved_meta["config"]["optimizer"]["lr"]), config.optimizer.lr)
         log(f"resumed from {resume_from} at step {start_step}")
         if run.max_steps != int(schedule["max_steps"]):
             schedule = extend_schedule(
@@ -199,7 +263,7 @@ def train(
         log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         return loss
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path:
         state = checkpoint_state(
             model,
             optimizer,
@@ -210,8 +274,10 @@ def train(
             data=batches.state_dict(),
             step_losses=step_losses,
             schedule=schedule,
+            skipped_steps=skips.total,
+            consecutive_skips=skips.consecutive,
         )
-        save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
+        return save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
 
     eval_loss = run_eval(0) if resume_from is None else None
     window_steps, window_seconds = 0, 0.0
@@ -224,6 +290,10 @@ def train(
             progress.close()
             metrics.close()
             return {"stopped_at": step}
+        if stop.signum is not None:
+            progress.close()
+            metrics.close()
+            raise _interrupted(stop, checkpoint(step), step, output, mode, log)
         set_learning_rate(
             optimizer,
             segment_lr_factor(
@@ -235,31 +305,19 @@ def train(
             ),
         )
         started = time.perf_counter()
-        step_loss = torch.zeros((), device=device)
-        for _ in range(data.grad_accum):
-            batch = next(batches).to(device)
-            with mixed_precision():
-                if run.loss_chunk_size:
-                    loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
-                else:
-                    loss = model(input_ids=batch, labels=batch).loss
-            (loss / data.grad_accum).backward()
-            step_loss += loss.detach().float() / data.grad_accum
-        if not layerwise:
-            if config.optimizer.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_value = float(step_loss)
+        loss_value, skipped = optimizer_step(
+            model, optimizer, batches, config, device, mixed_precision=mixed_precision, trainable=trainable
+        )
         elapsed = time.perf_counter() - started
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) and config.optimizer.nonfinite == "raise":
             raise FloatingPointError(
                 f"the training loss became {loss_value} at step {step + 1}; lower optimizer.lr or add warm-up "
-                "(schedule.warmup_steps)"
+                "(schedule.warmup_steps), or set optimizer.nonfinite=skip to skip such steps"
             )
-        tokens_done += tokens_per_step
+        skips.record(step + 1, skipped, loss_value, log)
+        tokens_done += tokens_per_step  # a skipped step consumed its batches too
         train_seconds += elapsed
-        step_losses.append(loss_value)
+        step_losses.append(loss_value if not skipped or math.isfinite(loss_value) else math.nan)
         window_steps += 1
         window_seconds += elapsed
         done = step + 1
@@ -275,15 +333,14 @@ def train(
             record = {
                 "split": "train",
                 "step": done,
-                "loss": sum(window) / len(window),
+                "loss": sum(window) / len(window) if window else math.nan,
                 "lr": lr,
                 "tokens_per_s": tokens_per_second,
                 "tokens": tokens_done,
                 "peak_memory_bytes": peak,
             }
-            skipped = getattr(optimizer, "skipped_steps", None)  # optimizer.nonfinite="skip"
-            if isinstance(skipped, int):
-                record["skipped_steps"] = skipped
+            if config.optimizer.nonfinite == "skip":
+                record["skipped_steps"] = skips.total
             metrics.write(record)
             progress.interval(StepStats(done, record["loss"], lr, tokens_per_second, peak))
             window_steps, window_seconds = 0, 0.0
@@ -305,6 +362,7 @@ def train(
     summary = {
         "mode": mode,
         "steps": last_step,
+        "skipped_steps": skips.total,
         "final_eval_loss": eval_loss,
         "final_eval_perplexity": perplexity(eval_loss),
         "tokens": tokens_done,
@@ -331,10 +389,83 @@ def train(
     return summary
 
 
+def _interrupted(stop: StopRequest, folder: Path, step: int, output: Path, mode: str, log: Log) -> RunInterrupted:
+    """Says where the checkpoint of a run stopped by a signal is and how to resume; the exception to raise."""
+    message = (
+        f"stopped by {stop.name} after step {step}: checkpoint {folder}. Resume with: lowrank-train {mode} "
+        f"{output / CONFIG_FILE} --resume"
+    )
+    log(message)
+    return RunInterrupted(message, int(stop.signum or 0))
+
+
+def optimizer_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    config: TrainConfig,
+    device: torch.device,
+    *,
+    mixed_precision: Callable[[], contextlib.AbstractContextManager],
+    trainable: list[torch.nn.Parameter],
+) -> tuple[float, bool]:
+    """One optimizer step over ``data.grad_accum`` micro-batches (layer-wise: the updates run inside backward).
+
+    Under ``optimizer.nonfinite: skip`` each micro-batch's loss is checked before its backward (one host
+    synchronisation per micro-batch): a NaN/Inf loss skips the whole step, the micro-batches already accumulated
+    included (``zero_grad`` drops them, the layer-wise engine's partial step too); the step's other batches are
+    still drawn, so the data position stays ``step * grad_accum``.
+
+    Returns:
+        ``(train loss, skipped)``: the mean micro-batch loss (the first non-finite one for a skipped step) and
+        whether no update was applied (a non-finite loss, or the optimizer's own skip for a NaN/Inf gradient).
+    """
+    data, run = config.data, config.run
+    check = config.optimizer.nonfinite == "skip"
+    skipped_before = getattr(optimizer, "skipped_steps", 0)
+    step_loss = torch.zeros((), device=device)
+    lost: float | None = None
+    for _ in range(data.grad_accum):
+        batch = next(batches).to(device)
+        if lost is not None:
+            continue
+        with mixed_precision():
+            if run.loss_chunk_size:
+                loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
+            else:
+                loss = model(input_ids=batch, labels=batch).loss
+        if check and not math.isfinite(value := float(loss.detach())):
+            lost = value
+            continue
+        (loss / data.grad_accum).backward()
+        step_loss += loss.detach().float() / data.grad_accum
+    if lost is not None:
+        optimizer.zero_grad(set_to_none=True)
+        return lost, True
+    if not config.optimizer.layerwise:
+        if config.optimizer.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(step_loss), getattr(optimizer, "skipped_steps", 0) != skipped_before
+
+
+def rescale_peak_lr(optimizer: torch.optim.Optimizer, saved_lr: float, lr: float) -> None:
+    """A resume with another ``optimizer.lr``: every group's peak (``initial_lr``, restored from the checkpoint)
+    is scaled by ``lr / saved_lr``, so groups with their own lr keep their ratio to it."""
+    if lr == saved_lr:
+        return
+    for group in optimizer.param_groups:
+        if "initial_lr" in group:
+            group["initial_lr"] *= lr / saved_lr
+
+
 def render_summary(summary: dict[str, Any]) -> str:
     """The closing lines of a run."""
+    skipped = summary.get("skipped_steps", 0)
     return (
-        f"done: {summary['steps']} steps, final eval loss {summary['final_eval_loss']:.4f} "
+        f"done: {summary['steps']} steps{f' ({skipped} skipped: non-finite values)' if skipped else ''}, "
+        f"final eval loss {summary['final_eval_loss']:.4f} "
         f"(perplexity {summary['final_eval_perplexity']:.2f}), {summary['tokens_per_s']:,.0f} tokens/s, "
         f"peak memory {format_bytes(summary['peak_memory_bytes'])} ({summary['peak_memory_kind']})"
     )

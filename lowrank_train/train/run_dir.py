@@ -10,12 +10,15 @@ to their parameters' devices, and the RNG states stay the CPU ByteTensors that `
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +64,21 @@ RESUMABLE_DIFFERENCES = frozenset(
         "run.max_steps",
         "data.cache_dir",
     }
+    # Issue 20 item 4: settings that leave the checkpoint's state layout as it is. They are recorded in
+    # resume_changes.jsonl when a resume changes them.
+    | {
+        "optimizer.lr",
+        "optimizer.max_grad_norm",
+        "optimizer.nonfinite",
+        "optimizer.max_skipped_steps",
+        "optimizer.max_consecutive_skips",
+        "schedule.kind",
+        "schedule.warmup_steps",
+        "schedule.min_lr_ratio",
+    }
 )
+RESUME_CHANGES_FILE = "resume_changes.jsonl"
+LOCK_FILE = ".lock"
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -75,6 +92,60 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return {
         k: (flat_saved.get(k), flat_current.get(k)) for k in sorted(keys) if flat_saved.get(k) != flat_current.get(k)
     }
+
+
+def resumable_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The differences a resume accepts (:data:`RESUMABLE_DIFFERENCES`), as ``{key: (saved, current)}``."""
+    flat_saved, flat_current = flatten(saved), flatten(current)
+    return {
+        k: (flat_saved.get(k), flat_current.get(k))
+        for k in sorted(RESUMABLE_DIFFERENCES)
+        if flat_saved.get(k) != flat_current.get(k)
+    }
+
+
+def record_resume_changes(output: Path, step: int, changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """Appends one line to ``resume_changes.jsonl``: the step a resume continued from and what it changed."""
+    if not changes:
+        return
+    line = {"step": step, "time": time.time(), "changes": {k: list(v) for k, v in changes.items()}}
+    with (output / RESUME_CHANGES_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line, sort_keys=True) + "\n")
+
+
+class RunLockedError(ValueError):
+    """Another process holds the run folder's lock."""
+
+
+@contextmanager
+def run_folder_lock(output: Path) -> Iterator[None]:
+    """Holds an advisory ``fcntl.flock`` on ``<output>/.lock`` for the ``with`` block (one writer per run folder).
+
+    The lock file holds the owner's pid. The kernel releases the lock when its process ends, so a crashed run
+    leaves no stale lock; the file itself is left in place.
+
+    Raises:
+        RunLockedError: another process holds the lock (its pid is named).
+    """
+    check_output_dir(output)
+    handle = (output / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RunLockedError(
+                f"{output} is in use by another run (pid {owner}, lock {output / LOCK_FILE}): wait for it to end, "
+                "stop it, or choose another run.output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -100,6 +171,8 @@ class ResumePoint:
             the resumed run's logging windows hold the same steps as the uninterrupted run's, whatever
             ``run.log_every`` is now.
         schedule: the learning-rate segment in force (``start_step``, ``start_factor``, ``max_steps``).
+        skipped_steps: steps skipped so far under ``optimizer.nonfinite: skip`` (0 in older checkpoints).
+        consecutive_skips: how many of the last steps in a row were skipped.
     """
 
     step: int
@@ -108,6 +181,8 @@ class ResumePoint:
     data: dict[str, Any] | None = None
     step_losses: list[float] = field(default_factory=list)
     schedule: dict[str, float] | None = None
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
 
 
 def check_output_dir(path: Path) -> None:
@@ -187,6 +262,12 @@ def prepare_output_dir(
                 f"--resume: the checkpoint in {resume_from} is at step {step}, past run.max_steps="
                 f"{config.run.max_steps}; pass run.max_steps >= {step}"
             )
+        changes = resumable_changes(resolved.meta["config"], config.to_dict())
+        changes.pop("run.output_dir", None)  # where the folder is, not how the run goes on
+        if changes:
+            record_resume_changes(output, step, changes)
+            listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
+            (log or print)(f"resume: changed since the checkpoint (recorded in {RESUME_CHANGES_FILE}): {listed}")
     elif has_checkpoints(output):
         if not config.run.overwrite:
             raise ResumeError(
@@ -229,6 +310,8 @@ def checkpoint_state(
     data: dict[str, Any] | None = None,
     step_losses: list[float] | None = None,
     schedule: Mapping[str, float] | None = None,
+    skipped_steps: int = 0,
+    consecutive_skips: int = 0,
 ) -> dict[str, Any]:
     """Everything a resume needs, as tensors and plain containers (loads with ``weights_only=True``).
 
@@ -236,6 +319,8 @@ def checkpoint_state(
         data: the training batches' ``state_dict()`` (their position in the data).
         step_losses: the train loss of every step so far (see :class:`ResumePoint`).
         schedule: the learning-rate segment in force (see :func:`lowrank_train.train.schedule.segment_lr_factor`).
+        skipped_steps: steps skipped so far (``optimizer.nonfinite: skip``).
+        consecutive_skips: the length of the current run of skipped steps.
     """
     state: dict[str, Any] = {
         "model": model.state_dict(),
@@ -244,6 +329,8 @@ def checkpoint_state(
         "step": torch.tensor(step),
         "tokens": torch.tensor(tokens),
         "train_seconds": torch.tensor(train_seconds, dtype=torch.float64),
+        "skipped_steps": torch.tensor(skipped_steps),
+        "consecutive_skips": torch.tensor(consecutive_skips),
     }
     if data is not None:
         state["data"] = data
@@ -286,6 +373,8 @@ def restore_checkpoint(
         data=state.get("data"),
         step_losses=[] if losses is None else losses.tolist(),
         schedule=None if schedule is None else {k: float(v) for k, v in schedule.items()},
+        skipped_steps=int(state.get("skipped_steps", 0)),
+        consecutive_skips=int(state.get("consecutive_skips", 0)),
     )
 
 

@@ -3,7 +3,8 @@
 A state saved from a model of another width, another rank or another optimizer used to be accepted and then fail
 far away: a fused AdamW kernel writing past a moment of the wrong size corrupts the heap (issue 12 item 1).
 These helpers compare every saved tensor with the shape the optimizer would create itself, and raise a
-``ValueError`` naming the parameter, the entry and both shapes.
+``ValueError`` naming the parameter, the entry and both shapes. They also refuse a moment, basis or accumulator
+holding NaN/Inf: loaded, it wrote NaN into the weights at the next step (issue 20 item 7).
 
 The shapes an inner optimizer keeps are not guessed from its name: a throwaway instance of the same optimizer
 steps once on zeros shaped like the parameter, and its state is the reference. Any optimizer class works, its
@@ -13,6 +14,7 @@ distinct (shape, dtype, device, options), so a model of many same-shaped layers 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -45,6 +47,41 @@ def check_entry(label: str, what: str, key: str, saved: Any, expected: tuple[int
             f"needs shape {expected}. The checkpoint comes from another model size, rank or optimizer; load it "
             "into the optimizer that saved it, or start the optimizer state afresh"
         )
+
+
+# Entries that hold NaN by design: the adaptive-refresh history marks the slots not measured yet.
+_MAY_HOLD_NAN = ("similarity",)
+
+
+def check_finite(label: str, what: str, saved: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` naming the parameter and the entry when a floating entry of ``saved`` holds NaN/Inf.
+
+    Plain tensors and Python floats are checked; integer entries (counters, quantized codes) cannot be
+    non-finite, and tensor subclasses (e.g. torchao's low-bit states) are left to their own loaders.
+
+    Args:
+        label: the parameter, as the message should name it.
+        what: whose state (``"GaLore state"``, ``"AdamW state"``).
+        saved: ``{key: value}``, one parameter's saved state.
+    """
+    for key, value in saved.items():
+        if key in _MAY_HOLD_NAN:
+            continue
+        if isinstance(value, float):
+            bad, total = int(not math.isfinite(value)), 1
+        elif type(value) in (torch.Tensor, nn.Parameter) and (value.is_floating_point() or value.is_complex()):
+            if value.device.type == "meta":
+                continue
+            total = value.numel()
+            bad = total - int(torch.isfinite(value).sum())
+        else:
+            continue
+        if bad:
+            raise ValueError(
+                f"cannot load the optimizer state of {label}: the saved {what} entry {key!r} holds {bad} NaN/Inf "
+                f"value(s) of {total}; the next step would write them into the weights. Resume from an earlier "
+                "checkpoint, or start the optimizer state afresh"
+            )
 
 
 def check_group_sizes(saved_groups: list[Mapping[str, Any]], groups: list[Mapping[str, Any]], what: str) -> None:
@@ -102,7 +139,8 @@ class ReferenceStates:
 def check_state_against(
     label: str, what: str, saved: Mapping[str, Any], reference: Mapping[str, tuple[int, ...]]
 ) -> None:
-    """Every tensor entry of ``reference`` must be in ``saved`` with the same shape (an empty ``saved`` is fine)."""
+    """Every tensor entry of ``reference`` must be in ``saved`` with the same shape, and be finite (an empty
+    ``saved`` is fine)."""
     if not saved:
         return  # the parameter never stepped: its state starts when it does
     # Some optimizers nest entries in their state dict (bitsandbytes: "__bnb_optimizer_quant_state__"); the
@@ -120,6 +158,7 @@ def check_state_against(
                 "another optimizer or other options; start the optimizer state afresh"
             )
         check_entry(label, what, key, saved[key], expected)
+    check_finite(label, what, saved)
 
 
 def check_optimizer_state(
@@ -139,7 +178,7 @@ def check_optimizer_state(
         references: a shared cache of reference shapes.
 
     Raises:
-        ValueError: naming the parameter and both shapes.
+        ValueError: naming the parameter and both shapes, or the entry that holds NaN/Inf.
     """
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
         raise ValueError(f"not an optimizer state dict: expected 'state' and 'param_groups', got {type(state_dict)}")
@@ -163,9 +202,10 @@ _GALORE_COUNTERS = ("step", "last_refresh", "gap", "seed", "refreshes")
 _LOWRANK_ONLY = ("basis", "basis_codes", "basis_scales", "grad_accum", "last_refresh", "similarity")
 
 
-def _label(group: Mapping[str, Any], local: int, param: torch.Tensor) -> str:
+def _label(group: Mapping[str, Any], group_index: int, local: int, param: torch.Tensor) -> str:
     names = group.get("param_names")
-    return f"{names[local] if names else f'params[{local}]'} (shape {tuple(param.shape)})"
+    name = names[local] if names else f"param group {group_index} params[{local}]"
+    return f"{name} (shape {tuple(param.shape)})"
 
 
 def _check_galore_groups(name: str, groups: list[Mapping[str, Any]], saved_groups: list[Mapping[str, Any]]) -> None:
@@ -222,6 +262,7 @@ def _check_lowrank_entries(
     if "similarity" in saved:
         history = saved_group.get("refresh_history", GALORE_DEFAULTS["refresh_history"])
         check_entry(label, what, "similarity", saved["similarity"], (history,))
+    check_finite(label, what, saved)
 
 
 def check_galore_state(
@@ -242,8 +283,8 @@ def check_galore_state(
 
     Raises:
         ValueError: a state that is not GaLore's, another group layout, other structural group options (rank,
-            projector, proj_bits, proj_group_size), or a tensor of the wrong shape (naming the parameter and both
-            shapes).
+            projector, proj_bits, proj_group_size), a tensor of the wrong shape (naming the parameter and both
+            shapes), or a moment, basis or accumulator holding NaN/Inf (naming the parameter and the entry).
     """
     from lowrank_train.projection import basis_rows
 
@@ -265,10 +306,12 @@ def check_galore_state(
     base_what = f"{type(base).__name__} state (GaLore's inner optimizer)"
     index = 0
     saved_groups = zip(state_dict["param_groups"], state_dict["base"]["param_groups"], strict=True)
-    for group, (saved_group, base_group) in zip(optimizer.param_groups, saved_groups, strict=True):
+    for group_index, (group, (saved_group, base_group)) in enumerate(
+        zip(optimizer.param_groups, saved_groups, strict=True)
+    ):
         base_options = {k: v for k, v in base_group.items() if k not in ("params", "param_names")}
         for local, param in enumerate(group["params"]):
-            label = _label(group, local, param)
+            label = _label(group, group_index, local, param)
             saved = state_dict["state"].get(index, {})
             if optimizer.is_lowrank(param):
                 rank = min(param.shape) if saved_group["projector"] == "identity" else saved_group["rank"]

@@ -12,6 +12,10 @@ Examples::
     lowrank-train export runs/demo --step 40
     lowrank-train plot runs/demo
 
+Errors a user can cause (a path, a full or read-only disk, a damaged file, a key) end in one line on stderr that
+names the path and what to do, with exit status 2; ``--debug`` (or ``LOWRANK_TRAIN_DEBUG=1``) shows the traceback
+instead.
+
 Start-up: this module imports only the standard library. ``--help`` and argument errors return before torch or
 transformers is imported (issue 15 item 6, ``benchmarks/cli_startup.py``); each command imports what it uses.
 """
@@ -19,7 +23,9 @@ transformers is imported (issue 15 item 6, ``benchmarks/cli_startup.py``); each 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +35,7 @@ from typing import Any
 for _noisy in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
+DEBUG_ENV_VAR = "LOWRANK_TRAIN_DEBUG"
 CONFIG_COMMANDS = ("pretrain", "compress", "finetune", "estimate")
 COMMANDS = (*CONFIG_COMMANDS, "export", "plot")
 HELPS = {
@@ -74,16 +81,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`lowrank-train pretrain --help` lists the registered optimizer methods (optimizer.name).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    debug_help = f"show the traceback of an error instead of one line (or set {DEBUG_ENV_VAR}=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
     for name in COMMANDS:
         command = sub.add_parser(
             name, help=HELPS[name], description=HELPS[name], formatter_class=argparse.RawDescriptionHelpFormatter
         )
+        # SUPPRESS: `lowrank-train --debug export ...` is not undone by the subcommand's default.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         if name == "export":
             command.add_argument("run_dir", help="a run folder (run.output_dir of a pretrain / finetune run)")
-            command.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: newest)")
+            command.add_argument(
+                "--step", type=int, default=None, help="the checkpoint's step (default: the newest that verifies)"
+            )
             command.add_argument(
                 "--out", default=None, help="destination folder (default: RUN_DIR/model, or RUN_DIR/model-step-N)"
+            )
+            command.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace a non-empty --out that is not an earlier export (never the run folder or its contents)",
             )
             continue
         if name == "plot":
@@ -101,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("pretrain", "finetune"):
             command.add_argument(
                 "--resume", action="store_true", help="continue from the newest checkpoint in run.output_dir"
+            )
+        if name == "compress":
+            command.add_argument(
+                "--overwrite", action="store_true", help="replace a non-empty <run.output_dir>/model folder"
             )
         if name == "estimate":
             command.add_argument(
@@ -179,7 +201,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "export":
         from lowrank_train.train.export import export_checkpoint
 
-        folder = export_checkpoint(args.run_dir, step=args.step, out=args.out)
+        folder = export_checkpoint(args.run_dir, step=args.step, out=args.out, overwrite=args.overwrite, log=_print)
         _print(f"exported {folder} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
         return
     if args.command == "plot":
@@ -197,7 +219,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "compress":
         from lowrank_train.train.compress import compress
 
-        compress(config, log=_print)
+        compress(config, log=_print, overwrite=args.overwrite)
     else:
         from lowrank_train.train.loop import train
 
@@ -215,13 +237,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in CONFIG_COMMANDS:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV_VAR, "") not in ("", "0")
     try:
         _run(args)
-    # ConfigError and ResumeError are ValueErrors; named here without importing the package that defines them.
-    except (FileNotFoundError, ModuleNotFoundError, MemoryError, FloatingPointError, ValueError) as error:
-        print(f"lowrank-train {args.command}: error: {error}", file=sys.stderr, flush=True)
+    except _user_errors() as error:
+        if debug:
+            raise
+        print(f"lowrank-train {args.command}: error: {describe_error(error)}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # ConfigError, ResumeError, CheckpointError, ExportError are ValueErrors (CheckpointError and FolderExistsError
+    # also OSErrors); named here without importing the packages that define them.
+    known: tuple[type[BaseException], ...] = (
+        OSError,
+        ModuleNotFoundError,
+        MemoryError,
+        FloatingPointError,
+        ValueError,
+    )
+    safetensors = sys.modules.get("safetensors")  # imported only if a command read or wrote a safetensors file
+    if safetensors is not None and hasattr(safetensors, "SafetensorError"):
+        known += (safetensors.SafetensorError,)
+    return known
+
+
+# What to do about an OSError, by errno; the path comes from the error itself.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free disk space (or choose a folder on another disk) and run the command again",
+    errno.EDQUOT: "free space within your disk quota and run the command again",
+    errno.EROFS: "the file system is read-only: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you can write, or fix its permissions",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "the path is a folder where a file was expected: choose another path",
+    errno.EIO: "an I/O error: check the disk, then run the command again",
+}
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an error a user can cause: the library's own message, or for a bare OSError its path and advice.
+
+    Library errors (``ConfigError``, ``CheckpointError``, ...) already name the path and what to do; an OSError
+    straight from the operating system (``[Errno 28] No space left on device: 'x'``) is rewritten as
+    ``x: No space left on device; free disk space ...``.
+    """
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        paths = [str(p) for p in (error.filename, error.filename2) if p is not None]
+        advice = _OS_ERROR_ADVICE.get(error.errno or 0)
+        where = " -> ".join(paths) or "(no path given)"
+        line = f"{where}: {error.strerror}"
+        return f"{line}; {advice}" if advice else line
+    if type(error).__name__ == "SafetensorError":
+        return f"a safetensors file cannot be read or written ({error}); the file is damaged or the disk is full"
+    return str(error) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -12,25 +12,40 @@ from typing import Any
 
 import torch
 
+from lowrank_train.folders import FolderExistsError, is_empty_folder
 from lowrank_train.train.config import ConfigError, TrainConfig
 from lowrank_train.train.evaluate import evaluate, perplexity
 from lowrank_train.train.model import build_model, count_parameters
-from lowrank_train.train.run_dir import SUMMARY_FILE, save_model_folder, write_json
+from lowrank_train.train.run_dir import SUMMARY_FILE, write_json
 from lowrank_train.train.setup import load_run_data, load_run_tokenizer, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
+MODEL_FOLDER = "model"
 
 
-def compress(config: TrainConfig, *, log: Callable[[str], None] = logger.info) -> dict[str, Any]:
+def compress(
+    config: TrainConfig, *, log: Callable[[str], None] = logger.info, overwrite: bool = False
+) -> dict[str, Any]:
     """Compress ``model.pretrained`` with WeLore, measure held-out perplexity before and after, save the result.
 
     The compressed model (with its tokenizer) goes to ``<run.output_dir>/model``, ready for
-    ``lowrank-train finetune`` with ``model.pretrained`` pointing there.
+    ``lowrank-train finetune`` with ``model.pretrained`` pointing there. It is written whole or not at all
+    (:func:`lowrank_train.folders.write_folder`); an existing non-empty ``model`` folder is refused before anything
+    is built, unless ``overwrite`` (or ``run.overwrite``).
+
+    Args:
+        config: the run's config (``model.pretrained``, ``compress.*``, ``data.*``, ``run.*``).
+        log: receives the progress lines.
+        overwrite: replace an existing, non-empty ``<run.output_dir>/model``.
 
     Returns:
         The summary (also in ``summary.json``): perplexity before/after, parameters before/after, ranks.
+
+    Raises:
+        ConfigError: no ``model.pretrained``.
+        FolderExistsError: ``<run.output_dir>/model`` holds files and neither ``overwrite`` nor ``run.overwrite``.
     """
-    from lowrank_train.welore import WeLoreConfig, compress_model
+    from lowrank_train.welore import WeLoreConfig, compress_model, save_compressed
 
     if config.model.pretrained is None:
         raise ConfigError("compress needs model.pretrained (a model folder, hub id or smollm2-offline)")
@@ -47,6 +62,13 @@ def compress(config: TrainConfig, *, log: Callable[[str], None] = logger.info) -
     if config.run.num_threads is not None:
         torch.set_num_threads(config.run.num_threads)
     output = Path(config.run.output_dir)
+    folder = output / MODEL_FOLDER
+    overwrite = overwrite or config.run.overwrite
+    if folder.exists() and not overwrite and not is_empty_folder(folder):
+        raise FolderExistsError(
+            f"{folder} already holds a model: pass --overwrite (or run.overwrite=true) to replace it, or choose "
+            "another run.output_dir"
+        )
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.run.seed)
     model, model_tokenizer = build_model(config.model, resolve_dtype(config.run.dtype))
@@ -63,8 +85,7 @@ def compress(config: TrainConfig, *, log: Callable[[str], None] = logger.info) -
     params_after = count_parameters(model)
     loss_after = evaluate(model, packed.heldout, batch, eval_batches, device)
     log(f"after: eval loss {loss_after:.4f}, perplexity {perplexity(loss_after):.2f}, {params_after:,} parameters")
-    folder = output / "model"
-    save_model_folder(model, tokenizer, folder)
+    save_compressed(model, folder, tokenizer=tokenizer, overwrite=overwrite)
     summary = {
         "mode": "compress",
         "eval_loss_before": loss_before,

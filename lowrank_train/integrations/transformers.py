@@ -52,6 +52,7 @@ from lowrank_train.integrations.trainer_config import (
 from lowrank_train.optim import GaLore, lowrank_param_groups
 from lowrank_train.optim.layerwise import LayerwiseOptimizer
 from lowrank_train.optim.registry import get_optimizer_method, optimizer_names
+from lowrank_train.projection import get_projector
 
 __all__ = [
     "HF_GALORE_OPTIMIZERS",
@@ -100,7 +101,7 @@ class TrainerLayerwiseOptimizer(LayerwiseOptimizer):
 
 def _check_projected_shapes(model: nn.Module, config: LowRankOptimizerConfig, from_training_args: bool) -> None:
     """The optimizer's shape checks (2-D weights, rank below min(m, n)), run on the model before training."""
-    if config.projector == "identity" or config.full_rank_fallback:
+    if get_projector(config.projector).full_rank or config.full_rank_fallback:
         return
     where = "TrainingArguments.optim_args" if from_training_args else _CONFIG
     fallback = "full_rank_fallback=true in optim_args" if from_training_args else f"{_CONFIG}(full_rank_fallback=True)"

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
+from lowrank_train.projection import ProjectorKind, get_projector
+from lowrank_train.quant import BASIS_BITS, MOMENT_BITS, WEIGHT_BITS, check_bits
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-_PROJECTORS = ("svd", "rsvd", "random")
 _MODEL_ALIASES = {
     "vocab_size": ("vocab_size", "vocab"),
     "hidden_size": ("hidden_size", "hidden", "dim", "d_model"),
@@ -141,7 +142,8 @@ class TrainingSetup:
             "qgalore" (GaLore 8-bit + quantized basis + INT8 weights), "qgalore4bit" (the same with torchao's
             4-bit moments), ... Its entry says whether gradients are projected, its moment bits and defaults.
         rank: projection rank of the linear layers inside the blocks (GaLore kinds only).
-        projector: "svd", "rsvd" or "random" (the last stores no basis).
+        projector: a registered projector (:func:`lowrank_train.projection.get_projector`); its entry says whether
+            a basis is stored, its rank (full for "identity") and its refresh workspace.
         proj_bits: basis storage: None (the method's default: fp32, or 4 for Q-GaLore), 8 or 4 (packed).
         proj_group_size: elements per basis quantization group.
         weight_bits: None (the method's default: float weights, or 8 for Q-GaLore) or 8/4 for the block linear
@@ -203,24 +205,19 @@ class TrainingSetup:
         if method.lowrank:
             if self.rank is None or isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
                 raise ValueError(f"optimizer {optimizer!r} projects gradients: rank must be a positive integer")
-            if self.projector not in _PROJECTORS:
-                raise ValueError(f"projector must be one of {_PROJECTORS}, got {self.projector!r}")
+            get_projector(self.projector)  # any registered kind; its entry says what it stores and costs
         # The method's defaults (Q-GaLore, arXiv 2407.08296: INT4 basis, INT8 weights, adaptive refresh).
         for name in ("proj_bits", "weight_bits", "adaptive_refresh"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(method, name))
-        if self.proj_bits not in (None, 4, 8):
-            raise ValueError(f"proj_bits must be None, 4 or 8, got {self.proj_bits!r}")
-        if self.weight_bits not in (None, 4, 8):
-            raise ValueError(f"weight_bits must be None, 4 or 8, got {self.weight_bits!r}")
+        for name, allowed in (("proj_bits", BASIS_BITS), ("weight_bits", WEIGHT_BITS), ("moment_bits", MOMENT_BITS)):
+            object.__setattr__(self, name, check_bits(getattr(self, name), allowed, name=name))
         if self.weight_bits is not None and not method.lowrank:
             family = ", ".join(optimizer_names(lowrank=True))
             raise ValueError(
                 f"weight_bits={self.weight_bits} needs a GaLore optimizer ({family}): only its stochastic-rounding "
                 f"write-back can update quantized weights, not {optimizer!r}"
             )
-        if self.moment_bits not in (None, 4, 8, 32):
-            raise ValueError(f"moment_bits must be None, 4, 8 or 32, got {self.moment_bits!r}")
 
     @classmethod
     def from_config(cls, config: Any) -> TrainingSetup:
@@ -233,6 +230,11 @@ class TrainingSetup:
     def method(self) -> OptimizerMethod:
         """The optimizer's registry entry."""
         return get_optimizer_method(self.optimizer)
+
+    @property
+    def projector_kind(self) -> ProjectorKind:
+        """The projector's registry entry."""
+        return get_projector(self.projector)
 
     @property
     def dtype_bytes(self) -> int:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lowrank_train.memory.config import ModelShape, TrainingSetup
+from lowrank_train.optim.options import GALORE_DEFAULTS
 
 # bitsandbytes' blockwise 8-bit optimizers: one fp32 absmax per 256 values, two 256-entry fp32 code maps per
 # optimizer (shared by its parameters), and 32-bit states for tensors under 4096 elements (its ``min_8bit_size``).
@@ -218,7 +219,10 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     # tensor fp32 temporaries of the step on the CPU.
     eight_bit = method.moment_bits < 32
     moment_bits = setup.moment_bits or method.moment_bits
-    if lowrank:
+    kind = setup.projector_kind
+    # Basis columns per block weight: the setup's rank, or min(m, n) for a full-rank projector (identity).
+    ranks = [kind.basis_rank((m, n), setup.rank) for m, n in shape.block_linear_shapes()] if lowrank else []
+    if lowrank and not kind.full_rank:
         for m, n in shape.block_linear_shapes():
             if setup.rank >= min(m, n):
                 raise ValueError(f"rank {setup.rank} is not below min(m, n) = {min(m, n)} of a {m} x {n} block weight")
@@ -245,13 +249,12 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
     if lowrank:
-        rank = setup.rank
         # Five int64 counters; adaptive refresh adds its fp32 similarity history (refresh_history = 5).
         per_weight_counters = 5 * 8 + (5 * 4 if setup.adaptive_refresh else 0)
         states_linear = 0
-        for m, n in shape.block_linear_shapes():
+        for (m, n), rank in zip(shape.block_linear_shapes(), ranks, strict=True):
             states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters
-            if setup.projector != "random":
+            if kind.stores_basis:
                 basis = min(m, n) * rank
                 bases += (
                     basis * 4
@@ -267,7 +270,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     # bitsandbytes' two code maps exist once per optimizer: once in all, or once per parameter in layer-wise mode.
     if eight_bit:
         state_numels = plain_shapes + (
-            [setup.rank * max(m, n) for m, n in shape.block_linear_shapes()] * layers if lowrank else linear_numels
+            [r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True)] * layers
+            if lowrank
+            else linear_numels
         )
         eight_bit_tensors = sum(n >= _BNB_MIN_8BIT for n in state_numels)
         details["states: 8-bit code maps"] = _QMAP_BYTES * (eight_bit_tensors if setup.layerwise else 1)
@@ -280,7 +285,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     accumulators = 0
     if setup.accumulation_steps > 1:
         if lowrank:  # projected accumulators for low-rank weights, full ones for the rest
-            accumulators = layers * sum(setup.rank * max(m, n) for m, n in shape.block_linear_shapes()) * dtype_bytes
+            projected = sum(r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True))
+            accumulators = layers * projected * dtype_bytes
             accumulators += sum(plain_shapes) * dtype_bytes if setup.layerwise else 0
         elif setup.layerwise:
             accumulators = sum(all_numels) * dtype_bytes
@@ -302,15 +308,10 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
         step_tmp = big * dtype_bytes  # the projected-back full update
         if setup.weight_bits is not None:  # fp32 dequantized weight + fp32 scaled update + new codes
             step_tmp += big * (4 + 4 + 1)
-        low, high = min(big_m, big_n), max(big_m, big_n)
-        cast = big * 4 if dtype_bytes != 4 else 0
-        if setup.projector == "svd":
-            refresh_tmp = cast + 4 * (low * low + low * high + low)
-        elif setup.projector == "rsvd":
-            width = setup.rank + setup.oversample
-            refresh_tmp = cast + 4 * (2 * high * width + 2 * width * width)
-        else:
-            refresh_tmp = low * setup.rank * 4
+        # The refresh: an fp32 copy of a low-precision gradient (when read) plus the kind's own workspace.
+        cast = big * 4 if dtype_bytes != 4 and kind.uses_gradient else 0
+        options = kind.build_options({**GALORE_DEFAULTS, "oversample": setup.oversample})
+        refresh_tmp = cast + 4 * kind.workspace(big_m, big_n, kind.basis_rank((big_m, big_n), setup.rank), **options)
         transient = max(step_tmp, refresh_tmp)
     else:
         # torch's single-tensor AdamW: one temporary of the largest parameter.

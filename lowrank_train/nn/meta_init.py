@@ -20,6 +20,7 @@ from torch import nn
 
 from lowrank_train.nn.quant_linear import QuantLinear, quantization_targets
 from lowrank_train.nn.surgery import TargetModules, find_blocks, replace_module
+from lowrank_train.quant import WEIGHT_BITS, check_bits
 
 
 @contextlib.contextmanager
@@ -120,8 +121,7 @@ def materialize_llama(
         ValueError: bad ``weight_bits`` or ``target_modules`` (one that matches nothing or selects the tied LM
             head), or a model with meta tensors left after materialisation.
     """
-    if weight_bits not in (None, 4, 8):
-        raise ValueError(f"weight_bits must be None, 4 or 8, got {weight_bits!r}")
+    weight_bits = check_bits(weight_bits, WEIGHT_BITS, name="weight_bits")
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     device = torch.device(device)

@@ -70,6 +70,7 @@ from lowrank_train.optim.options import (
     options_doc,
     validate_group_options,
 )
+from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import ReferenceStates, check_galore_state
 from lowrank_train.projection import (
     basis_rows,
@@ -96,7 +97,7 @@ def _param_label(group: dict[str, Any], index: int, param: torch.Tensor) -> str:
 
 def _check_lowrank_params(group: dict[str, Any], where: str, optimizer_name: str) -> None:
     """Every parameter of a low-rank group must be 2-D, with ``rank`` below min(m, n) unless it may fall back."""
-    identity = group["projector"] == "identity"
+    full_rank = get_projector(group["projector"]).full_rank
     for i, p in enumerate(group["params"]):
         label = _param_label(group, i, p)
         if p.dim() != 2:
@@ -104,7 +105,7 @@ def _check_lowrank_params(group: dict[str, Any], where: str, optimizer_name: str
                 f"{where}: low-rank groups take only 2-D weights; {label} is {p.dim()}-D: move it to a group "
                 "without 'rank'"
             )
-        if not identity and group["rank"] >= min(p.shape) and not group["full_rank_fallback"]:
+        if not full_rank and group["rank"] >= min(p.shape) and not group["full_rank_fallback"]:
             raise ValueError(
                 f"{where}: rank {group['rank']} is not below min(m, n) = {min(p.shape)} for {label}: a low-rank "
                 "projection would save nothing. Lower the rank, or give such weights the plain update with "
@@ -189,7 +190,8 @@ class GaLore(torch.optim.Optimizer):
 
         Raises:
             ValueError: an unknown key (with the known ones and a did-you-mean), a value out of range, a
-                non-2-D weight or a rank not below min(m, n) in a low-rank group, an unsupported parameter.
+                non-2-D weight or a rank not below min(m, n) in a low-rank group, an unsupported parameter, a
+                parameter listed twice or already in another group.
         """
         where = f"{self._name} param group {len(self.param_groups)}"
         if not isinstance(param_group, dict):
@@ -199,16 +201,17 @@ class GaLore(torch.optim.Optimizer):
         if not isinstance(checked["params"], set):  # torch refuses sets (unordered) itself
             params = checked["params"]
             checked["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            check_unique_params(checked, self.param_groups, where)
         # Every check runs on the group as it will be (defaults filled in) before anything is added.
         merged = {**self.defaults, **checked}
         projected = []
         if "rank" in merged:
             check_lowrank_group(merged, where=where)
             _check_lowrank_params(merged, where, self._name)
-            identity = merged["projector"] == "identity"
+            full_rank = get_projector(merged["projector"]).full_rank
             for i, p in enumerate(merged["params"]):
                 self.backend.check_param(p, _param_label(merged, i, p))
-                if identity or merged["rank"] < min(p.shape):
+                if full_rank or merged["rank"] < min(p.shape):
                     projected.append(p)
         for i, p in enumerate(merged["params"]):
             if is_quantized_weight(p) and not any(p is q for q in projected):
@@ -320,17 +323,13 @@ class GaLore(torch.optim.Optimizer):
         """The basis this process uses for ``param`` (see ``ProjectionBackend.local_basis``), refreshed when due."""
         kind = get_projector(group["projector"])
         step, last = int(state["step"]), int(state["last_refresh"])
-        rank = min(param.shape) if kind.name == "identity" else group["rank"]
+        rank = kind.basis_rank(param.shape, group["rank"])
         seed = int(state["seed"])
 
         def build(matrix: torch.Tensor) -> torch.Tensor:
             oriented = orient(matrix)
             generator = basis_generator(seed, last, oriented.device)
-            if kind.name == "rsvd":
-                return kind.build(
-                    oriented, rank, generator, oversample=group["oversample"], power_iters=group["power_iters"]
-                )
-            return kind.build(oriented, rank, generator)
+            return kind.build(oriented, rank, generator, **kind.build_options(group))
 
         # Seeded projectors read only the shape and device of the full weight: a stride-0 view, no values.
         shape_only = torch.zeros((), device=param.device).expand(param.shape)

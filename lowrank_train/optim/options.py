@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from lowrank_train.projection import PROJECTORS, get_projector, validate_adaptive_options
+from lowrank_train.quant import BASIS_BITS, bits_allowed, check_bits
 
 # Keys any group may carry besides options: torch.optim's own, names, and what LR schedulers write into groups.
 BOOKKEEPING_KEYS = frozenset(
@@ -92,11 +93,10 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _proj_bits(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value not in (4, 8):
-        raise _Invalid
-    return int(value)
+    try:
+        return check_bits(value, BASIS_BITS, name="proj_bits")
+    except ValueError:
+        raise _Invalid from None
 
 
 def _projector(value: Any) -> str:
@@ -124,7 +124,8 @@ _OPTIONS = [
     GroupOption("power_iters", 1, "an integer >= 0", "subspace iterations of 'rsvd'", _integer(0)),
     GroupOption("full_rank_fallback", False, "True or False",
                 "give weights with rank >= min(m, n) the plain update instead of refusing them", _boolean),
-    GroupOption("proj_bits", None, "4, 8 or None (float basis)", "Q-GaLore: store the basis as INT4/INT8 codes",
+    GroupOption("proj_bits", None, f"{bits_allowed(BASIS_BITS, optional=True)} (float basis)",
+                "Q-GaLore: store the basis as INT4/INT8 codes",
                 _proj_bits),
     GroupOption("proj_group_size", 256, "a positive integer (even for proj_bits=4)",
                 "elements per quantization group of the basis codes", _integer(1)),
@@ -298,6 +299,21 @@ def validate_group_options(options: Mapping[str, Any], *, where: str) -> dict[st
         except _Invalid as err:
             raise ValueError(f"{where}: {key} must be {allowed}, got {value!r}{err}") from None
     return checked
+
+
+def check_group_option(key: str, value: Any) -> Any:
+    """One GaLore group option's value in canonical form (configs that mirror the schema check through this).
+
+    Raises:
+        ValueError: ``"<key> must be <allowed>, got <value>"``; also for a key that is not a GaLore option.
+    """
+    if key not in GROUP_OPTIONS:
+        raise ValueError(f"{key!r} is not a GaLore group option{_did_you_mean(key, GROUP_OPTIONS)}")
+    option = GROUP_OPTIONS[key]
+    try:
+        return option.parse(value)
+    except _Invalid as err:
+        raise ValueError(f"{key} must be {option.allowed}, got {value!r}{err}") from None
 
 
 def check_lowrank_group(group: Mapping[str, Any], *, where: str) -> None:

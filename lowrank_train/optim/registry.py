@@ -23,11 +23,11 @@ import torch
 from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
 from lowrank_train.optim.galore import GALORE_DEFAULTS
 from lowrank_train.optim.presets import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW4bit, QGaLoreAdamW8bit
+from lowrank_train.quant import BASIS_BITS, MOMENT_BITS, TRAINED_WEIGHT_BITS, check_bits
 
 Builder = Callable[..., torch.optim.Optimizer]
 # Keys a GaLore low-rank param group takes (see lowrank_train.optim.galore): rank plus the wrapper's defaults.
 GALORE_GROUP_OPTIONS = frozenset({"rank", *GALORE_DEFAULTS})
-_MOMENT_BITS = (32, 8, 4)
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,17 @@ class OptimizerMethod:
         where = f"optimizer method {self.name!r}"
         if self.base not in BASE_OPTIMIZERS:
             raise ValueError(f"{where}: base must be one of {sorted(BASE_OPTIMIZERS)}, got {self.base!r}")
-        if self.moment_bits not in _MOMENT_BITS:
-            raise ValueError(f"{where}: moment_bits must be 32, 8 or 4, got {self.moment_bits!r}")
         if not callable(self.build):
             raise ValueError(f"{where}: build must be callable, got {self.build!r}")
-        if self.weight_bits not in (None, 8):
-            raise ValueError(f"{where}: weight_bits must be 8 or None, got {self.weight_bits!r}")
-        if self.proj_bits not in (None, 4, 8):
-            raise ValueError(f"{where}: proj_bits must be 4, 8 or None, got {self.proj_bits!r}")
+        for key, allowed, optional in (
+            ("moment_bits", MOMENT_BITS, False),
+            ("weight_bits", TRAINED_WEIGHT_BITS, True),
+            ("proj_bits", BASIS_BITS, True),
+        ):
+            try:
+                check_bits(getattr(self, key), allowed, name=key, optional=optional)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
         object.__setattr__(self, "group_options", frozenset(self.group_options))
         # Only a projecting optimizer has a basis, and only its write-back can update INT8 weights.
         projecting = ("weight_bits", "proj_bits", "adaptive_refresh", "any_base", "group_options")

@@ -286,7 +286,7 @@ def check_galore_state(
             projector, proj_bits, proj_group_size), a tensor of the wrong shape (naming the parameter and both
             shapes), or a moment, basis or accumulator holding NaN/Inf (naming the parameter and the entry).
     """
-    from lowrank_train.projection import basis_rows
+    from lowrank_train.projection import basis_rows, get_projector
 
     name = type(optimizer).__name__
     if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -314,7 +314,7 @@ def check_galore_state(
             label = _label(group, group_index, local, param)
             saved = state_dict["state"].get(index, {})
             if optimizer.is_lowrank(param):
-                rank = min(param.shape) if saved_group["projector"] == "identity" else saved_group["rank"]
+                rank = get_projector(saved_group["projector"]).basis_rank(param.shape, saved_group["rank"])
                 projected = tuple(optimizer.backend.projected_shape(param, rank))
                 _check_lowrank_entries(label, saved, saved_group, basis_rows(param.shape), rank, projected)
                 like = torch.zeros(projected, dtype=param.dtype, device=param.device)

@@ -12,8 +12,9 @@ condition number, which float64 absorbs: its eigenvectors are at least as accura
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,9 +29,18 @@ BatchedBasisBuilder = Callable[..., torch.Tensor]
 _GRAM_CHUNK = 1024
 
 
+Workspace = Callable[..., int]
+"""``workspace(rows, cols, rank, **options) -> int``: fp32 elements one build holds besides its input and result."""
+
+
+def _no_workspace(rows: int, cols: int, rank: int, **options: int) -> int:
+    del rows, cols, rank, options
+    return 0
+
+
 @dataclass(frozen=True)
 class ProjectorKind:
-    """A registered way of building a projection basis.
+    """A registered way of building a projection basis, with the facts its users ask instead of its name.
 
     Attributes:
         name: registry key ("svd", "rsvd", "random", "identity").
@@ -38,7 +48,13 @@ class ProjectorKind:
             (rows x rank) fp32. Kinds that store their basis return orthonormal columns; "random" returns a scaled
             Gaussian whose columns are orthonormal in expectation (``E[P^T P] = I``).
         stores_basis: False when the basis is regenerated from a seed on every use, so nothing is stored.
-        uses_gradient: False when the gradient's values are not read (random, identity).
+        uses_gradient: False when the gradient's values are not read (random, identity): a refresh needs no
+            factorization and no finite gradient.
+        full_rank: the basis always spans the whole smaller side (rank ``min(m, n)`` whatever the group's
+            ``rank``): a full-rank update, allowed for any 2-D weight (identity).
+        options: the GaLore group options passed to ``build`` as keywords (``oversample``, ``power_iters``).
+        workspace: ``workspace(rows, cols, rank, **options)``: fp32 elements a build holds transiently (its
+            factorization's), for the memory estimator; the fp32 copy of a low-precision gradient is not included.
         build_batched: ``build_batched(matrices, rank, generators, **options) -> (B, rows, rank)``: the same bases
             as ``build`` for each matrix, with the factorizations done as one batched call. ``None``:
             :func:`build_bases_batched` calls ``build`` once per matrix.
@@ -48,16 +64,47 @@ class ProjectorKind:
     build: BasisBuilder
     stores_basis: bool = True
     uses_gradient: bool = True
+    full_rank: bool = False
+    options: tuple[str, ...] = ()
+    workspace: Workspace = _no_workspace
     build_batched: BatchedBasisBuilder | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a projector name is a non-empty string, got {self.name!r}")
+        if not callable(self.build):
+            raise ValueError(f"projector {self.name!r}: build must be callable, got {self.build!r}")
+        object.__setattr__(self, "options", tuple(self.options))
+
+    def basis_rank(self, shape: Sequence[int], rank: int | None) -> int:
+        """Basis columns for a weight of ``shape``: ``min(shape)`` for a full-rank kind, else ``rank``."""
+        return min(shape) if self.full_rank else rank
+
+    def build_options(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The keywords ``build`` takes, read from a param group (or any mapping holding them)."""
+        return {key: group[key] for key in self.options}
 
 
 PROJECTORS: dict[str, ProjectorKind] = {}
 
 
-def register_projector(kind: ProjectorKind) -> ProjectorKind:
-    """Adds ``kind`` to the registry under ``kind.name`` (later registrations replace earlier ones)."""
+def register_projector(kind: ProjectorKind, *, replace: bool = False) -> ProjectorKind:
+    """Adds ``kind`` to the registry under ``kind.name`` and returns it.
+
+    Raises:
+        ValueError: when the name is taken and ``replace`` is False, or ``kind`` is not a ProjectorKind.
+    """
+    if not isinstance(kind, ProjectorKind):
+        raise ValueError(f"register_projector takes a ProjectorKind, got {type(kind).__name__}")
+    if kind.name in PROJECTORS and not replace:
+        raise ValueError(f"projector {kind.name!r} is already registered (pass replace=True to replace it)")
     PROJECTORS[kind.name] = kind
     return kind
+
+
+def projector_names() -> tuple[str, ...]:
+    """Registered projector names, in registration order."""
+    return tuple(PROJECTORS)
 
 
 def get_projector(name: str) -> ProjectorKind:
@@ -68,7 +115,7 @@ def get_projector(name: str) -> ProjectorKind:
     """
     try:
         return PROJECTORS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown projector {name!r}; expected one of {sorted(PROJECTORS)}") from None
 
 
@@ -294,7 +341,43 @@ def identity_basis(matrix: torch.Tensor, rank: int, generator: torch.Generator |
     return torch.eye(rows, device=matrix.device, dtype=torch.float32)
 
 
-register_projector(ProjectorKind("svd", svd_basis, build_batched=svd_bases_batched))
-register_projector(ProjectorKind("rsvd", rsvd_basis, build_batched=rsvd_bases_batched))
-register_projector(ProjectorKind("random", random_basis, stores_basis=False, uses_gradient=False))
-register_projector(ProjectorKind("identity", identity_basis, stores_basis=False, uses_gradient=False))
+def _svd_workspace(rows: int, cols: int, rank: int) -> int:
+    low, high = min(rows, cols), max(rows, cols)
+    return low * low + low * high + low
+
+
+def _rsvd_workspace(rows: int, cols: int, rank: int, *, oversample: int = 8, power_iters: int = 1) -> int:
+    del power_iters
+    width = rank + oversample
+    return 2 * max(rows, cols) * width + 2 * width * width
+
+
+register_projector(ProjectorKind("svd", svd_basis, workspace=_svd_workspace, build_batched=svd_bases_batched))
+register_projector(
+    ProjectorKind(
+        "rsvd",
+        rsvd_basis,
+        options=("oversample", "power_iters"),
+        workspace=_rsvd_workspace,
+        build_batched=rsvd_bases_batched,
+    )
+)
+register_projector(
+    ProjectorKind(
+        "random",
+        random_basis,
+        stores_basis=False,
+        uses_gradient=False,
+        workspace=lambda rows, cols, rank: min(rows, cols) * rank,
+    )
+)
+register_projector(
+    ProjectorKind(
+        "identity",
+        identity_basis,
+        stores_basis=False,
+        uses_gradient=False,
+        full_rank=True,
+        workspace=lambda rows, cols, rank: min(rows, cols) ** 2,
+    )
+)

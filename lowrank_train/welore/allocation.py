@@ -57,6 +57,7 @@ __all__ = [
     "is_low_rank_component",
     "paper_tau",
     "register_strategy",
+    "strategy_names",
     "truncation_losses",
 ]
 
@@ -197,10 +198,23 @@ def paper_tau(target: float) -> float:
 STRATEGIES: dict[str, AllocationStrategy] = {}
 
 
-def register_strategy(strategy: AllocationStrategy) -> AllocationStrategy:
-    """Add a strategy to :data:`STRATEGIES` under ``strategy.name`` (replacing any previous one)."""
+def register_strategy(strategy: AllocationStrategy, *, replace: bool = False) -> AllocationStrategy:
+    """Adds a strategy to :data:`STRATEGIES` under ``strategy.name`` and returns it.
+
+    Raises:
+        ValueError: when the name is taken and ``replace`` is False, or ``strategy`` is not an AllocationStrategy.
+    """
+    if not isinstance(strategy, AllocationStrategy):
+        raise ValueError(f"register_strategy takes an AllocationStrategy, got {type(strategy).__name__}")
+    if strategy.name in STRATEGIES and not replace:
+        raise ValueError(f"strategy {strategy.name!r} is already registered (pass replace=True to replace it)")
     STRATEGIES[strategy.name] = strategy
     return strategy
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Registered strategy names, in registration order."""
+    return tuple(STRATEGIES)
 
 
 def get_strategy(name: str) -> AllocationStrategy:

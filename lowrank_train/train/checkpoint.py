@@ -21,6 +21,10 @@ What survives what (issue 12 items 2 and 3):
 * ``meta.json`` records the sha256 and size of ``state.pt``; :func:`verify_checkpoint` checks them (and that
   ``meta.json`` parses and holds ``config``) before anything is loaded, and names the file and what to do.
 
+The steps are those of :func:`lowrank_train.folders.write_folder` (the writer of every other folder the library
+writes), kept here because a checkpoint adds a checksum, ``latest``, pruning and fault points between them; the
+fsync helpers are shared.
+
 Test hook: ``LOWRANK_TRAIN_FAULT=<point>:<n>`` makes the ``n``-th save (1-based, in this process) end the process
 with ``os._exit(137)`` (as a SIGKILL would) at ``<point>``, one of :data:`FAULT_POINTS`. Only the fault-injection
 tests set it.
@@ -40,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lowrank_train.folders import fsync_dir, fsync_tree
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -75,19 +81,6 @@ def file_sha256(path: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _armed_fault() -> str | None:
@@ -156,8 +149,7 @@ def save_checkpoint(
                 "files": {STATE_FILE: {"sha256": file_sha256(written), "bytes": written.stat().st_size}},
             }
             (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True), encoding="utf-8")
-            for file in (STATE_FILE, META_FILE):
-                _fsync_file(staging / file)
+            fsync_tree(staging)  # the files and the folder's entries, before the rename can expose them
         except (OSError, RuntimeError) as error:
             # torch.save reports a full disk as a RuntimeError ("enforce fail ... unexpected pos").
             raise CheckpointError(
@@ -170,7 +162,7 @@ def save_checkpoint(
             os.replace(final, aside)
             fault("after-aside")
         os.replace(staging, final)  # the commit point
-        _fsync_dir(root)
+        fsync_dir(root)
         fault("after-rename")
         _write_latest(root, final.name)
         fault("after-latest")

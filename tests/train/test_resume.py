@@ -267,9 +267,27 @@ def test_compress_model_with_a_dict_says_to_pass_a_welore_config():
 def test_optimizer_nonfinite_reaches_the_optimizer(tiny):
     from lowrank_train.train.setup import build_optimizer, pretrain_param_groups
 
-    config = load_config(DEMO, [*tiny, "optimizer.name=galore", "optimizer.nonfinite=skip"])
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    optimizer = build_optimizer(pretrain_param_groups(model, config.optimizer), config)
-    assert optimizer.nonfinite == "skip"
+    def built(*overrides):
+        config = load_config(DEMO, [*tiny, "optimizer.name=galore", *overrides])
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        return model, build_optimizer(pretrain_param_groups(model, config.optimizer), config)
+
+    def step(model, optimizer, grad_value):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, grad_value)
+        optimizer.step()
+
+    # Reference: the default policy ("raise") refuses the NaN step and then takes only the finite ones.
+    (model, optimizer), (ref_model, ref_optimizer) = built("optimizer.nonfinite=skip"), built()
+    with pytest.raises(ValueError, match="non-finite"):
+        step(ref_model, ref_optimizer, float("nan"))
+    step(model, optimizer, float("nan"))  # skipped and counted, nothing applied
+    assert optimizer.skipped_steps == 1
+    for grad_value in (0.5, -0.25):
+        step(model, optimizer, grad_value)
+        step(ref_model, ref_optimizer, grad_value)
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
     with pytest.raises(ConfigError, match="optimizer.nonfinite"):
         load_config(DEMO, ["optimizer.name=adamw", "optimizer.nonfinite=skip"])

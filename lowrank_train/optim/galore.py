@@ -70,6 +70,7 @@ from lowrank_train.optim.options import (
     options_doc,
     validate_group_options,
 )
+from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import ReferenceStates, check_galore_state
 from lowrank_train.projection import (
     basis_rows,
@@ -189,7 +190,8 @@ class GaLore(torch.optim.Optimizer):
 
         Raises:
             ValueError: an unknown key (with the known ones and a did-you-mean), a value out of range, a
-                non-2-D weight or a rank not below min(m, n) in a low-rank group, an unsupported parameter.
+                non-2-D weight or a rank not below min(m, n) in a low-rank group, an unsupported parameter, a
+                parameter listed twice or already in another group.
         """
         where = f"{self._name} param group {len(self.param_groups)}"
         if not isinstance(param_group, dict):
@@ -199,6 +201,7 @@ class GaLore(torch.optim.Optimizer):
         if not isinstance(checked["params"], set):  # torch refuses sets (unordered) itself
             params = checked["params"]
             checked["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            check_unique_params(checked, self.param_groups, where)
         # Every check runs on the group as it will be (defaults filled in) before anything is added.
         merged = {**self.defaults, **checked}
         projected = []

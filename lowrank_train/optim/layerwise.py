@@ -81,6 +81,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowrank_train.optim.functional import finite_flags, refresh_due
+from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import (
     ReferenceStates,
     check_entry,
@@ -255,7 +256,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Adds a group; each of its parameters gets an inner optimizer and a post-accumulate-grad hook."""
+        """Adds a group; each of its parameters gets an inner optimizer and a post-accumulate-grad hook.
+
+        Raises:
+            ValueError: a parameter listed twice or already in another group, one without ``requires_grad``, one
+                another engine steps, or a factory result over another parameter.
+        """
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params", set()), set):
+            params = param_group["params"]  # torch refuses sets (unordered) itself
+            param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
+            where = f"LayerwiseOptimizer param group {len(self.param_groups)}"
+            check_unique_params(param_group, self.param_groups, where)
         super().add_param_group(param_group)
         group_index = len(self.param_groups) - 1
         group = self.param_groups[group_index]

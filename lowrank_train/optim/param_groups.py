@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -17,7 +17,39 @@ from lowrank_train.optim.options import (
     validate_group_options,
 )
 
-__all__ = ["LINEAR_TYPES", "lowrank_param_groups", "register_linear_type"]
+__all__ = ["LINEAR_TYPES", "check_unique_params", "lowrank_param_groups", "register_linear_type"]
+
+
+def _param_label(group: Mapping[str, Any], index: int) -> str:
+    names = group.get("param_names")
+    name = names[index] if names and index < len(names) else f"params[{index}]"
+    return f"{name} (shape {tuple(group['params'][index].shape)})"
+
+
+def check_unique_params(group: Mapping[str, Any], groups: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Raises ``ValueError`` when a parameter of the new ``group`` is in it twice or already in one of ``groups``.
+
+    torch.optim only warns about the first and refuses the second naming no parameter; a GaLore low-rank group
+    holding a weight twice then failed at the first step with ``size mismatch ... vec (0)`` (issue 20).
+
+    Args:
+        group: the group being added, its ``params`` a list (``param_names`` optional).
+        groups: the groups already added.
+        where: what the message starts with (``"GaLoreAdamW param group 1"``).
+    """
+    first: dict[int, str] = {}
+    for group_index, other in enumerate(groups):
+        for index, param in enumerate(other["params"]):
+            first.setdefault(id(param), f"in param group {group_index} as {_param_label(other, index)}")
+    params = list(group["params"])
+    for index, param in enumerate(params):
+        label = _param_label({**group, "params": params}, index)
+        if id(param) in first:
+            raise ValueError(
+                f"{where}: {label} is also {first[id(param)]}; a parameter may appear once, in one group (it "
+                "gets one update per step): remove the repeat"
+            )
+        first[id(param)] = f"earlier in this group as {label}"
 
 
 def lowrank_param_groups(

@@ -17,7 +17,12 @@ from typing import Any
 
 import yaml
 
+from lowrank_train.optim.galore import NONFINITE_POLICIES
+from lowrank_train.optim.layerwise import LayerwiseConfig
+from lowrank_train.optim.options import GALORE_DEFAULTS, check_group_option
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
+from lowrank_train.projection import get_projector
+from lowrank_train.quant import DEFAULT_GROUP_SIZE, TRAINED_WEIGHT_BITS, check_bits
 from lowrank_train.train.config_schema import (
     ConfigError,
     build_dataclass,
@@ -28,6 +33,7 @@ from lowrank_train.train.config_schema import (
     parse_overrides,
     plain,
 )
+from lowrank_train.welore.compress import WeLoreConfig
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,7 +41,25 @@ AUTOCAST_DTYPES = ("bfloat16",)
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
 TRAINABLE = ("lrc", "all", "lrc+galore")
-NONFINITE = ("raise", "skip")
+NONFINITE = NONFINITE_POLICIES
+# The GaLore options of the optimizer section: defaults and checks come from the option schema (optim/options.py).
+GALORE_KEYS = ("update_gap", "scale", "projector", "proj_bits")
+
+
+def library_default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``cls.name``: a config section takes it instead of restating it.
+
+    Raises:
+        ValueError: ``cls`` has no such field, or it has no default.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise ValueError(f"{cls.__name__} has no field {name!r} with a default")
 
 
 @dataclass(frozen=True)
@@ -259,16 +283,16 @@ class OptimizerConfig:
     eps: float = 1e-8
     max_grad_norm: float = 0.0
     rank: int = 128
-    update_gap: int = 200
-    scale: float = 0.25
-    projector: str = "svd"
+    update_gap: int = GALORE_DEFAULTS["update_gap"]
+    scale: float = GALORE_DEFAULTS["scale"]
+    projector: str = GALORE_DEFAULTS["projector"]
     target_modules: str | tuple[str, ...] = "all-linear"
     proj_bits: int | None = None
     adaptive_refresh: bool | None = None
     weight_bits: int | None = None
-    weight_group_size: int = 256
+    weight_group_size: int = DEFAULT_GROUP_SIZE
     layerwise: bool = False
-    nonfinite: str = "raise"
+    nonfinite: str = library_default(LayerwiseConfig, "nonfinite")
     max_skipped_steps: int = 100
     max_consecutive_skips: int = 10
 
@@ -296,12 +320,13 @@ class OptimizerConfig:
                 "non-finite policy"
             )
         check_positive("optimizer.rank", self.rank)
-        check_positive("optimizer.update_gap", self.update_gap)
         check_positive("optimizer.weight_group_size", self.weight_group_size)
-        if self.proj_bits not in (None, 4, 8):
-            raise ConfigError(f"optimizer.proj_bits must be 4, 8 or null, got {self.proj_bits}")
-        if self.weight_bits not in (None, 8):
-            raise ConfigError(f"optimizer.weight_bits must be 8 or null (float weights), got {self.weight_bits}")
+        try:
+            for key in GALORE_KEYS:
+                check_group_option(key, getattr(self, key))
+            check_bits(self.weight_bits, TRAINED_WEIGHT_BITS, name="weight_bits")
+        except ValueError as error:
+            raise ConfigError(f"optimizer.{error}") from None
         # A basis option needs a method whose groups take it; INT8 weights need a projecting write-back.
         for key, accepted in (
             ("proj_bits", method.accepts("proj_bits")),
@@ -376,18 +401,30 @@ class CompressConfig:
         num_threads: torch threads for the SVDs.
     """
 
-    target: float = 0.5
-    strategy: str = "whitened-loss"
-    min_ratio: float = 0.5
-    damping: float = 1e-3
-    asvd_alpha: float = 0.5
+    target: float = 0.5  # WeLoreConfig has no default target
+    strategy: str = library_default(WeLoreConfig, "strategy")
+    min_ratio: float = library_default(WeLoreConfig, "min_ratio")
+    damping: float = library_default(WeLoreConfig, "damping")
+    asvd_alpha: float = library_default(WeLoreConfig, "asvd_alpha")
     calibration_sequences: int = 32
-    num_threads: int | None = None
+    num_threads: int | None = library_default(WeLoreConfig, "num_threads")
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.target < 1.0:
-            raise ConfigError(f"compress.target must be in (0, 1), got {self.target}")
         check_positive("compress.calibration_sequences", self.calibration_sequences)
+        try:
+            self.welore_config()
+        except ValueError as error:
+            raise ConfigError(f"compress: {error}") from None
+
+    def welore_config(self, **extra: Any) -> WeLoreConfig:
+        """The library's :class:`~lowrank_train.welore.WeLoreConfig` of this section (which validates it).
+
+        Args:
+            **extra: further WeLoreConfig fields (``cache_path``, ``staging``...).
+        """
+        shared = {f.name for f in dataclasses.fields(WeLoreConfig)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in shared}
+        return WeLoreConfig(**values, **extra)
 
 
 @dataclass(frozen=True)
@@ -428,7 +465,7 @@ class TrainConfig:
                 f"({self.model.max_position_embeddings})"
             )
         model, opt = self.model, self.optimizer
-        if opt.is_galore and model.pretrained is None and opt.projector != "identity":
+        if opt.is_galore and model.pretrained is None and not get_projector(opt.projector).full_rank:
             kv_width = model.hidden_size // model.num_heads * (model.num_kv_heads or model.num_heads)
             smallest = min(model.hidden_size, kv_width)
             if opt.rank >= smallest:

@@ -138,8 +138,9 @@ def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path):
         pass
 
 
-def test_resume_accepts_and_records_changes_that_keep_the_state_layout(tiny, tmp_path):
-    common = ["optimizer.name=adamw", "run.max_steps=4"]
+@pytest.mark.parametrize("method", [["optimizer.name=adamw"], ["optimizer.name=galore", "optimizer.layerwise=true"]])
+def test_resume_accepts_and_records_changes_that_keep_the_state_layout(tiny, tmp_path, method):
+    common = [*method, "run.max_steps=4"]
     changed = ["optimizer.lr=2e-3", "optimizer.max_grad_norm=1.0", "schedule.min_lr_ratio=0.2", "run.log_every=2"]
     train(load_config(DEMO, _overrides(tiny, tmp_path / "a", *common, *changed)), **QUIET)
     folder = tmp_path / "b"

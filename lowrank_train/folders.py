@@ -23,6 +23,7 @@ checksum and ``latest``) and shares the fsync helpers of this module.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".lowrank-staging-"
 ASIDE_PREFIX = ".lowrank-aside-"
 _ACTIVE: set[Path] = set()  # staging and aside folders of writes in progress in this process
@@ -150,7 +152,8 @@ def write_folder(target: str | os.PathLike[str], *, overwrite: bool = False) -> 
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    recover_folder(target)
+    for note in recover_folder(target):
+        logger.info(note)
     if target.exists() and not overwrite and not is_empty_folder(target):
         raise FolderExistsError(f"{target} already exists and is not empty: pass --overwrite to replace it")
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-{os.getpid()}-", dir=target.parent))

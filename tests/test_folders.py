@@ -223,3 +223,12 @@ def test_the_body_sees_an_empty_staging_folder_next_to_the_target(tmp_path):
         _fill(staging, "new")
     assert _version(tmp_path / "deep" / "model") == "new"
     shutil.rmtree(tmp_path / "deep")
+
+
+def test_a_symlinked_target_is_replaced_without_touching_what_it_points_to(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    _fill(elsewhere, "old")
+    (tmp_path / "model").symlink_to(elsewhere, target_is_directory=True)
+    _write_new(tmp_path / "model")
+    assert not (tmp_path / "model").is_symlink() and _version(tmp_path / "model") == "new"
+    assert _version(elsewhere) == "old" and _hidden(tmp_path) == []

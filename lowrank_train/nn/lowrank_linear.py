@@ -1,16 +1,8 @@
-"""A linear layer stored as two low-rank factors, and the (activation-weighted) SVD that builds it.
+"""A linear layer stored as two low-rank factors ``W ~= A @ B`` (WeLore, Jaiswal et al., 2024, arXiv 2407.11239).
 
-``W ~= A @ B`` with ``A = U_k sqrt(S_k)`` (``out x k``) and ``B = sqrt(S_k) V_k^T`` (``k x in``), as in WeLore
-(Jaiswal et al., 2024, arXiv 2407.11239). Splitting ``sqrt(S_k)`` evenly keeps both factors on the same scale,
-which matters once they are fine-tuned.
-
-The truncation can be weighted by the layer's inputs so that directions that real activations use are kept:
-
-* ``input_scale`` (ASVD, Yuan et al., 2023): per-input-channel scales ``s`` (``in``); the SVD is taken of
-  ``W diag(s)`` and ``diag(s)^-1`` is folded back into ``B``.
-* ``whitening`` (SVD-LLM, Wang et al., 2024): a lower-triangular ``L`` (``in x in``) with ``L L^T = E[x x^T]``;
-  truncating the SVD of ``W L`` minimises ``||(W - A B) X||_F`` over rank-``k`` products, and ``L^-1`` is folded
-  back into ``B``.
+``A`` is ``out x k`` and ``B`` is ``k x in``. The factors come from
+:func:`lowrank_train.welore.spectrum.truncated_factors` (the plain, ASVD-scaled or SVD-LLM-whitened truncated SVD,
+``A = U_k sqrt(S_k)``, ``B = sqrt(S_k) V_k^T``); :meth:`LowRankLinear.from_factors` wraps them.
 """
 
 from __future__ import annotations
@@ -21,78 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LowRankLinear", "lowrank_factors", "weighted_matrix"]
-
-
-def _check_weighting(weight: Tensor, input_scale: Tensor | None, whitening: Tensor | None) -> None:
-    in_features = weight.shape[1]
-    if input_scale is not None and whitening is not None:
-        raise ValueError("pass at most one of input_scale (ASVD) and whitening (SVD-LLM), not both")
-    if input_scale is not None:
-        if input_scale.shape != (in_features,):
-            raise ValueError(f"input_scale must have shape ({in_features},), got {tuple(input_scale.shape)}")
-        if not bool(torch.all(input_scale > 0)):
-            raise ValueError("input_scale must be strictly positive (it is inverted when folded back)")
-    if whitening is not None and whitening.shape != (in_features, in_features):
-        raise ValueError(
-            f"whitening must be a lower-triangular ({in_features}, {in_features}) factor, got {tuple(whitening.shape)}"
-        )
-
-
-def weighted_matrix(weight: Tensor, input_scale: Tensor | None = None, whitening: Tensor | None = None) -> Tensor:
-    """The matrix whose SVD is truncated: ``W``, ``W diag(s)`` or ``W L``, in float32 (float64 stays float64).
-
-    Args:
-        weight: ``(out, in)`` weight of a linear layer, any float dtype.
-        input_scale: optional ``(in,)`` positive per-channel scales (ASVD).
-        whitening: optional ``(in, in)`` lower-triangular factor of the input second moment (SVD-LLM).
-
-    Returns:
-        ``(out, in)`` matrix in float32 or float64.
-    """
-    _check_weighting(weight, input_scale, whitening)
-    # bf16/fp16 SVDs are inaccurate (and unsupported on CPU): always work in at least float32.
-    matrix = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
-    if input_scale is not None:
-        return matrix * input_scale.to(matrix.device, matrix.dtype)
-    if whitening is not None:
-        return matrix @ whitening.to(matrix.device, matrix.dtype)
-    return matrix
-
-
-def lowrank_factors(
-    weight: Tensor,
-    rank: int,
-    input_scale: Tensor | None = None,
-    whitening: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Rank-``k`` factors ``A, B`` with ``A @ B ~= W``, from an (optionally activation-weighted) SVD in float32.
-
-    Args:
-        weight: ``(out, in)`` weight.
-        rank: number of singular directions kept, ``1 <= rank <= min(out, in)``.
-        input_scale: optional ``(in,)`` ASVD channel scales.
-        whitening: optional ``(in, in)`` lower-triangular whitening factor ``L`` (``L L^T = E[x x^T]``).
-
-    Returns:
-        ``A`` of shape ``(out, rank)`` and ``B`` of shape ``(rank, in)``, float32 (float64 for float64 weights).
-    """
-    out_features, in_features = weight.shape
-    if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(f"rank must be in [1, {min(out_features, in_features)}] for a {tuple(weight.shape)} weight")
-    matrix = weighted_matrix(weight, input_scale, whitening)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    root = s[:rank].sqrt()
-    factor_out = u[:, :rank] * root
-    factor_in = root[:, None] * vh[:rank]
-    # Undo the weighting on the input side only, so A B approximates W itself.
-    if input_scale is not None:
-        factor_in = factor_in / input_scale.to(factor_in.device, factor_in.dtype)
-    elif whitening is not None:
-        # B = C L^-1  <=>  L^T B^T = C^T, a triangular solve (no explicit inverse).
-        lower = whitening.to(factor_in.device, factor_in.dtype)
-        factor_in = torch.linalg.solve_triangular(lower.T, factor_in.T, upper=True).T
-    return factor_out, factor_in
+__all__ = ["LowRankLinear"]
 
 
 class LowRankLinear(nn.Module):
@@ -142,39 +63,31 @@ class LowRankLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        rank: int,
-        input_scale: Tensor | None = None,
-        whitening: Tensor | None = None,
-    ) -> LowRankLinear:
-        """Factorize a dense layer by truncated SVD; dtype, device and bias are kept.
+    def from_factors(cls, linear: nn.Linear, factor_out: Tensor, factor_in: Tensor) -> LowRankLinear:
+        """The layer ``A @ B`` replacing ``linear``: the factors are cast to its dtype and device, its bias is copied.
 
         Args:
-            linear: the layer to replace (left unchanged).
-            rank: number of singular directions kept.
-            input_scale: optional ``(in,)`` ASVD channel scales.
-            whitening: optional ``(in, in)`` lower-triangular SVD-LLM whitening factor.
+            linear: the dense layer being replaced (left unchanged).
+            factor_out: ``A``, shape ``(out_features, rank)``, e.g. from ``truncated_factors``.
+            factor_in: ``B``, shape ``(rank, in_features)``.
 
-        Returns:
-            A new ``LowRankLinear`` on ``linear.weight``'s device and dtype.
+        Raises:
+            ValueError: factor shapes that do not fit ``linear`` or each other.
         """
+        rank = factor_out.shape[-1]
+        expected = ((linear.out_features, rank), (rank, linear.in_features))
+        if (tuple(factor_out.shape), tuple(factor_in.shape)) != expected:
+            raise ValueError(
+                f"factors of shapes {tuple(factor_out.shape)} and {tuple(factor_in.shape)} do not fit a "
+                f"({linear.out_features}, {linear.in_features}) layer: expected {expected[0]} and {expected[1]}"
+            )
         weight = linear.weight
-        factor_out, factor_in = lowrank_factors(weight, rank, input_scale, whitening)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            rank,
-            bias=linear.bias is not None,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
-        with torch.no_grad():
-            layer.factor_out.copy_(factor_out)
-            layer.factor_in.copy_(factor_in)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+        # Built on the meta device: no random init is paid for factors that are replaced at once.
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None, "meta", weight.dtype)
+        layer.factor_out = nn.Parameter(factor_out.detach().to(weight.device, weight.dtype))
+        layer.factor_in = nn.Parameter(factor_in.detach().to(weight.device, weight.dtype))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
         return layer
 
     def forward(self, x: Tensor) -> Tensor:

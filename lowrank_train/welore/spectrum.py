@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lowrank_train.nn.lowrank_linear import weighted_matrix
 from lowrank_train.nn.surgery import block_modules, is_dense_linear
 
 __all__ = [
@@ -36,6 +35,7 @@ __all__ = [
     "shrink_second_moment",
     "singular_values",
     "truncated_factors",
+    "weighted_matrix",
     "whitening_factor",
 ]
 
@@ -360,6 +360,48 @@ def singular_values(matrix: Tensor) -> Tensor:
     return eigenvalues.clamp_min(0.0).sqrt().flip(0).to(matrix.dtype)
 
 
+def _check_weighting(weight: Tensor, input_scale: Tensor | None, whitening: Tensor | None) -> None:
+    in_features = weight.shape[1]
+    if input_scale is not None and whitening is not None:
+        raise ValueError("pass at most one of input_scale (ASVD) and whitening (SVD-LLM), not both")
+    if input_scale is not None:
+        if input_scale.shape != (in_features,):
+            raise ValueError(f"input_scale must have shape ({in_features},), got {tuple(input_scale.shape)}")
+        if not bool(torch.all(input_scale > 0)):
+            raise ValueError("input_scale must be strictly positive (it is inverted when folded back)")
+    if whitening is not None and whitening.shape != (in_features, in_features):
+        raise ValueError(
+            f"whitening must be a lower-triangular ({in_features}, {in_features}) factor, got {tuple(whitening.shape)}"
+        )
+
+
+def weighted_matrix(weight: Tensor, input_scale: Tensor | None = None, whitening: Tensor | None = None) -> Tensor:
+    """The matrix whose SVD is truncated: ``W``, ``W diag(s)`` or ``W L``, in float32 (float64 stays float64).
+
+    ``input_scale`` (ASVD, Yuan et al., 2023) keeps the directions loud input channels use; ``whitening`` (SVD-LLM,
+    Wang et al., 2024) makes the truncation minimise ``||(W - A B) X||_F`` over rank-``k`` products.
+
+    Args:
+        weight: ``(out, in)`` weight of a linear layer, any float dtype.
+        input_scale: optional ``(in,)`` positive per-channel scales (ASVD).
+        whitening: optional ``(in, in)`` lower-triangular factor ``L`` with ``L L^T = E[x x^T]`` (SVD-LLM).
+
+    Returns:
+        ``(out, in)`` matrix in float32 or float64.
+
+    Raises:
+        ValueError: both weightings, or one of the wrong shape (or a non-positive scale).
+    """
+    _check_weighting(weight, input_scale, whitening)
+    # bf16/fp16 SVDs are inaccurate (and unsupported on CPU): always work in at least float32.
+    matrix = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
+    if input_scale is not None:
+        return matrix * input_scale.to(matrix.device, matrix.dtype)
+    if whitening is not None:
+        return matrix @ whitening.to(matrix.device, matrix.dtype)
+    return matrix
+
+
 def truncated_factors(
     weight: Tensor,
     rank: int,
@@ -368,14 +410,15 @@ def truncated_factors(
 ) -> tuple[Tensor, Tensor]:
     """Rank-``k`` factors ``A, B`` with ``A @ B ~= W`` from the weighted matrix's smaller float64 Gram matrix.
 
-    They are those of :func:`~lowrank_train.nn.lowrank_linear.lowrank_factors` (up to the sign of each direction)
-    at a fraction of the cost at 7B shapes (see :func:`singular_values`).
+    WeLore's one factorization (:class:`~lowrank_train.nn.lowrank_linear.LowRankLinear` holds the result). The
+    factors are those of the truncated SVD of :func:`weighted_matrix` (up to the sign of each direction), at a
+    fraction of LAPACK's cost at 7B shapes (see :func:`singular_values`).
 
     With ``M = W R`` the weighted matrix (``R`` = ``I``, ``diag(s)`` or the whitening factor ``L``) and
     ``M = U S V^T``: ``A = U_k S_k^1/2`` and ``B = S_k^1/2 V_k^T R^-1``. When ``M`` is wide (``out <= in``) the
     eigenvectors of ``M M^T`` are ``U``, and ``B = S_k^-1/2 U_k^T W`` needs no ``R^-1`` at all (no triangular
     solve with ``L``). When it is tall, the eigenvectors of ``M^T M`` are ``V``, ``A = M V_k S_k^-1/2``, and
-    ``R^-1`` is applied as in ``lowrank_factors``. A direction whose singular value is zero gets zero factors.
+    ``R^-1`` is applied by a triangular solve. A direction whose singular value is zero gets zero factors.
 
     Args:
         weight: ``(out, in)`` weight, any float dtype.

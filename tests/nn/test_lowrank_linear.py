@@ -1,10 +1,11 @@
-"""LowRankLinear: reconstruction at full rank, exact merge, Eckart-Young truncation, weighted truncation."""
+"""LowRankLinear: reconstruction at full rank, exact merge, dtypes, autocast (the factorization: tests/welore)."""
 
 import pytest
 import torch
 from torch import nn
 
-from lowrank_train.nn.lowrank_linear import LowRankLinear, lowrank_factors, weighted_matrix
+from lowrank_train.nn.lowrank_linear import LowRankLinear
+from lowrank_train.welore.spectrum import truncated_factors
 
 torch.set_num_threads(1)
 
@@ -26,13 +27,17 @@ def _weighting(kind: str, x: torch.Tensor) -> dict:
     return {"whitening": torch.linalg.cholesky(moment).float()}
 
 
+def _factorized(linear: nn.Linear, rank: int, **weighting) -> LowRankLinear:
+    return LowRankLinear.from_factors(linear, *truncated_factors(linear.weight, rank, **weighting))
+
+
 @pytest.mark.parametrize("kind", ["plain", "scale", "whiten"])
 @pytest.mark.parametrize("shape", [(24, 16), (16, 24), (12, 12)])
 def test_full_rank_reconstructs_weight(kind, shape):
     generator = torch.Generator().manual_seed(0)
     linear = nn.Linear(shape[1], shape[0])
     extra = _weighting(kind, _inputs(shape[1], generator))
-    layer = LowRankLinear.from_linear(linear, min(shape), **extra)
+    layer = _factorized(linear, min(shape), **extra)
     assert torch.allclose(layer.merged_weight(), linear.weight, atol=1e-4)
     assert torch.equal(layer.bias, linear.bias)
     x = torch.randn(5, shape[1], generator=generator)
@@ -41,9 +46,9 @@ def test_full_rank_reconstructs_weight(kind, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
-def test_from_linear_keeps_dtype_device_bias(dtype, bias):
+def test_from_factors_keeps_dtype_device_bias(dtype, bias):
     linear = nn.Linear(20, 12, bias=bias, dtype=dtype)
-    layer = LowRankLinear.from_linear(linear, 12)
+    layer = _factorized(linear, 12)
     assert layer.factor_out.dtype == layer.factor_in.dtype == dtype
     assert layer.factor_out.shape == (12, 12) and layer.factor_in.shape == (12, 20)
     assert layer.factor_out.device == linear.weight.device
@@ -55,7 +60,7 @@ def test_from_linear_keeps_dtype_device_bias(dtype, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_is_exact_and_idempotent(dtype):
     torch.manual_seed(1)
-    layer = LowRankLinear.from_linear(nn.Linear(16, 24, dtype=dtype), 5)
+    layer = _factorized(nn.Linear(16, 24, dtype=dtype), 5)
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and merged.weight.dtype == dtype
     expected = (layer.factor_out.float() @ layer.factor_in.float()).to(dtype)
@@ -64,59 +69,23 @@ def test_merge_is_exact_and_idempotent(dtype):
     x = torch.randn(3, 16, dtype=dtype)
     assert torch.allclose(merged(x).float(), layer(x).float(), atol=TOLERANCE[dtype] * 10)
     # Re-factorizing the merged (rank-5) weight at rank 5 gives it back: merge is a fixed point.
-    again = LowRankLinear.from_linear(merged, 5).merge()
+    again = _factorized(merged, 5).merge()
     assert torch.allclose(again.weight.float(), merged.weight.float(), atol=TOLERANCE[dtype] * 10)
 
 
-def test_truncation_matches_eckart_young():
-    torch.manual_seed(2)
-    weight = torch.randn(30, 20, dtype=torch.float64)
-    singular_values = torch.linalg.svdvals(weight)
-    for rank in (1, 7, 19):
-        factor_out, factor_in = lowrank_factors(weight, rank)
-        error = torch.linalg.matrix_norm((weight.float() - factor_out @ factor_in).double())
-        assert error == pytest.approx(float(singular_values[rank:].square().sum().sqrt()), rel=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["scale", "whiten"])
-@torch.no_grad()
-def test_weighted_truncation_has_lower_output_error(kind):
-    generator = torch.Generator().manual_seed(3)
-    linear = nn.Linear(32, 24, bias=False)
-    x = _inputs(32, generator)
-    plain = LowRankLinear.from_linear(linear, 6)
-    weighted = LowRankLinear.from_linear(linear, 6, **_weighting(kind, x))
-    reference = linear(x)
-    plain_error = (plain(x) - reference).norm()
-    weighted_error = (weighted(x) - reference).norm()
-    assert weighted_error < plain_error
-    if kind == "whiten":  # SVD-LLM's truncation is optimal on these inputs: compare with the closed form.
-        singular_values = torch.linalg.svdvals(weighted_matrix(linear.weight, **_weighting(kind, x)))
-        optimum = float(singular_values[6:].square().sum().sqrt()) * x.shape[0] ** 0.5
-        assert float(weighted_error) == pytest.approx(optimum, rel=1e-3)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"rank": 0}, "rank must be"),
-        ({"rank": 13}, "rank must be"),
-        ({"rank": 2, "input_scale": torch.ones(3)}, "input_scale must have shape"),
-        ({"rank": 2, "input_scale": -torch.ones(20)}, "strictly positive"),
-        ({"rank": 2, "whitening": torch.eye(5)}, "whitening must be"),
-        ({"rank": 2, "whitening": torch.eye(20), "input_scale": torch.ones(20)}, "at most one"),
-    ],
-)
-def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        LowRankLinear.from_linear(nn.Linear(20, 12), **kwargs)
+def test_from_factors_refuses_factors_that_do_not_fit():
+    linear = nn.Linear(20, 12)
+    with pytest.raises(ValueError, match=r"do not fit a \(12, 20\) layer"):
+        LowRankLinear.from_factors(linear, torch.zeros(12, 3), torch.zeros(4, 20))
+    with pytest.raises(ValueError, match="expected"):
+        LowRankLinear.from_factors(linear, torch.zeros(20, 3), torch.zeros(3, 12))
 
 
 def test_autocast_runs_in_bf16_with_fp32_gradients():
     """Issue 13 audit: LowRankLinear is two F.linear calls, so autocast handles it like nn.Linear: bf16 output,
     fp32 factor gradients, within bf16 tolerance of the fp32 computation."""
     generator = torch.Generator().manual_seed(3)
-    layer = LowRankLinear.from_linear(nn.Linear(24, 16), 6)
+    layer = _factorized(nn.Linear(24, 16), 6)
     x = torch.randn(4, 7, 24, generator=generator)
     grad_out = torch.randn(4, 7, 16, generator=generator)
     expected = layer(x)

@@ -1,7 +1,7 @@
 """Block-by-block compress_model against the whole-model implementation it replaced (issue 14 item 2).
 
 The reference below is the earlier compress_model written out with the library's public pieces: whole-model
-calibration statistics, LAPACK SVDs (``torch.linalg.svdvals`` and ``lowrank_factors``), the formula-level
+calibration statistics, LAPACK SVDs (``torch.linalg.svdvals`` and ``_svd_factors``), the formula-level
 whitening, one allocation, every replacement built before any swap.
 """
 
@@ -14,7 +14,7 @@ from torch import nn
 
 import lowrank_train.welore.blockwise as blockwise_module
 import lowrank_train.welore.compress as compress_module
-from lowrank_train.nn.lowrank_linear import LowRankLinear, lowrank_factors, weighted_matrix
+from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import replace_module
 from lowrank_train.welore import (
     STRATEGIES,
@@ -34,10 +34,23 @@ from lowrank_train.welore.spectrum import (
     shrink_second_moment,
     singular_values,
     truncated_factors,
+    weighted_matrix,
     whitening_factor,
 )
 
 BUILTIN_STRATEGIES = tuple(sorted(STRATEGIES))  # at import: the registered built-ins only
+
+
+def _svd_factors(weight, rank, input_scale=None, whitening=None):
+    # The LAPACK oracle: with M = W R = U S V^T, A = U_k S_k^1/2 and B = S_k^1/2 V_k^T R^-1.
+    u, s, vh = torch.linalg.svd(weighted_matrix(weight, input_scale, whitening), full_matrices=False)
+    root = s[:rank].sqrt()
+    factor_in = root[:, None] * vh[:rank]
+    if input_scale is not None:
+        factor_in = factor_in / input_scale.to(factor_in.dtype)
+    elif whitening is not None:
+        factor_in = torch.linalg.solve_triangular(whitening.to(factor_in.dtype).T, factor_in.T, upper=True).T
+    return u[:, :rank] * root, factor_in
 
 
 def _formula_whitening(second_moment, damping, shrinkage):
@@ -99,14 +112,12 @@ def reference_compress(model, config, calibration=None):
     spectra = {n: torch.linalg.svdvals(weighted_matrix(lin.weight, **weightings[n])) for n, lin in linears.items()}
     allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
     factors = {
-        name: lowrank_factors(linear.weight, allocation.ranks[name], **weightings[name])
+        name: _svd_factors(linear.weight, allocation.ranks[name], **weightings[name])
         for name, linear in linears.items()
         if allocation.lrc[name]
     }
     replacements = {
-        name: LowRankLinear.from_linear(linear, allocation.ranks[name], **weightings[name])
-        for name, linear in linears.items()
-        if allocation.lrc[name]
+        name: LowRankLinear.from_factors(linear, *factors[name]) for name, linear in linears.items() if name in factors
     }
     energies = {}
     if stats is not None:
@@ -460,7 +471,7 @@ def test_gram_factorization_matches_lapack(kind, weighting):
     torch.testing.assert_close(values, reference, atol=1e-6 * float(reference[0]), rtol=0)
     for rank in (1, 3, min(weight.shape) // 2, min(weight.shape)):
         factor_out, factor_in = truncated_factors(weight, rank, **extra)
-        reference_out, reference_in = lowrank_factors(weight, rank, **extra)
+        reference_out, reference_in = _svd_factors(weight, rank, **extra)
         assert factor_out.shape == reference_out.shape and factor_in.shape == reference_in.shape
         assert factor_out.dtype == reference_out.dtype and factor_in.dtype == reference_in.dtype
         assert torch.isfinite(factor_out).all() and torch.isfinite(factor_in).all()

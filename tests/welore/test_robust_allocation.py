@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lowrank_train.nn.lowrank_linear import lowrank_factors
 from lowrank_train.welore import (
     STRATEGIES,
     AllocationStrategy,
@@ -29,6 +28,7 @@ from lowrank_train.welore import (
     truncation_losses,
     whitening_factor,
 )
+from lowrank_train.welore.spectrum import truncated_factors
 
 LOSS_RULE = AllocationStrategy("test-loss", objective="loss", sensitivity=True)
 
@@ -167,7 +167,7 @@ def test_truncation_losses_are_the_whitened_output_error():
     assert losses.shape == (8,) and losses[-1] == 0
     assert losses[0] == pytest.approx(float((samples @ weight.T).square().sum(1).mean()))
     for rank in range(1, 7):
-        factor_out, factor_in = lowrank_factors(weight, rank, whitening=lower)
+        factor_out, factor_in = truncated_factors(weight, rank, whitening=lower)
         error = samples @ (weight - factor_out @ factor_in).T
         assert losses[rank] == pytest.approx(float(error.square().sum(1).mean()), rel=1e-6)
     assert bool(torch.all(losses[:-1] >= losses[1:]))

@@ -8,6 +8,11 @@ from typing import Any
 from lowrank_train.optim.galore import GaLore
 from lowrank_train.optim.options import options_doc
 
+QGALORE_DEFAULTS: dict[str, Any] = {"proj_bits": 4, "adaptive_refresh": True}
+"""Q-GaLore's group options where they differ from the schema's (Zhang et al. 2024, arXiv 2407.08296): INT4 basis,
+adaptive refresh. The rest (``proj_group_size`` 256, ``refresh_threshold`` 0.4, ...) are the schema's defaults; the
+optimizer registry's Q-GaLore entries read their defaults from here."""
+
 _SHARED_ARGS = """
     Args:
         params: parameters or param groups, typically from :func:`~lowrank_train.optim.lowrank_param_groups`.
@@ -93,16 +98,8 @@ class QGaLoreAdamW4bit(GaLore):
 
 
 def _with_qgalore_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The paper's Q-GaLore defaults, each overridable."""
-    defaults = {
-        "proj_bits": 4,
-        "proj_group_size": 256,
-        "adaptive_refresh": True,
-        "refresh_threshold": 0.4,
-        "refresh_growth": 2.0,
-        "refresh_history": 5,
-    }
-    return {**defaults, **kwargs}
+    """The paper's Q-GaLore defaults (:data:`QGALORE_DEFAULTS`), each overridable."""
+    return {**QGALORE_DEFAULTS, **kwargs}
 
 
 for _preset in (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, QGaLoreAdamW8bit, QGaLoreAdamW4bit):

@@ -22,7 +22,14 @@ import torch
 
 from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
 from lowrank_train.optim.galore import GALORE_DEFAULTS
-from lowrank_train.optim.presets import GaLoreAdamW, GaLoreAdamW8bit, QGaLoreAdamW4bit, QGaLoreAdamW8bit
+from lowrank_train.optim.options import registered_base_option_names
+from lowrank_train.optim.presets import (
+    QGALORE_DEFAULTS,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    QGaLoreAdamW4bit,
+    QGaLoreAdamW8bit,
+)
 from lowrank_train.quant import BASIS_BITS, MOMENT_BITS, TRAINED_WEIGHT_BITS, check_bits
 
 Builder = Callable[..., torch.optim.Optimizer]
@@ -157,6 +164,28 @@ def optimizer_names(*, lowrank: bool | None = None) -> tuple[str, ...]:
     return tuple(n for n, m in _REGISTRY.items() if lowrank is None or m.lowrank == lowrank)
 
 
+def register_base_optimizer(name: str, target: str | type[torch.optim.Optimizer], *, replace: bool = False) -> None:
+    """Adds an inner optimizer to :data:`~lowrank_train.optim.BASE_OPTIMIZERS` (``base=`` of GaLore and methods).
+
+    Args:
+        name: the name ``base=`` takes (matched lower case).
+        target: the class, or ``"module:attribute"`` to import it only when used.
+        replace: allow replacing a registered name.
+
+    Raises:
+        ValueError: when the name is taken and ``replace`` is False, or ``target`` is neither.
+    """
+    if isinstance(target, type) and issubclass(target, torch.optim.Optimizer):
+        target = f"{target.__module__}:{target.__qualname__}"
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise ValueError(f"base optimizer {name!r}: target must be an Optimizer class or 'module:attribute'")
+    key = name.lower()
+    if key in BASE_OPTIMIZERS and not replace:
+        raise ValueError(f"base optimizer {key!r} is already registered (pass replace=True to replace it)")
+    BASE_OPTIMIZERS[key] = target
+    registered_base_option_names.cache_clear()
+
+
 def describe_optimizers() -> str:
     """One line per method, ``name: description``, for ``--help`` texts."""
     return "\n".join(f"{m.name}: {m.description}" for m in _REGISTRY.values())
@@ -174,9 +203,9 @@ def _base_builder(base: str) -> Builder:
 
 # The built-in methods, one row each: (name, description, base, moment bits, builder, family options).
 _GALORE: dict[str, Any] = {"lowrank": True, "group_options": GALORE_GROUP_OPTIONS}
-# Q-GaLore's defaults (Zhang et al. 2024, arXiv 2407.08296): INT8 weights, INT4 basis, adaptive refresh. The presets
-# set the same group defaults for direct users of the classes.
-_QGALORE: dict[str, Any] = {**_GALORE, "weight_bits": 8, "proj_bits": 4, "adaptive_refresh": True}
+# Q-GaLore's defaults (Zhang et al. 2024, arXiv 2407.08296): INT8 weights, and the presets' group defaults (INT4
+# basis, adaptive refresh).
+_QGALORE: dict[str, Any] = {**_GALORE, "weight_bits": 8, **QGALORE_DEFAULTS}
 _PLAIN: dict[str, Any] = {"lowrank": False}
 for _name, _description, _base, _bits, _build, _family in (
     ("adamw", "torch AdamW on every parameter (the reference)", "adamw", 32, _base_builder("adamw"), _PLAIN),
@@ -203,6 +232,7 @@ __all__ = [
     "describe_optimizers",
     "get_optimizer_method",
     "optimizer_names",
+    "register_base_optimizer",
     "register_optimizer",
     "registered_optimizer",
     "unregister_optimizer",

@@ -97,6 +97,38 @@ def test_every_registry_refuses_a_duplicate_unless_replace(which):
         register(object())
 
 
+def test_base_optimizer_registry_refuses_a_duplicate_unless_replace():
+    from lowrank_train.optim import BASE_OPTIMIZERS
+    from lowrank_train.optim.bases import resolve_base
+    from lowrank_train.optim.registry import register_base_optimizer
+
+    with pytest.raises(ValueError, match="already registered.*replace=True"):
+        register_base_optimizer("adamw", torch.optim.Adam)
+    previous = BASE_OPTIMIZERS["adamw"]
+    try:
+        register_base_optimizer("My_RMSprop", torch.optim.RMSprop)
+        assert resolve_base("my_rmsprop") is torch.optim.RMSprop
+        register_base_optimizer("adamw", "torch.optim:AdamW", replace=True)
+    finally:
+        BASE_OPTIMIZERS.pop("my_rmsprop", None)
+        BASE_OPTIMIZERS["adamw"] = previous
+    with pytest.raises(ValueError, match="module:attribute"):
+        register_base_optimizer("bad", "torch.optim.AdamW")
+
+
+def test_qgalore_entries_and_presets_share_one_set_of_defaults():
+    from lowrank_train.optim.presets import QGALORE_DEFAULTS, QGaLoreAdamW8bit
+
+    for name in ("qgalore", "qgalore4bit"):
+        method = get_optimizer_method(name)
+        assert {key: getattr(method, key) for key in QGALORE_DEFAULTS} == QGALORE_DEFAULTS
+    try:
+        opt = QGaLoreAdamW8bit([{"params": [nn.Parameter(torch.randn(8, 16))], "rank": 2}], lr=1e-3)
+    except ValueError as error:  # bitsandbytes missing
+        pytest.skip(str(error))
+    assert {key: opt.param_groups[0][key] for key in QGALORE_DEFAULTS} == QGALORE_DEFAULTS
+
+
 def test_projector_entries_say_what_their_users_need():
     assert get_projector("identity").full_rank and not get_projector("svd").full_rank
     assert get_projector("identity").basis_rank((6, 10), 2) == 6

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lowrank_train.optim.options import GALORE_DEFAULTS
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
 from lowrank_train.projection import ProjectorKind, get_projector
-from lowrank_train.quant import BASIS_BITS, MOMENT_BITS, WEIGHT_BITS, check_bits
+from lowrank_train.quant import BASIS_BITS, DEFAULT_GROUP_SIZE, MOMENT_BITS, WEIGHT_BITS, check_bits
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 _MODEL_ALIASES = {
@@ -168,11 +169,11 @@ class TrainingSetup:
     dtype: str = "bfloat16"
     optimizer: str = "adamw"
     rank: int | None = None
-    projector: str = "svd"
+    projector: str = GALORE_DEFAULTS["projector"]
     proj_bits: int | None = None
-    proj_group_size: int = 256
+    proj_group_size: int = GALORE_DEFAULTS["proj_group_size"]
     weight_bits: int | None = None
-    weight_group_size: int = 256
+    weight_group_size: int = DEFAULT_GROUP_SIZE
     adaptive_refresh: bool | None = None
     moment_bits: int | None = None
     layerwise: bool = False
@@ -180,7 +181,7 @@ class TrainingSetup:
     chunked_loss: bool = False
     loss_chunk_size: int = 1024
     accumulation_steps: int = 1
-    oversample: int = 8
+    oversample: int = GALORE_DEFAULTS["oversample"]
     device: str = "cuda"
 
     def __post_init__(self) -> None:

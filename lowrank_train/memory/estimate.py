@@ -249,8 +249,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
     if lowrank:
-        # Five int64 counters; adaptive refresh adds its fp32 similarity history (refresh_history = 5).
-        per_weight_counters = 5 * 8 + (5 * 4 if setup.adaptive_refresh else 0)
+        # Five int64 counters; adaptive refresh adds its fp32 similarity history (the schema's refresh_history).
+        per_weight_counters = 5 * 8 + (GALORE_DEFAULTS["refresh_history"] * 4 if setup.adaptive_refresh else 0)
         states_linear = 0
         for (m, n), rank in zip(shape.block_linear_shapes(), ranks, strict=True):
             states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters

@@ -20,7 +20,7 @@ from torch import nn
 
 from lowrank_train.nn.quant_linear import QuantLinear, quantization_targets
 from lowrank_train.nn.surgery import TargetModules, find_blocks, replace_module
-from lowrank_train.quant import WEIGHT_BITS, check_bits
+from lowrank_train.quant import DEFAULT_GROUP_SIZE, WEIGHT_BITS, check_bits
 
 
 @contextlib.contextmanager
@@ -96,7 +96,7 @@ def materialize_llama(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     weight_bits: int | None = None,
-    weight_group_size: int = 256,
+    weight_group_size: int = DEFAULT_GROUP_SIZE,
     target_modules: TargetModules = None,
     seed: int = 0,
 ) -> nn.Module:

@@ -56,6 +56,10 @@ __all__ = [
 ]
 
 TRAINABLE_MODES = ("lrc", "all", "lrc+galore")
+# Input statistics from fewer tokens are noise: one token gave a rank-1 second moment that the damping ridge
+# alone made invertible, and "whitened" compressed against it without a word (issue 20).
+MIN_CALIBRATION_TOKENS = 64
+_SHOWN_NAMES = 4  # matrices named in a message before "and N more"
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +290,47 @@ def _calibration_key(model: nn.Module, linears: Mapping[str, nn.Linear], sequenc
     return f"tokens-{digest.hexdigest()[:16]}"
 
 
+def _check_not_compressed(model: nn.Module) -> None:
+    # A compressed model's N-LRCs are still dense: compressing it again would silently re-split only those.
+    found = [name for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
+    if found:
+        raise ValueError(
+            f"the model is already compressed: it holds {len(found)} LowRankLinear layers (e.g. {found[0]!r}). "
+            "compress_model starts from the dense model; compress that one at the new target (or merge the "
+            "LowRankLinear layers back with LowRankLinear.merge first)"
+        )
+
+
+def _check_finite_weights(model: nn.Module) -> None:
+    # A NaN/Inf weight failed deep inside eigh, the Cholesky factor or the sampler, naming no matrix (issue 20).
+    by_device: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            by_device.setdefault(param.device, []).append((name, param))
+    bad = []
+    with torch.no_grad():
+        for named in by_device.values():  # one host synchronisation per device
+            finite = torch.stack([torch.isfinite(param).all() for _, param in named]).tolist()
+            bad += [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+    if bad:
+        more = f" and {len(bad) - _SHOWN_NAMES} more" if len(bad) > _SHOWN_NAMES else ""
+        verb = "holds" if len(bad) == 1 else "hold"
+        raise ValueError(
+            f"cannot compress: {', '.join(bad[:_SHOWN_NAMES])}{more} {verb} NaN/Inf values; WeLore cannot "
+            "factorize or calibrate a non-finite model. Load a finite checkpoint (the one saved before training "
+            "diverged)"
+        )
+
+
+def _check_calibration_size(strategy_name: str, num_tokens: int, widest: int) -> None:
+    if num_tokens < MIN_CALIBRATION_TOKENS:
+        raise ValueError(
+            f"strategy {strategy_name!r} measures each layer's input statistics and needs at least "
+            f"{MIN_CALIBRATION_TOKENS} calibration tokens, got {num_tokens}. Pass a few dozen sequences; fewer "
+            f"tokens than a layer's input width ({widest} at most here) leave its statistics rank-deficient"
+        )
+
+
 def _calibration_source(
     model: nn.Module,
     linears: Mapping[str, nn.Linear],
@@ -300,11 +345,13 @@ def _calibration_source(
         return None, "", None
     if calibration is None:
         raise ValueError(f"strategy {config.strategy!r} is data-aware and needs a calibration set")
+    widest = max(linear.in_features for linear in linears.values())
     if isinstance(calibration, Mapping):
         stats = dict(calibration)
         missing = sorted(set(linears) - set(stats))
         if missing:
             raise ValueError(f"calibration statistics miss {len(missing)} block linears, e.g. {missing[0]!r}")
+        _check_calibration_size(config.strategy, min(stats[n].num_tokens for n in linears), widest)
         loss_weights = None
         if strategy.sensitivity:
             unmeasured = sorted(n for n in linears if stats[n].output_sensitivity is None)
@@ -317,6 +364,7 @@ def _calibration_source(
             loss_weights = {n: float(stats[n].output_sensitivity) for n in linears}
         return stats, _statistics_key(stats, linears), loss_weights
     sequences = prepare_calibration(calibration, _input_vocab_size(model))
+    _check_calibration_size(config.strategy, sum(seq.numel() for seq in sequences), widest)
     device = next(model.parameters()).device
     sequences = [seq.to(device) for seq in sequences]
     generated = config.generated_fraction if config.generated_fraction is not None else strategy.generated_fraction
@@ -450,15 +498,18 @@ def compress_model(
         Per-matrix ranks, LRC/N-LRC, and parameter totals.
 
     Raises:
-        ValueError: no block linears, missing/empty/out-of-vocabulary calibration data, a spectra cache from a
-            different model, or an unreachable target. The model is unchanged in every error case.
+        ValueError: a model already compressed, no block linears, a NaN/Inf weight (naming it), missing, empty,
+            too small (under :data:`MIN_CALIBRATION_TOKENS` tokens) or out-of-vocabulary calibration data, a spectra
+            cache from a different model, or an unreachable target. The model is unchanged in every error case.
         TypeError: ``config`` is not a :class:`WeLoreConfig` (e.g. a plain dict).
     """
     if not isinstance(config, WeLoreConfig):
         example = f"WeLoreConfig(**{dict(config)!r})" if isinstance(config, Mapping) else "WeLoreConfig(target=0.5)"
         raise TypeError(f"compress_model takes a WeLoreConfig as config, got {type(config).__name__}: pass {example}")
     strategy = get_strategy(config.strategy)
+    _check_not_compressed(model)
     linears = find_block_linears(model)
+    _check_finite_weights(model)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
     plan = plan_blocks(model, linears)
     device = next(iter(linears.values())).weight.device

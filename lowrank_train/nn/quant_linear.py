@@ -13,8 +13,9 @@ accumulates into it unchanged, and the codes stay plain module buffers that ``st
 The carrier declares fields pointing at its module's codes/scales buffers; :class:`QuantLinear` re-binds them
 after ``.to()`` / ``load_state_dict`` / deepcopy and on every forward, so the link never goes stale.
 
-The optimizer writes the update with :func:`apply_quantized_update` (dequantize, decay, add, re-quantize with
-stochastic rounding). A plain torch optimizer that tries ``param.add_(...)`` gets a clear ``RuntimeError``
+The optimizer writes the update with :func:`apply_quantized_update`, which stores the result of
+:func:`lowrank_train.quant.writeback.requantize_update` (dequantize, decay, add, re-quantize with stochastic
+rounding). A plain torch optimizer that tries ``param.add_(...)`` gets a clear ``RuntimeError``
 instead of silently writing into the one-element carrier.
 """
 
@@ -36,6 +37,7 @@ from lowrank_train.nn.surgery import (
     replace_module,
 )
 from lowrank_train.quant import QuantizedTensor
+from lowrank_train.quant.writeback import requantize_update
 
 # In-place methods that a carrier may still run (they do not touch its values).
 _ALLOWED_INPLACE = frozenset({"requires_grad_", "retain_grad", "share_memory_"})
@@ -363,9 +365,9 @@ def apply_quantized_update(
 ) -> None:
     """Writes ``W <- W * weight_decay_factor + update`` into a quantized weight's codes and scales.
 
-    The arithmetic is fp32; the result is re-quantized group-wise (fresh scales) with stochastic rounding, so
-    ``E[W_new] = W * factor + update`` and updates below one quantization step survive on average (Q-GaLore,
-    Sec. 3.3). ``stochastic=False`` rounds to nearest (the paper's ablation, where small updates vanish).
+    The math is :func:`lowrank_train.quant.writeback.requantize_update` (fp32, fresh group scales, stochastic
+    rounding: ``E[W_new] = W * factor + update``, Q-GaLore Sec. 3.3); this checks the arguments and writes the new
+    codes and scales into the module's buffers. ``stochastic=False`` rounds to nearest (the paper's ablation).
 
     Args:
         param: a :class:`QuantizedWeight` (see :func:`is_quantized_weight`), shape ``(m, n)``.
@@ -388,12 +390,8 @@ def apply_quantized_update(
     current = param.quantized()
     if current.codes.device != update.device:
         raise ValueError(f"update is on {update.device} but the quantized weight on {current.codes.device}")
-    target = current.dequantize(torch.float32)
-    if weight_decay_factor != 1.0:
-        target.mul_(weight_decay_factor)
-    target.add_(update.to(torch.float32))
-    fresh = QuantizedTensor.from_float(
-        target, current.bits, current.group_size, stochastic=stochastic, generator=generator
+    fresh = requantize_update(
+        current, update, weight_decay_factor=weight_decay_factor, generator=generator, stochastic=stochastic
     )
     current.codes.copy_(fresh.codes)
     current.scales.copy_(fresh.scales)

@@ -30,12 +30,17 @@ class UniqueKeyLoader(yaml.SafeLoader):
     The keys are compared on the composed node tree, before construction: ``<<`` merge keys (whose entries an
     explicit key may override) and aliases are left as YAML defines them. The error names the stream (set
     ``loader.name`` to the file path, as :func:`load_yaml` does), the dotted key and both lines.
+
+    Attributes:
+        key_prefix: prepended to the dotted keys in messages (``"run.metrics."`` for an override's value).
     """
+
+    key_prefix = ""
 
     def compose_document(self) -> yaml.Node:
         """The document's node tree, after checking every mapping in it for a repeated key."""
         node = super().compose_document()
-        self._check_unique_keys(node, "", set())
+        self._check_unique_keys(node, self.key_prefix, set())
         return node
 
     def _check_unique_keys(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
@@ -81,12 +86,13 @@ def _position(node: yaml.Node, other: yaml.Node) -> str:
     return f"line {mark.line + 1}{column}"
 
 
-def load_yaml(text: str, source: str | os.PathLike[str] = "<string>") -> Any:
+def load_yaml(text: str, source: str | os.PathLike[str] = "<string>", key_prefix: str = "") -> Any:
     """Safely parse one YAML document, refusing a key that appears twice in a mapping.
 
     Args:
         text: the YAML text.
         source: where it came from (a file path, an override), named in the errors.
+        key_prefix: where the document sits in the config (``"run.metrics."``), for the dotted keys in messages.
 
     Returns:
         The plain Python value (``None`` for an empty document).
@@ -96,6 +102,7 @@ def load_yaml(text: str, source: str | os.PathLike[str] = "<string>") -> Any:
     """
     loader = UniqueKeyLoader(text)
     loader.name = str(source)  # YAML's own error marks name it too
+    loader.key_prefix = key_prefix
     try:
         return loader.get_single_data()
     except yaml.YAMLError as error:
@@ -119,7 +126,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optimizer.lr=3e-3)")
-        value = load_yaml(raw, source=f"override {item!r}") if raw.strip() else None
+        value = load_yaml(raw, source=f"override {item!r}", key_prefix=f"{key}.") if raw.strip() else None
         target = nested
         parts = key.split(".")
         for part in parts[:-1]:

@@ -64,7 +64,7 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_override_values_refuse_repeated_keys_and_bad_yaml():
-    with pytest.raises(ConfigError, match="'a' is given twice"):
+    with pytest.raises(ConfigError, match="'run.metrics.a' is given twice"):
         parse_overrides(["run.metrics={a: 1, a: 2}"])
     with pytest.raises(ConfigError, match=r"override 'run.metrics=\[1,' is not valid YAML"):
         parse_overrides(["run.metrics=[1,"])

@@ -263,6 +263,8 @@ def _train(
         log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
         return loss
 
+    saved: dict[int, Path] = {} if resume_from is None else {start_step: resume_from}
+
     def checkpoint(step: int) -> Path:
         state = checkpoint_state(
             model,
@@ -277,7 +279,8 @@ def _train(
             skipped_steps=skips.total,
             consecutive_skips=skips.consecutive,
         )
-        return save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
+        saved[step] = save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
+        return saved[step]
 
     eval_loss = run_eval(0) if resume_from is None else None
     window_steps, window_seconds = 0, 0.0
@@ -293,7 +296,8 @@ def _train(
         if stop.signum is not None:
             progress.close()
             metrics.close()
-            raise _interrupted(stop, checkpoint(step), step, output, mode, log)
+            # a signal during a scheduled save (or before the first step of a resume): that checkpoint is the one
+            raise _interrupted(stop, saved.get(step) or checkpoint(step), step, output, mode, log)
         set_learning_rate(
             optimizer,
             segment_lr_factor(

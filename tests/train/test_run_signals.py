@@ -20,16 +20,19 @@ from lowrank_train.train.signals import exit_status
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes/configs/demo.yaml"
 QUIET = {"log": lambda line: None}
-# The child slows each step a little (a sleep around the unchanged step) so a signal lands mid-run.
+# The child slows each step (and each checkpoint save) with a sleep around the unchanged call, so that a signal
+# lands mid-run.
 CHILD = """
 import sys, time
 from lowrank_train import cli
 from lowrank_train.train import loop
-real = loop.optimizer_step
-def slow(*args, **kwargs):
-    time.sleep({delay})
-    return real(*args, **kwargs)
-loop.optimizer_step = slow
+def slowed(real, seconds):
+    def call(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    return call
+loop.optimizer_step = slowed(loop.optimizer_step, {delay})
+loop.save_run_checkpoint = slowed(loop.save_run_checkpoint, {save_delay})
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -38,9 +41,16 @@ def _overrides(tiny, folder, *extra):
     return [*tiny, "run.eval_every=0", "run.max_steps=12", f"run.output_dir={folder}", *extra]
 
 
-def _start(overrides, delay=0.05):
+def _start(overrides, delay=0.05, save_delay=0.0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-c", textwrap.dedent(CHILD.format(delay=delay)), "pretrain", str(DEMO), *overrides]
+    command = [
+        sys.executable,
+        "-c",
+        textwrap.dedent(CHILD.format(delay=delay, save_delay=save_delay)),
+        "pretrain",
+        str(DEMO),
+        *overrides,
+    ]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -88,7 +98,8 @@ def test_a_signal_saves_and_stops_and_the_resume_equals_the_uninterrupted_run(ti
 
 
 def test_a_second_signal_exits_at_once(tiny, tmp_path):
-    child = _start(_overrides(tiny, tmp_path / "run", "optimizer.name=adamw"), delay=1.0)
+    # the first signal ends in a save that takes 3 s: the second lands inside it, wherever the first one landed
+    child = _start(_overrides(tiny, tmp_path / "run", "optimizer.name=adamw"), save_delay=3.0)
     _wait_for(child, "step 1/12")
     child.send_signal(signal.SIGTERM)
     time.sleep(0.2)
@@ -96,7 +107,7 @@ def test_a_second_signal_exits_at_once(tiny, tmp_path):
     out, err = child.communicate(timeout=60)
     assert child.returncode == 143
     assert "SIGTERM again: exiting now without a checkpoint" in err
-    assert "stopped by SIGTERM" not in out
+    assert "stopped by SIGTERM" not in out  # it did not wait for the checkpoint
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused(tiny, tmp_path):

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 
+from lowrank_train.integrations.trainer_config import LowRankOptimizerConfig
 from lowrank_train.memory import TrainingSetup
 from lowrank_train.nn.quant_linear import quantize_model
 from lowrank_train.optim import GaLore
@@ -37,7 +38,11 @@ LIBRARY_DEFAULTS = {
         _signature_default(quantize_model, "group_size"),
     ],
     "optimizer.nonfinite": [_field_default(LayerwiseConfig, "nonfinite"), _signature_default(GaLore, "nonfinite")],
-    "optimizer.layerwise": [_field_default(TrainingSetup, "layerwise")],
+    "optimizer.rank": [_field_default(LowRankOptimizerConfig, "rank")],
+    "optimizer.layerwise": [
+        _field_default(TrainingSetup, "layerwise"),
+        _field_default(LowRankOptimizerConfig, "layerwise"),
+    ],
     "optimizer.name": [_field_default(TrainingSetup, "optimizer")],
     "run.activation_checkpointing": [_field_default(TrainingSetup, "activation_checkpointing")],
     "data.grad_accum": [_field_default(TrainingSetup, "accumulation_steps")],
@@ -92,6 +97,7 @@ def _library_accepts(check):
 
 
 GALORE_VALUES = {
+    "rank": [0, -1, 4],
     "update_gap": [0, -3, 1, 50],
     "scale": [0.0, -1.0, 0.5, 2.0],
     "projector": ["nope", "SVD", *projector_names()],
@@ -103,6 +109,12 @@ GALORE_VALUES = {
 def test_optimizer_section_refuses_what_the_option_schema_refuses(key, value):
     library = _library_accepts(lambda: check_group_option(key, value))
     assert _cli_accepts("optimizer", {key: value}) == library
+
+
+@pytest.mark.parametrize("value", [0, -1, 64])
+def test_weight_group_size_is_refused_as_the_estimator_refuses_it(value):
+    library = _library_accepts(lambda: TrainingSetup(optimizer="galore", rank=8, weight_group_size=value))
+    assert _cli_accepts("optimizer", {"weight_group_size": value}) == library
 
 
 COMPRESS_VALUES = {

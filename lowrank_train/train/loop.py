@@ -221,23 +221,7 @@ def _train(
         skips.total, skips.consecutive = point.skipped_steps, point.consecutive_skips
         rescale_peak_lr(optimizer, float(saved_meta["config"]["optimizer"]["lr"]), config.optimizer.lr)
         log(f"resumed from {resume_from} at step {start_step}")
-        if run.max_steps != int(schedule["max_steps"]):
-            schedule = extend_schedule(
-                schedule,
-                step=start_step,
-                max_steps=run.max_steps,
-                warmup_steps=config.schedule.warmup_steps,
-                min_lr_ratio=config.schedule.min_lr_ratio,
-                kind=config.schedule.kind,
-            )
-            log(
-                f"resume: run.max_steps {int(saved_max)} -> {run.max_steps}: the learning rate continues from "
-                f"{config.optimizer.lr * schedule['start_factor']:.3e} at step {start_step} and follows a cosine "
-                f"down to {config.optimizer.lr * config.schedule.min_lr_ratio:.3e} at step {run.max_steps}"
-                if int(schedule["start_step"])
-                else f"resume: run.max_steps {int(saved_max)} -> {run.max_steps}: the schedule is stretched to the "
-                "new max_steps (no decay had started)"
-            )
+        schedule = resumed_schedule(schedule, config, step=start_step, saved_max=saved_max, log=log)
 
     tokens_per_step = data.batch_size * data.seq_len * data.grad_accum
     metrics = MetricsWriter(
@@ -391,6 +375,33 @@ def _train(
         log("optimizer memory, measured after the last step, next to AdamW on the same model:\n" + table.render())
     log(f"run folder: {output.resolve()} (model in {MODEL_FOLDER}/, metrics.jsonl, summary.json, checkpoints/)")
     return summary
+
+
+def resumed_schedule(
+    schedule: dict[str, float], config: TrainConfig, *, step: int, saved_max: int, log: Log
+) -> dict[str, float]:
+    """The checkpoint's learning-rate segment, re-stretched (and said in ``log``) when ``run.max_steps`` changed."""
+    max_steps = config.run.max_steps
+    if max_steps == int(schedule["max_steps"]):
+        return schedule
+    schedule = extend_schedule(
+        schedule,
+        step=step,
+        max_steps=max_steps,
+        warmup_steps=config.schedule.warmup_steps,
+        min_lr_ratio=config.schedule.min_lr_ratio,
+        kind=config.schedule.kind,
+    )
+    lr = config.optimizer.lr
+    log(
+        f"resume: run.max_steps {saved_max} -> {max_steps}: the learning rate continues from "
+        f"{lr * schedule['start_factor']:.3e} at step {step} and follows a cosine "
+        f"down to {lr * config.schedule.min_lr_ratio:.3e} at step {max_steps}"
+        if int(schedule["start_step"])
+        else f"resume: run.max_steps {saved_max} -> {max_steps}: the schedule is stretched to the "
+        "new max_steps (no decay had started)"
+    )
+    return schedule
 
 
 def _interrupted(stop: StopRequest, folder: Path, step: int, output: Path, mode: str, log: Log) -> RunInterrupted:

@@ -217,7 +217,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "estimate":
         _print(estimate(config) if args.fit is None else fit(config, args.fit, args.config, args.plan_out))
     elif args.command == "compress":
-        from lowrank_train.train.compress import compress
+        from lowrank_train.train.compress_run import compress
 
         compress(config, log=_print, overwrite=args.overwrite)
     else:

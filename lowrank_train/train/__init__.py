@@ -1,17 +1,16 @@
 """The training loop used by the recipes: configs, schedule, evaluation, atomic checkpoints, metrics.
 
 ``config`` (typed YAML sections) and ``config_schema`` (dataclasses from plain values), ``setup`` (device, data, model,
-optimizer), ``run_dir`` (run folder, resume, RNG), ``checkpoint`` (atomic saves), ``loop`` (``train``), ``evaluate``,
-``compress`` (WeLore), ``estimate`` (memory fit), ``metrics`` / ``report`` (what a run records).
+optimizer), ``run_dir`` (run folder, resume, RNG), ``checkpoint`` (atomic saves), ``loop`` (``train``), ``evaluation``
+(``evaluate``, ``perplexity``), ``compress_run`` (``compress``: WeLore), ``estimate`` (memory fit), ``metrics`` /
+``report`` (what a run records). No module shares a name with a function exported here.
 
 Names are imported on first use, so lowrank_train.train.config alone does not pull in the loop's dependencies.
 """
 
 from __future__ import annotations
 
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lowrank_train._lazy import lazy_exports
 
@@ -22,7 +21,7 @@ _EXPORTS = {
     "load_state": "lowrank_train.train.checkpoint",
     "read_meta": "lowrank_train.train.checkpoint",
     "save_checkpoint": "lowrank_train.train.checkpoint",
-    "compress": "lowrank_train.train.compress",
+    "compress": "lowrank_train.train.compress_run",
     "CompressConfig": "lowrank_train.train.config",
     "ConfigError": "lowrank_train.train.config",
     "DataConfig": "lowrank_train.train.config",
@@ -35,8 +34,8 @@ _EXPORTS = {
     "config_from_dict": "lowrank_train.train.config",
     "load_config": "lowrank_train.train.config",
     "parse_overrides": "lowrank_train.train.config",
-    "evaluate": "lowrank_train.train.evaluate",
-    "perplexity": "lowrank_train.train.evaluate",
+    "evaluate": "lowrank_train.train.evaluation",
+    "perplexity": "lowrank_train.train.evaluation",
     "train": "lowrank_train.train.loop",
     "read_metrics": "lowrank_train.train.metrics",
     "build_model": "lowrank_train.train.model",
@@ -50,7 +49,7 @@ _EXPORTS = {
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from lowrank_train.train.checkpoint import latest_checkpoint, load_state, read_meta, save_checkpoint  # noqa: F401
-    from lowrank_train.train.compress import compress  # noqa: F401
+    from lowrank_train.train.compress_run import compress  # noqa: F401
     from lowrank_train.train.config import (
         CompressConfig,
         ConfigError,
@@ -65,7 +64,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         load_config,
         parse_overrides,
     )  # noqa: F401
-    from lowrank_train.train.evaluate import evaluate, perplexity  # noqa: F401
+    from lowrank_train.train.evaluation import evaluate, perplexity  # noqa: F401
     from lowrank_train.train.loop import train  # noqa: F401
     from lowrank_train.train.metrics import read_metrics  # noqa: F401
     from lowrank_train.train.model import build_model, llama_config  # noqa: F401
@@ -75,22 +74,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
-
-
-class _Package(types.ModuleType):
-    """Keeps ``compress`` and ``evaluate`` the functions once their same-named submodules are imported.
-
-    Importing ``lowrank_train.train.compress`` sets the package attribute ``compress`` to that module; the eager
-    ``from .compress import compress`` this package used to run replaced it by the function, and so does this.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

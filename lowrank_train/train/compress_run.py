@@ -14,7 +14,7 @@ import torch
 
 from lowrank_train.folders import FolderExistsError, is_empty_folder
 from lowrank_train.train.config import ConfigError, TrainConfig
-from lowrank_train.train.evaluate import evaluate, perplexity
+from lowrank_train.train.evaluation import evaluate, perplexity
 from lowrank_train.train.model import build_model, count_parameters
 from lowrank_train.train.run_dir import SUMMARY_FILE, write_json
 from lowrank_train.train.setup import load_run_data, load_run_tokenizer, resolve_device, resolve_dtype

@@ -2,8 +2,8 @@
 
 It only composes: the run's pieces come from :mod:`lowrank_train.train.setup` (device, data, model, optimizer
 from the optimizer registry), the run folder and resume policy from :mod:`lowrank_train.train.run_dir`, held-out
-evaluation from :mod:`lowrank_train.train.evaluate`. WeLore's ``compress`` command is
-:mod:`lowrank_train.train.compress`.
+evaluation from :mod:`lowrank_train.train.evaluation`. WeLore's ``compress`` command is
+:mod:`lowrank_train.train.compress_run`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.checkpoint import read_meta
 from lowrank_train.train.config import TrainConfig
 from lowrank_train.train.estimate import memory_fit_problem
-from lowrank_train.train.evaluate import evaluate, perplexity
+from lowrank_train.train.evaluation import evaluate, perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters

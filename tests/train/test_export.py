@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from lowrank_train.cli import main
 from lowrank_train.nn import QuantLinear
 from lowrank_train.train import load_config, load_state, train
-from lowrank_train.train.evaluate import evaluate
+from lowrank_train.train.evaluation import evaluate
 from lowrank_train.train.export import checkpoint_folder, export_checkpoint
 from lowrank_train.train.model import build_model
 from lowrank_train.train.setup import load_run_data, load_run_tokenizer, prepare_model, resolve_dtype

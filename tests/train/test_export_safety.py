@@ -175,7 +175,7 @@ def test_a_full_disk_ends_in_one_line_and_keeps_the_previous_export(run, tmp_pat
 def test_compress_refuses_a_non_empty_model_folder(tmp_path, capsys, monkeypatch):
     import importlib
 
-    compress_module = importlib.import_module("lowrank_train.train.compress")  # the package exports a function too
+    compress_module = importlib.import_module("lowrank_train.train.compress_run")
 
     model = tmp_path / "run" / "model"
     model.mkdir(parents=True)

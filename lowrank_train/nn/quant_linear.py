@@ -37,6 +37,7 @@ from lowrank_train.nn.surgery import (
     replace_module,
 )
 from lowrank_train.quant import QuantizedTensor
+from lowrank_train.quant.bits import WEIGHT_BITS, check_bits
 from lowrank_train.quant.writeback import requantize_update
 
 # In-place methods that a carrier may still run (they do not touch its values).
@@ -453,8 +454,7 @@ def quantize_model(
             f"model is already quantized ({len(already)} QuantLinear layers, e.g. {already[0]!r}); "
             "quantizing twice is refused. Call dequantize_model(model) first to re-quantize."
         )
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    bits = check_bits(bits, WEIGHT_BITS, name="bits", optional=False)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     for name, linear in quantization_targets(model, target_modules).items():

@@ -45,19 +45,12 @@ def compress(
         ConfigError: no ``model.pretrained``.
         FolderExistsError: ``<run.output_dir>/model`` holds files and neither ``overwrite`` nor ``run.overwrite``.
     """
-    from lowrank_train.welore import WeLoreConfig, compress_model, save_compressed
+    from lowrank_train.welore import compress_model, save_compressed
 
     if config.model.pretrained is None:
         raise ConfigError("compress needs model.pretrained (a model folder, hub id or smollm2-offline)")
     spec = config.compress
-    welore_config = WeLoreConfig(
-        target=spec.target,
-        strategy=spec.strategy,
-        min_ratio=spec.min_ratio,
-        damping=spec.damping,
-        asvd_alpha=spec.asvd_alpha,
-        num_threads=spec.num_threads,
-    )
+    welore_config = spec.welore_config()
     device = resolve_device(config.run.device)
     if config.run.num_threads is not None:
         torch.set_num_threads(config.run.num_threads)

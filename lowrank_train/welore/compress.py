@@ -416,25 +416,6 @@ def _spectrum_kind(strategy: AllocationStrategy, config: WeLoreConfig, key: str)
     return "plain"
 
 
-def _lowrank_layer(linear: nn.Linear, factor_out: Tensor, factor_in: Tensor) -> LowRankLinear:
-    # A LowRankLinear holding the given factors (cast to the layer's dtype and device, as from_linear copies them),
-    # built on the meta device first so that no random init is paid for.
-    weight = linear.weight
-    layer = LowRankLinear(
-        linear.in_features,
-        linear.out_features,
-        factor_out.shape[1],
-        bias=linear.bias is not None,
-        device="meta",
-        dtype=weight.dtype,
-    )
-    layer.factor_out = nn.Parameter(factor_out.detach().to(weight.device, weight.dtype))
-    layer.factor_in = nn.Parameter(factor_in.detach().to(weight.device, weight.dtype))
-    if linear.bias is not None:
-        layer.bias = nn.Parameter(linear.bias.detach().clone())
-    return layer
-
-
 def _swap_in(model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging) -> None:
     # Block by block: load the staged factors, swap them in, drop the dense layer (the plan holds the last
     # reference that compress_model keeps), so the model never holds more than one block's replacements extra.
@@ -448,7 +429,9 @@ def _swap_in(model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging
             tensors = staging.take(entry.name, device)
             for name in [n for n in entry.linears if f"{n}.factor_out" in tensors]:
                 linear = entry.linears.pop(name)
-                layer = _lowrank_layer(linear, tensors.pop(f"{name}.factor_out"), tensors.pop(f"{name}.factor_in"))
+                layer = LowRankLinear.from_factors(
+                    linear, tensors.pop(f"{name}.factor_out"), tensors.pop(f"{name}.factor_in")
+                )
                 replace_module(model, name, layer)
                 swapped.append(name)
                 del linear, layer
@@ -559,7 +542,7 @@ def compress_model(
                             continue
                         extra = weightings[name] if weightings is not None else {}
                         factor_out, factor_in = truncated_factors(linear.weight, allocation.ranks[name], **extra)
-                        layer = _lowrank_layer(linear, factor_out, factor_in)
+                        layer = LowRankLinear.from_factors(linear, factor_out, factor_in)
                         if stats is not None:
                             energy_start = time.perf_counter()
                             energies[name] = _calibration_energy(linear, layer, stats[name])

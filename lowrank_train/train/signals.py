@@ -51,6 +51,14 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
+def _say(text: str) -> None:
+    # os.write, not sys.stderr: the handler may run in the middle of another write to that buffered stream.
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (OSError, ValueError, AttributeError):  # no usable descriptor (a captured stream)
+        pass
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     """Installs the handlers for the ``with`` block and restores the previous ones after it.
@@ -63,16 +71,12 @@ def stop_on_signals() -> Iterator[StopRequest]:
         return
 
     def handle(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
         if request.signum is not None:  # the second signal: no more waiting
-            sys.stderr.write(f"\n{signal.Signals(signum).name} again: exiting now without a checkpoint\n")
-            sys.stderr.flush()
+            _say(f"\n{name} again: exiting now without a checkpoint\n")
             os._exit(exit_status(signum))
         request.signum = signum
-        sys.stderr.write(
-            f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-            "(send it again to exit at once)\n"
-        )
-        sys.stderr.flush()
+        _say(f"\n{name}: finishing this step, then saving a checkpoint (send it again to exit at once)\n")
 
     previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
     try:

@@ -19,18 +19,33 @@ def _config(overrides, *extra):
     return load_config(DEMO, [*overrides, "run.eval_every=0", "run.loss_chunk_size=16", *extra])
 
 
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward (a finite loss whose gradients are not)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 @pytest.fixture
 def nan_at(monkeypatch):
-    """``nan_at({1, 3})``: the training loss of those micro-batches (0-based, in order) becomes NaN."""
+    """``nan_at({1, 3})``: the training loss of those micro-batches (0-based, in order) becomes NaN (with
+    ``gradient_only=True`` the loss stays finite and only its gradients are NaN)."""
 
-    def install(calls):
+    def install(calls, gradient_only=False):
         real = loop_module.causal_lm_loss
         seen = {"n": 0}
 
         def poisoned(*args, **kwargs):
             loss = real(*args, **kwargs)
             index, seen["n"] = seen["n"], seen["n"] + 1
-            return loss * float("nan") if index in calls else loss
+            if index not in calls:
+                return loss
+            return _NanGradient.apply(loss) if gradient_only else loss * float("nan")
 
         monkeypatch.setattr(loop_module, "causal_lm_loss", poisoned)
 
@@ -70,6 +85,24 @@ def test_a_nan_loss_is_skipped_counted_and_the_run_goes_on(tiny, nan_at, options
     for key in before:  # step 3 changed no weight; step 4 did
         assert torch.equal(before[key], after[key]), key
     assert any(not torch.equal(after[key], last[key]) for key in after)
+
+
+@pytest.mark.parametrize("options", [["optimizer.name=galore"], ["optimizer.name=galore", "optimizer.layerwise=true"]])
+def test_a_nan_gradient_under_a_finite_loss_is_counted_too(tiny, nan_at, options):
+    nan_at({1}, gradient_only=True)
+    lines = []
+    summary = train(_config(tiny, *options, "optimizer.nonfinite=skip", "run.max_steps=3"), log=lines.append)
+    assert summary["skipped_steps"] == 1
+    assert any("step 2 skipped (a gradient held NaN/Inf; no update applied)" in x for x in lines)
+
+
+def test_the_cli_exits_2_when_the_bound_stops_the_run(tiny, nan_at, capsys):
+    from lowrank_train.cli import main
+
+    nan_at({0, 1})
+    argv = ["pretrain", str(DEMO), *tiny, "run.eval_every=0", "run.loss_chunk_size=16", "optimizer.name=galore"]
+    assert main([*argv, "optimizer.nonfinite=skip", "optimizer.max_consecutive_skips=1"]) == 2
+    assert "error: stopped at step 2: 2 steps skipped" in capsys.readouterr().err
 
 
 def test_the_consecutive_bound_stops_the_run(tiny, nan_at):

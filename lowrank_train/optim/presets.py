@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 from lowrank_train.optim.galore import GaLore
 from lowrank_train.optim.options import options_doc
 
@@ -29,6 +31,11 @@ def _fused_adamw_supported(params: list[Any]) -> bool:
     return bool(tensors) and all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
 
 
+def _param_list(params: Any) -> list[Any]:
+    # torch.optim takes a lone tensor as a group's params; list() of it would iterate its rows.
+    return [params] if isinstance(params, torch.Tensor) else list(params)
+
+
 class GaLoreAdamW(GaLore):
     """GaLore around ``torch.optim.AdamW``.
 
@@ -37,7 +44,7 @@ class GaLoreAdamW(GaLore):
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any):
-        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
+        params = [dict(g, params=_param_list(g["params"])) if isinstance(g, dict) else g for g in params]
         if "foreach" not in kwargs and "fused" not in kwargs and _fused_adamw_supported(params):
             kwargs["fused"] = True
         super().__init__(params, base="adamw", lr=lr, **kwargs)

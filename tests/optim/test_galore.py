@@ -315,3 +315,15 @@ def test_four_bit_moments_track_torchao_adamw4bit_on_projected_gradients():
         torch.testing.assert_close(w.detach(), want, atol=2e-5, rtol=1e-5)
     (base_state,) = opt._base.state.values()
     assert type(base_state["exp_avg"]).__name__ == "OptimState4bit"
+
+
+def test_a_group_whose_params_is_one_tensor_matches_a_list_of_it():
+    # torch.optim accepts {"params": tensor}; the preset must not iterate the tensor's rows.
+    lone, listed = make_params()[0], make_params()[0]
+    options = {"rank": 4, "update_gap": 2, "scale": 0.5}
+    opt_lone = GaLoreAdamW([{"params": lone, **options}], lr=1e-2)
+    opt_listed = GaLoreAdamW([{"params": [listed], **options}], lr=1e-2)
+    run(opt_lone, [lone], 3)
+    run(opt_listed, [listed], 3)
+    torch.testing.assert_close(lone, listed, rtol=0, atol=0)
+    assert not torch.equal(lone, make_params()[0])

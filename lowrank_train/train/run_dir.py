@@ -264,7 +264,8 @@ def prepare_output_dir(
             )
         changes = resumable_changes(resolved.meta["config"], config.to_dict())
         changes.pop("run.output_dir", None)  # where the folder is, not how the run goes on
-        if changes:
+        finished = step >= config.run.max_steps and (output / SUMMARY_FILE).is_file()  # nothing will run
+        if changes and not finished:
             record_resume_changes(output, step, changes)
             listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             (log or print)(f"resume: changed since the checkpoint (recorded in {RESUME_CHANGES_FILE}): {listed}")

@@ -167,3 +167,11 @@ def test_resume_accepts_and_records_changes_that_keep_the_state_layout(tiny, tmp
     lrs = {r["step"]: r["lr"] for r in read_metrics(folder) if r["split"] == "train"}
     expected = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "a") if r["split"] == "train"}
     assert lrs[4] == pytest.approx(expected[4])  # the new peak lr and schedule are in force after the resume
+
+
+def test_resuming_a_finished_run_with_a_new_lr_records_nothing(tiny, tmp_path):
+    folder = tmp_path / "run"
+    train(load_config(DEMO, _overrides(tiny, folder, "optimizer.name=adamw", "run.max_steps=2")), **QUIET)
+    again = load_config(DEMO, _overrides(tiny, folder, "optimizer.name=adamw", "run.max_steps=2", "optimizer.lr=1e-3"))
+    train(again, resume=True, **QUIET)
+    assert not (folder / RESUME_CHANGES_FILE).exists()

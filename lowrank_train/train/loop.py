@@ -4,6 +4,11 @@ It only composes: the run's pieces come from :mod:`lowrank_train.train.setup` (d
 from the optimizer registry), the run folder and resume policy from :mod:`lowrank_train.train.run_dir`, held-out
 evaluation from :mod:`lowrank_train.train.evaluation`. WeLore's ``compress`` command is
 :mod:`lowrank_train.train.compress_run`.
+
+A run holds its folder's lock for its whole life, stops with a checkpoint on SIGTERM / SIGINT
+(:mod:`lowrank_train.train.signals`) and follows one non-finite policy (``optimizer.nonfinite``): ``raise`` stops
+at the first NaN/Inf; ``skip`` skips the step in the loop and in the optimizer alike and counts it
+(:class:`SkippedSteps`).
 """
 
 from __future__ import annotations
@@ -317,11 +322,10 @@ def _train(
             lr = optimizer.param_groups[0]["lr"]
             tokens_per_second = window_steps * tokens_per_step / max(window_seconds, 1e-9)
             peak = peak_memory_bytes(device)
-            window = [x for x in step_losses[(done - 1) // run.log_every * run.log_every : done] if not math.isnan(x)]
             record = {
                 "split": "train",
                 "step": done,
-                "loss": sum(window) / len(window) if window else math.nan,
+                "loss": window_loss(step_losses, done, run.log_every),
                 "lr": lr,
                 "tokens_per_s": tokens_per_second,
                 "tokens": tokens_done,
@@ -375,6 +379,13 @@ def _train(
         log("optimizer memory, measured after the last step, next to AdamW on the same model:\n" + table.render())
     log(f"run folder: {output.resolve()} (model in {MODEL_FOLDER}/, metrics.jsonl, summary.json, checkpoints/)")
     return summary
+
+
+def window_loss(step_losses: list[float], done: int, log_every: int) -> float:
+    """The mean train loss of the logging window that ends at step ``done`` (windows cut at multiples of
+    ``log_every``); NaN entries (skipped steps, steps of old checkpoints) are left out, NaN if nothing is left."""
+    window = [x for x in step_losses[(done - 1) // log_every * log_every : done] if not math.isnan(x)]
+    return sum(window) / len(window) if window else math.nan
 
 
 def resumed_schedule(

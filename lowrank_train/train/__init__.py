@@ -44,6 +44,8 @@ _EXPORTS = {
     "memory_table": "lowrank_train.train.report",
     "optimizer_state_bytes": "lowrank_train.train.report",
     "ResumeError": "lowrank_train.train.run_dir",
+    "RunLockedError": "lowrank_train.train.run_dir",
+    "RunInterrupted": "lowrank_train.train.signals",
     "lr_factor": "lowrank_train.train.schedule",
 }
 
@@ -69,7 +71,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from lowrank_train.train.metrics import read_metrics  # noqa: F401
     from lowrank_train.train.model import build_model, llama_config  # noqa: F401
     from lowrank_train.train.report import MemoryTable, memory_table, optimizer_state_bytes  # noqa: F401
-    from lowrank_train.train.run_dir import ResumeError  # noqa: F401
+    from lowrank_train.train.run_dir import ResumeError, RunLockedError  # noqa: F401
+    from lowrank_train.train.signals import RunInterrupted  # noqa: F401
     from lowrank_train.train.schedule import lr_factor  # noqa: F401
 
 
@@ -85,6 +88,8 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ResumeError",
+    "RunInterrupted",
+    "RunLockedError",
     "RunConfig",
     "ScheduleConfig",
     "TrainConfig",

@@ -72,8 +72,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from lowrank_train.train.model import build_model, llama_config  # noqa: F401
     from lowrank_train.train.report import MemoryTable, memory_table, optimizer_state_bytes  # noqa: F401
     from lowrank_train.train.run_dir import ResumeError, RunLockedError  # noqa: F401
-    from lowrank_train.train.signals import RunInterrupted  # noqa: F401
     from lowrank_train.train.schedule import lr_factor  # noqa: F401
+    from lowrank_train.train.signals import RunInterrupted  # noqa: F401
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -23,13 +23,20 @@ never synchronises a GPU):
 ``similarity``     with ``adaptive_refresh``: fp32 (refresh_history,) last subspace overlaps, NaN
                    where not measured yet (on the CPU)
 ``grad_accum``     between :meth:`GaLore.accumulate_grad` and the next step: the (r x max(m, n))
-                   projected gradient sum; dropped by ``zero_grad()`` and by a skipped step
+                   projected gradient sum (:meth:`GaLore.projected_accumulator`); dropped by
+                   ``zero_grad()``, by a skipped step and by :meth:`GaLore.drop_accumulation`
 =================  ======================================================================
 
 Non-finite gradients (issue 12 item 4): every step checks every gradient it would apply (low-rank and plain
 groups, projected accumulators included) with one host synchronisation, before anything changes. The
 ``nonfinite`` constructor option decides: "raise" (default) refuses with a ``ValueError`` naming the parameters;
-"skip" skips the whole step and counts it in :attr:`GaLore.skipped_steps`.
+"skip" skips the whole step and counts it in :attr:`GaLore.skipped_steps`. A caller that checks the gradients
+itself passes ``check_finite=False`` to :meth:`GaLore.step` and :meth:`GaLore.accumulate_grad`, so each gradient is
+checked once (issue 19 item 3).
+
+The layer-wise engine (:mod:`lowrank_train.optim.layerwise`) drives GaLore through public methods only:
+:meth:`GaLore.is_lowrank`, :meth:`GaLore.refresh_due`, :meth:`GaLore.accumulate_grad`,
+:meth:`GaLore.projected_accumulator`, :meth:`GaLore.drop_accumulation` and :meth:`GaLore.step`.
 
 Layout: what differs when a weight is split over processes (projecting a shard, building the basis from the
 full gradient, writing back a shard, agreeing on the finiteness flags) goes through a
@@ -380,20 +387,27 @@ class GaLore(torch.optim.Optimizer):
 
     # ----- step ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Performs one optimization step (the base optimizer's step, in the projected space)."""
+    def step(self, closure: Callable[[], float] | None = None, *, check_finite: bool = True) -> float | None:
+        """Performs one optimization step (the base optimizer's step, in the projected space).
+
+        Args:
+            closure: re-evaluates the model and returns the loss, as in ``torch.optim``.
+            check_finite: ``False`` when the caller has checked every gradient this step applies already (the
+                layer-wise engine does, after averaging over the ranks): the step then skips its NaN/Inf check and
+                its host synchronisation.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         # A step called inside an autocast region would run the projections in bf16 (issue 13 audit).
         with autocast_disabled_on(p for group in self.param_groups for p in group["params"]):
-            self._step()
+            self._step(check_finite)
         return loss
 
-    def _step(self) -> None:
+    def _step(self, check_finite: bool = True) -> None:
         """The step itself: the non-finite check, projections, the base step, the write-backs."""
-        if not self._poisoned:  # else a micro-batch already spoiled this step: no need to look again
+        if check_finite and not self._poisoned:  # else a micro-batch already spoiled this step: no need to look again
             bad = self._nonfinite(self._gradients())  # the step's one host synchronisation
             if bad:
                 self._refuse_or_skip(bad, "the step")  # raises, or (nonfinite="skip") marks the step
@@ -450,8 +464,31 @@ class GaLore(torch.optim.Optimizer):
             low = projected if low is None else low.add_(projected)
         return low
 
+    def refresh_due(self, param: torch.Tensor) -> bool:
+        """True when the next gradient of ``param`` will rebuild its basis (in :meth:`accumulate_grad` or the step).
+
+        The one prediction of a refresh: callers that must prepare the gradient a basis is built from (average it
+        over the ranks, check it) ask here. Reads only CPU counters: no host synchronisation.
+        """
+        state = self.state.get(param)
+        return not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
+
+    def projected_accumulator(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The (r x max(m, n)) sum :meth:`accumulate_grad` built for ``param`` since its last step, or ``None``.
+
+        The next step applies this tensor: a caller may change it in place (average it over the ranks, clip it).
+        """
+        state = self.state.get(param)
+        return state.get("grad_accum") if state else None
+
+    def drop_accumulation(self, param: torch.Tensor) -> None:
+        """Forgets ``param``'s projected accumulator (its part of the pending step); ``.grad`` is left alone."""
+        state = self.state.get(param)
+        if state:
+            state.pop("grad_accum", None)
+
     @torch.no_grad()
-    def accumulate_grad(self, param: torch.Tensor) -> None:
+    def accumulate_grad(self, param: torch.Tensor, *, check_finite: bool = True) -> None:
         """Moves ``param.grad`` into a projected (r x max(m, n)) accumulator and frees the full gradient.
 
         Gradient accumulation in the low-rank space: between refreshes, the sum of projections equals the
@@ -463,6 +500,10 @@ class GaLore(torch.optim.Optimizer):
         and :meth:`step` finds it; where a basis refresh is due the gradient is checked first (one
         synchronisation, next to the SVD's), and a NaN/Inf follows the ``nonfinite`` policy: "raise" refuses
         (nothing changes), "skip" drops this gradient and marks the whole pending step to be skipped.
+
+        Args:
+            param: a low-rank weight (m x n) with a ``.grad``; without one nothing happens.
+            check_finite: ``False`` when the caller has checked ``param.grad`` already (see :meth:`step`).
 
         Raises:
             ValueError: for a parameter that is not low-rank here, or (``nonfinite="raise"``) a non-finite
@@ -476,9 +517,7 @@ class GaLore(torch.optim.Optimizer):
         if self._poisoned:  # nonfinite="skip" and this step is lost already: just free the gradient
             param.grad = None
             return
-        state = self.state.get(param)
-        due = not state or refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
-        if due and get_projector(group["projector"]).uses_gradient:
+        if check_finite and self.refresh_due(param) and get_projector(group["projector"]).uses_gradient:
             bad = self._nonfinite([(lambda: label, param.grad)])
             if bad:
                 self._refuse_or_skip(bad, "accumulate_grad (a basis refresh was due)")

@@ -52,9 +52,10 @@ the same order would give it, so layer-wise and ordinary steps match for every p
 Non-finite gradients (issue 12 item 5): a parameter is stepped inside backward before the next one's gradient
 exists, so a step cannot be refused as a whole. The engine therefore checks each gradient right before stepping it
 (after averaging over the ranks, so every rank decides alike; one host synchronisation per parameter, the price of
-deciding before the gradient is freed) and treats a NaN/Inf gradient like a missing one: that parameter is not
-stepped, its gradient (and projected accumulator) is cleared, its inner optimizer does not count the step; every
-finite parameter is stepped as usual, the step ends and ``steps`` counts it. The gradient norm counts only what
+deciding before the gradient is freed; a GaLore inner optimizer is told not to check again: ``check_finite=False``)
+and treats a NaN/Inf gradient like a missing one: that parameter is not stepped, its gradient (and projected
+accumulator) is cleared, its inner optimizer does not count the step; every finite parameter is stepped as usual,
+the step ends and ``steps`` counts it. The gradient norm counts only what
 was stepped. Then ``nonfinite="raise"`` (default) raises a ``ValueError`` at the end of that backward naming the
 skipped parameters and saying that the others were stepped; ``"skip"`` only counts: :attr:`skipped_steps`
 (steps with a skipped parameter) and :attr:`skipped_updates` (parameter updates skipped). Either way the next
@@ -73,14 +74,14 @@ import math
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lowrank_train.optim.functional import finite_flags, refresh_due
+from lowrank_train.optim.functional import finite_flags
 from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import (
     ReferenceStates,
@@ -150,23 +151,38 @@ def gradient_norm(grad: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
 
-def _is_lowrank(inner: torch.optim.Optimizer, param: torch.Tensor) -> bool:
-    # GaLore-like optimizers: project the gradient of this param and can accumulate the projection.
-    is_lowrank = getattr(inner, "is_lowrank", None)
-    return callable(is_lowrank) and hasattr(inner, "accumulate_grad") and bool(is_lowrank(param))
+@runtime_checkable
+class ProjectingOptimizer(Protocol):
+    """What the engine asks of a GaLore-like inner optimizer (:class:`~lowrank_train.optim.galore.GaLore`).
 
+    The engine uses nothing else of it: no private attribute, no ``state`` key (issue 19 item 3). It checks each
+    gradient for NaN/Inf itself (after averaging over the ranks) and passes ``check_finite=False``, so a gradient
+    is checked once.
+    """
 
-def _basis_refresh_due(inner: torch.optim.Optimizer, param: torch.Tensor) -> bool:
-    """True when the GaLore optimizer ``inner`` will rebuild ``param``'s basis from its next gradient."""
-    state = inner.state.get(param)
-    if not state:
-        return True
-    return refresh_due(int(state["step"]), int(state["last_refresh"]), int(state["gap"]))
+    def is_lowrank(self, param: torch.Tensor) -> bool:
+        """True when ``param``'s gradient is projected (and can be accumulated projected)."""
+        ...
 
+    def refresh_due(self, param: torch.Tensor) -> bool:
+        """True when the next gradient of ``param`` will rebuild its basis (the engine's only refresh prediction)."""
+        ...
 
-def _refresh_count(inner: torch.optim.Optimizer, param: torch.Tensor) -> int:
-    state = inner.state.get(param)
-    return int(state["refreshes"]) if state and "refreshes" in state else 0
+    def accumulate_grad(self, param: torch.Tensor, *, check_finite: bool = True) -> None:
+        """Adds the projection of ``param.grad`` to its accumulator and frees ``param.grad``."""
+        ...
+
+    def projected_accumulator(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The accumulated projected gradient the next step applies (changeable in place), or ``None``."""
+        ...
+
+    def drop_accumulation(self, param: torch.Tensor) -> None:
+        """Forgets ``param``'s projected accumulator."""
+        ...
+
+    def step(self, closure: Callable[[], float] | None = None, *, check_finite: bool = True) -> float | None:
+        """One step; ``check_finite=False`` skips the NaN/Inf check the caller has done."""
+        ...
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
@@ -219,6 +235,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._inner: list[torch.optim.Optimizer] = []
         self._position: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (index, group index)
         self._lowrank: set[torch.Tensor] = set()
+        self._projecting: set[torch.Tensor] = set()  # inner follows ProjectingOptimizer: step(check_finite=False)
         self._hooks: list[Any] = []
         self._process_group = process_group
         self._reset_accumulation()
@@ -291,8 +308,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._params.append(p)
             self._labels.append(label)
             self._inner.append(inner)
-            if _is_lowrank(inner, p):
-                self._lowrank.add(p)
+            if isinstance(inner, ProjectingOptimizer):
+                self._projecting.add(p)
+                if inner.is_lowrank(p):
+                    self._lowrank.add(p)
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready_hook()))
             _OWNERS[p] = weakref.ref(self)
 
@@ -430,9 +449,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _skip(self, param: torch.Tensor) -> None:
         """Leaves ``param`` unstepped this step: clears its gradient and projected accumulator, records it."""
         param.grad = None
-        inner = self._inner[self._position[param][0]]
-        if param in self._lowrank and param in inner.state:
-            inner.state[param].pop("grad_accum", None)
+        if param in self._lowrank:
+            self._inner[self._position[param][0]].drop_accumulation(param)
         self._skipped.add(param)
         self._pending.discard(param)
         self._local.discard(param)
@@ -440,37 +458,34 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _accumulate_projected(self, param: torch.Tensor) -> None:
         """Moves ``param.grad`` into its GaLore accumulator; the full gradient is freed."""
         inner = self._inner[self._position[param][0]]
-        distributed = self._distributed()
-        averaged = distributed and _basis_refresh_due(inner, param)
-        if averaged:  # every rank must build the same basis, so it is built from the averaged gradient
+        due = inner.refresh_due(param)  # asked before accumulate_grad, which may refresh
+        if due and self._distributed():  # every rank must build the same basis: from the averaged gradient
             self._average(param.grad)
         else:
             self._local.add(param)
         # A basis is about to be built from this gradient: check it first (refreshes are rare; the SVD syncs anyway).
-        if _basis_refresh_due(inner, param) and not self._finite(param.grad):
+        if due and not self._finite(param.grad):
             self._skip(param)
             return
-        before = _refresh_count(inner, param)
-        inner.accumulate_grad(param)
-        if distributed and not averaged and _refresh_count(inner, param) != before:
-            raise RuntimeError(
-                "the inner optimizer refreshed a projection basis from a local gradient that was not averaged "
-                "over the ranks (its refresh rule is not the fixed gap this engine predicts); the ranks' bases "
-                "would differ"
-            )
+        inner.accumulate_grad(param, check_finite=False)  # checked here, or found when the step ends
 
     def _step_param(self, param: torch.Tensor) -> None:
         index, group_index = self._position[param]
         inner = self._inner[index]
         if param in self._lowrank and self.accumulation_steps > 1:
-            grad = inner.state[param]["grad_accum"]
+            grad = inner.projected_accumulator(param)
+            if grad is None:  # nothing was accumulated: nothing to step
+                self._pending.discard(param)
+                self._local.discard(param)
+                return
             if param in self._local and self._distributed():
                 self._average(grad)
         else:
             grad = param.grad
             if self._distributed():
                 self._average(grad)
-        if not self._finite(grad):  # checked after averaging: every rank skips the same parameters
+        # The step's one check (and host synchronisation), after averaging: every rank skips the same parameters.
+        if not self._finite(grad):
             self._skip(param)
             return
         norm = gradient_norm(grad)
@@ -485,7 +500,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for key, value in self.param_groups[group_index].items():
             if key not in _NOT_SYNCED:
                 inner_group[key] = value
-        inner.step()
+        if param in self._projecting:
+            inner.step(check_finite=False)  # checked above
+        else:
+            inner.step()
         param.grad = None
         self._pending.discard(param)
         self._local.discard(param)
@@ -555,8 +573,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     param.grad = None
                 else:
                     param.grad.detach_().zero_()
-            if param in self._lowrank and param in inner.state:
-                inner.state[param].pop("grad_accum", None)
+            if param in self._lowrank:
+                inner.drop_accumulation(param)
         self._reset_accumulation()
 
     def _check_boundary(self, action: str) -> None:

@@ -21,6 +21,7 @@ from lowrank_train.train.setup import load_run_data, load_run_tokenizer, resolve
 
 logger = logging.getLogger(__name__)
 MODEL_FOLDER = "model"
+REPORT_FILE = "compress_report.json"
 
 
 def compress(
@@ -30,8 +31,10 @@ def compress(
 
     The compressed model (with its tokenizer) goes to ``<run.output_dir>/model``, ready for
     ``lowrank-train finetune`` with ``model.pretrained`` pointing there. It is written whole or not at all
-    (:func:`lowrank_train.folders.write_folder`); an existing non-empty ``model`` folder is refused before anything
-    is built, unless ``overwrite`` (or ``run.overwrite``).
+    (:func:`lowrank_train.folders.write_folder`); the compression report (per matrix and per matrix type: ranks
+    kept, LRC or dense; under the default ``strategy=auto``, each guard candidate's held-out loss, the winner and its
+    margin) goes to ``<run.output_dir>/compress_report.json``. An existing non-empty ``model`` folder is refused
+    before anything is built, unless ``overwrite`` (or ``run.overwrite``).
 
     Args:
         config: the run's config (``model.pretrained``, ``compress.*``, ``data.*``, ``run.*``).
@@ -75,6 +78,8 @@ def compress(
     calibration = packed.train[: spec.calibration_sequences].to(device)
     report = compress_model(model, welore_config, calibration=calibration)
     log(report.summary())
+    if report.guard is not None:
+        log(report.guard.summary())
     params_after = count_parameters(model)
     loss_after = evaluate(model, packed.heldout, batch, eval_batches, device)
     log(f"after: eval loss {loss_after:.4f}, perplexity {perplexity(loss_after):.2f}, {params_after:,} parameters")
@@ -90,6 +95,7 @@ def compress(
         "report": report.to_dict(),
         "model_dir": str(folder),
     }
+    write_json(output / REPORT_FILE, report.to_dict())
     write_json(output / SUMMARY_FILE, summary)
     log(f"compressed model saved to {folder}")
     return summary

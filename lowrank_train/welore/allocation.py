@@ -7,7 +7,8 @@ reduction is not parameter reduction). After the rule proposes rank ``k`` for an
 LRC/N-LRC split decides its fate: it is factorized (a Low-Rank Component) only if it loses at least ``min_ratio``
 of its rank *and* ``k (m + n) < m n``; otherwise it stays dense (N-LRC) at full rank.
 
-Strategies are registered by name (see :data:`STRATEGIES`):
+Strategies are registered by name (see :data:`STRATEGIES`); those flagged ``guard_candidate`` (``"whitened"``,
+``"whitened-loss"``) are what the guarded default :data:`GUARDED` compares on held-out calibration sequences:
 
 * ``"welore"``: the paper's data-free rule (Jaiswal et al., 2024, Sec. 3): min-max normalise each spectrum to
   ``[0, 1]`` and drop directions below ``tau``; ``tau`` by bisection.
@@ -19,7 +20,7 @@ Strategies are registered by name (see :data:`STRATEGIES`):
   the calibration inputs per parameter it costs (a greedy knapsack on relative output error). On SmolLM2-135M it
   was worse than ``"whitened"`` at 20% (perplexity 72 vs 64 on 4 x 512 KJV tokens): massive activations make a
   few directions hold almost all the energy of some down_proj inputs.
-* ``"whitened-loss"`` (the default, issue 16): ranks by the *estimated loss* of each truncation instead of a
+* ``"whitened-loss"`` (issue 16): ranks by the *estimated loss* of each truncation instead of a
   threshold. In the whitened space the output error of keeping rank ``k`` is the tail energy
   ``sum_{j >= k} s_j^2`` (per calibration token); scaling it by the layer's output sensitivity (the empirical
   Fisher trace per output, ``E ||dL/dy||^2 / out``, from one backward pass over the calibration set) makes it a
@@ -49,11 +50,14 @@ from torch import Tensor
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
+    "GUARDED",
+    "GUARD_FALLBACK",
     "Allocation",
     "AllocationStrategy",
     "allocate_by_loss",
     "allocate_ranks",
     "get_strategy",
+    "guard_candidates",
     "is_low_rank_component",
     "paper_tau",
     "register_strategy",
@@ -62,6 +66,11 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[Tensor, tuple[int, int]], Tensor]
+
+# The strategy value meaning "let compress_model's held-out guard choose among the guard candidates".
+GUARDED = "auto"
+# The rule the guarded default falls back on when it cannot hold sequences out (precomputed statistics, a tiny set).
+GUARD_FALLBACK = "whitened-loss"
 
 # "threshold": one global threshold on per-direction scores; "loss": a knapsack on per-matrix truncation losses.
 OBJECTIVES = ("threshold", "loss")
@@ -142,6 +151,8 @@ class AllocationStrategy:
             ``S' = (1 - a) S + a diag(S)`` (``"whiten"`` weighting only; 0 keeps ``S``).
         generated_fraction: share of the calibration tokens that the model generates itself and that are mixed
             into a token-id calibration set (see :mod:`lowrank_train.welore.generation`); data-aware only.
+        guard_candidate: one of the allocations the guarded default (``strategy="auto"``) compares on held-out
+            calibration sequences.
     """
 
     name: str
@@ -152,6 +163,7 @@ class AllocationStrategy:
     sensitivity: bool = False
     shrinkage: float = 0.0
     generated_fraction: float = 0.0
+    guard_candidate: bool = False
 
     def __post_init__(self) -> None:
         if self.weighting not in ("none", "whiten", "scale"):
@@ -174,6 +186,8 @@ class AllocationStrategy:
             )
         if self.generated_fraction > 0.0 and not self.needs_calibration:
             raise ValueError(f"strategy {self.name!r}: generated_fraction applies to data-aware strategies only")
+        if self.name == GUARDED:
+            raise ValueError(f"{GUARDED!r} is the guarded default of WeLoreConfig, not a strategy name")
 
     @property
     def needs_calibration(self) -> bool:
@@ -217,6 +231,11 @@ def strategy_names() -> tuple[str, ...]:
     return tuple(STRATEGIES)
 
 
+def guard_candidates() -> tuple[str, ...]:
+    """Names of the strategies the guarded default compares, in registration order."""
+    return tuple(name for name, strategy in STRATEGIES.items() if strategy.guard_candidate)
+
+
 def get_strategy(name: str) -> AllocationStrategy:
     """Look up a strategy by name.
 
@@ -231,7 +250,7 @@ def get_strategy(name: str) -> AllocationStrategy:
 register_strategy(AllocationStrategy("welore", minmax_scores))
 register_strategy(AllocationStrategy("welore-table", minmax_scores, fixed_threshold=paper_tau))
 register_strategy(AllocationStrategy("uniform", uniform_scores))
-register_strategy(AllocationStrategy("whitened", minmax_scores, weighting="whiten"))
+register_strategy(AllocationStrategy("whitened", minmax_scores, weighting="whiten", guard_candidate=True))
 register_strategy(AllocationStrategy("asvd", minmax_scores, weighting="scale"))
 register_strategy(AllocationStrategy("whitened-energy", energy_scores, weighting="whiten"))
 register_strategy(
@@ -242,6 +261,7 @@ register_strategy(
         sensitivity=True,
         shrinkage=0.1,
         generated_fraction=1 / 3,
+        guard_candidate=True,
     )
 )
 

@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import block_modules, is_dense_linear, replace_module
-from lowrank_train.welore.allocation import STRATEGIES, AllocationStrategy, allocate_ranks, get_strategy
+from lowrank_train.welore.allocation import (
+    GUARD_FALLBACK,
+    GUARDED,
+    STRATEGIES,
+    AllocationStrategy,
+    allocate_ranks,
+    get_strategy,
+    guard_candidates,
+)
 from lowrank_train.welore.blockwise import (
     STAGING_LOCATIONS,
     BlockPlan,
@@ -30,6 +38,7 @@ from lowrank_train.welore.blockwise import (
     plan_blocks,
 )
 from lowrank_train.welore.generation import mix_generated_calibration
+from lowrank_train.welore.guard import GuardReport, heldout_loss, split_calibration
 from lowrank_train.welore.sensitivity import collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
     InputStatistics,
@@ -71,9 +80,12 @@ class WeLoreConfig:
     Attributes:
         target: fraction of the block-linear parameters to remove, in ``(0, 1)``. For ``"welore-table"`` it is the
             paper's rank-reduction target (its tau table is indexed by that), in ``[0.1, 0.7]``.
-        strategy: allocation strategy name, see :data:`lowrank_train.welore.allocation.STRATEGIES`. The default,
-            ``"whitened-loss"``, is data-aware (needs a calibration set) and holds up outside the calibration text
-            (issue 16); ``"welore"`` is the paper's data-free rule.
+        strategy: allocation strategy name, see :data:`lowrank_train.welore.allocation.STRATEGIES`, or the
+            default ``"auto"``: the held-out guard (:mod:`lowrank_train.welore.guard`) compresses with each guard
+            candidate (``"whitened-loss"``, ``"whitened"``) on four fifths of the calibration sequences and keeps
+            the one with the smallest loss on the rest (each rule wins on some model family, issue 23); with
+            precomputed statistics or too few sequences it uses ``"whitened-loss"`` unguarded. A strategy name
+            forces that rule; ``"welore"`` is the paper's data-free rule.
         min_ratio: a matrix is factorized (LRC) only if it loses at least this fraction of its rank (paper: 0.5).
         damping: ridge added to the input second moment before whitening, relative to its mean diagonal.
         shrinkage: fraction of the input second moment moved to its diagonal before whitening; ``None`` uses the
@@ -92,7 +104,7 @@ class WeLoreConfig:
     """
 
     target: float
-    strategy: str = "whitened-loss"
+    strategy: str = GUARDED
     min_ratio: float = 0.5
     damping: float = 1e-3
     shrinkage: float | None = None
@@ -106,8 +118,11 @@ class WeLoreConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.target < 1.0:
             raise ValueError(f"target must be a fraction of parameters to remove in (0, 1), got {self.target}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if self.strategy not in STRATEGIES and self.strategy != GUARDED:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; choose {GUARDED!r} (guarded default) or one of "
+                f"{sorted(STRATEGIES)}"
+            )
         if not 0.0 <= self.min_ratio < 1.0:
             raise ValueError(f"min_ratio must be in [0, 1), got {self.min_ratio}")
         if self.damping < 0.0:
@@ -115,7 +130,8 @@ class WeLoreConfig:
         if self.shrinkage is not None:
             if not 0.0 <= self.shrinkage <= 1.0:
                 raise ValueError(f"shrinkage must be in [0, 1] or None, got {self.shrinkage}")
-            if self.shrinkage > 0.0 and STRATEGIES[self.strategy].weighting != "whiten":
+            names = guard_candidates() if self.strategy == GUARDED else (self.strategy,)
+            if self.shrinkage > 0.0 and any(STRATEGIES[name].weighting != "whiten" for name in names):
                 raise ValueError(f"shrinkage applies to whitening strategies, not {self.strategy!r}")
         if self.generated_fraction is not None and not 0.0 <= self.generated_fraction < 1.0:
             raise ValueError(f"generated_fraction must be in [0, 1) or None, got {self.generated_fraction}")
@@ -166,6 +182,7 @@ class CompressionReport:
         threshold: the score threshold used (``tau`` for the WeLore rules).
         min_ratio: LRC/N-LRC rule used.
         matrices: one entry per block linear, in module order.
+        guard: what the held-out guard measured (``strategy="auto"``); ``None`` when a strategy was forced.
     """
 
     strategy: str
@@ -173,6 +190,7 @@ class CompressionReport:
     threshold: float
     min_ratio: float
     matrices: tuple[MatrixReport, ...] = field(default_factory=tuple)
+    guard: GuardReport | None = None
 
     @property
     def params_before(self) -> int:
@@ -211,7 +229,19 @@ class CompressionReport:
             "proposed_rank_reduction": self.proposed_rank_reduction,
             "num_lrc": self.num_lrc,
         }
-        return {**asdict(self), "totals": totals}
+        return {**asdict(self), "totals": totals, "by_type": self.by_type()}
+
+    def by_type(self) -> dict[str, dict[str, Any]]:
+        """Per matrix type (the last part of the name, e.g. ``"q_proj"``): count, LRC and dense counts, ranks kept."""
+        types: dict[str, dict[str, Any]] = {}
+        for m in self.matrices:
+            entry = types.setdefault(m.name.rsplit(".", 1)[-1], {"matrices": 0, "lrc": 0, "dense": 0, "ranks": []})
+            entry["matrices"] += 1
+            entry["lrc" if m.lrc else "dense"] += 1
+            entry["ranks"].append(m.rank)
+        for entry in types.values():
+            entry["mean_rank"] = sum(entry["ranks"]) / len(entry["ranks"])
+        return types
 
     def summary(self) -> str:
         """One line: strategy, target, achieved parameter and rank reduction, number of LRCs."""
@@ -416,9 +446,12 @@ def _spectrum_kind(strategy: AllocationStrategy, config: WeLoreConfig, key: str)
     return "plain"
 
 
-def _swap_in(model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging) -> None:
+def _swap_in(
+    model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging, dense_out: dict[str, nn.Linear] | None
+) -> None:
     # Block by block: load the staged factors, swap them in, drop the dense layer (the plan holds the last
     # reference that compress_model keeps), so the model never holds more than one block's replacements extra.
+    # The guard passes dense_out to keep the dense layers, to put them back after measuring a candidate.
     staged = set(staging.keys())
     swapped: list[str] = []
     try:
@@ -434,6 +467,8 @@ def _swap_in(model: nn.Module, plan: Sequence[BlockPlan], staging: FactorStaging
                 )
                 replace_module(model, name, layer)
                 swapped.append(name)
+                if dense_out is not None:
+                    dense_out[name] = linear
                 del linear, layer
     except Exception as error:
         if swapped:
@@ -489,10 +524,102 @@ def compress_model(
     if not isinstance(config, WeLoreConfig):
         example = f"WeLoreConfig(**{dict(config)!r})" if isinstance(config, Mapping) else "WeLoreConfig(target=0.5)"
         raise TypeError(f"compress_model takes a WeLoreConfig as config, got {type(config).__name__}: pass {example}")
-    strategy = get_strategy(config.strategy)
     _check_not_compressed(model)
-    linears = find_block_linears(model)
+    find_block_linears(model)  # raises when there is none
     _check_finite_weights(model)
+    if config.strategy != GUARDED:
+        return _compress_with(model, config, calibration)
+    return _guarded_compress(model, config, calibration)
+
+
+def _guard_split(
+    model: nn.Module, calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None
+) -> tuple[tuple[list[Tensor], list[Tensor]] | None, str]:
+    # The fitting and held-out sequences (on the model's device), or None and why the guard cannot run.
+    if calibration is None or isinstance(calibration, Mapping):
+        what = "no calibration set" if calibration is None else "precomputed statistics (no token sequences)"
+        return None, f"{what}: nothing to hold out"
+    sequences = prepare_calibration(calibration, _input_vocab_size(model))
+    split = split_calibration(sequences)
+    fit_tokens = sum(seq.numel() for seq in split[0]) if split is not None else 0
+    if split is None or fit_tokens < MIN_CALIBRATION_TOKENS:
+        return None, (
+            f"{len(sequences)} calibration sequences are too few to hold a fifth out and still fit on "
+            f"{MIN_CALIBRATION_TOKENS} tokens; pass a few dozen sequences to let it compare the candidates"
+        )
+    device = next(model.parameters()).device
+    fit, heldout = split
+    return ([seq.to(device) for seq in fit], [seq.to(device) for seq in heldout]), ""
+
+
+def _put_back(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        replace_module(model, name, layer)
+
+
+def _guarded_compress(
+    model: nn.Module,
+    config: WeLoreConfig,
+    calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+) -> CompressionReport:
+    # Each candidate is compressed on the fitting sequences and swapped in (its dense layers kept off the model),
+    # scored on the held-out ones, then the dense layers go back; the best candidate's low-rank layers are kept
+    # and swapped in at the end. Peak: the model plus the factors of two candidates plus one block's working set.
+    start = time.perf_counter()
+    split, reason = _guard_split(model, calibration)
+    if split is None:
+        message = f"compress_model: the held-out guard cannot run ({reason}); using {GUARD_FALLBACK!r} unguarded"
+        warnings.warn(message, stacklevel=3)
+        logger.warning(message)
+        report = _compress_with(model, replace(config, strategy=GUARD_FALLBACK), calibration)
+        guard = GuardReport(winner=GUARD_FALLBACK, seconds=time.perf_counter() - start, fallback=reason)
+        return replace(report, guard=guard)
+    fit, heldout = split
+    was_training = model.training
+    model.eval()
+    losses: dict[str, float] = {}
+    best: tuple[str, CompressionReport, dict[str, nn.Module]] | None = None
+    dense: dict[str, nn.Linear] = {}
+    try:
+        for name in guard_candidates():
+            dense = {}
+            report = _compress_with(model, replace(config, strategy=name), fit, dense)
+            losses[name] = heldout_loss(model, heldout)
+            logger.info("guard: %s held-out loss %.4f", name, losses[name])
+            if best is None or losses[name] < losses[best[0]]:
+                best = (name, report, {n: model.get_submodule(n) for n in dense})
+            _put_back(model, dense)
+            dense = {}
+    except BaseException:
+        _put_back(model, dense)  # the model is dense again, as it came
+        raise
+    finally:
+        model.train(was_training)
+    if best is None:
+        raise ValueError("no strategy is registered as a guard candidate (AllocationStrategy.guard_candidate)")
+    winner, report, layers = best
+    _put_back(model, layers)
+    others = [loss for name, loss in losses.items() if name != winner]
+    guard = GuardReport(
+        losses=losses,
+        winner=winner,
+        margin=min(others) - losses[winner] if others else None,
+        seconds=time.perf_counter() - start,
+        fit_sequences=len(fit),
+        heldout_sequences=len(heldout),
+    )
+    return replace(report, guard=guard)
+
+
+def _compress_with(
+    model: nn.Module,
+    config: WeLoreConfig,
+    calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+    dense_out: dict[str, nn.Linear] | None = None,
+) -> CompressionReport:
+    # compress_model with one forced strategy; dense_out receives the dense layers it swapped out.
+    strategy = get_strategy(config.strategy)
+    linears = find_block_linears(model)
     shapes = {name: (lin.out_features, lin.in_features) for name, lin in linears.items()}
     plan = plan_blocks(model, linears)
     device = next(iter(linears.values())).weight.device
@@ -559,7 +686,7 @@ def compress_model(
                     )
                     start = time.perf_counter()
                 staging.check()
-                _swap_in(model, plan, staging)
+                _swap_in(model, plan, staging, dense_out)
     finally:
         model.train(was_training)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_train.welore import (
+    GUARD_FALLBACK,
+    GUARDED,
     STRATEGIES,
     AllocationStrategy,
     WeLoreConfig,
@@ -22,6 +24,7 @@ from lowrank_train.welore import (
     find_block_linears,
     generate_calibration,
     get_strategy,
+    guard_candidates,
     is_low_rank_component,
     mix_generated_calibration,
     shrink_second_moment,
@@ -223,7 +226,9 @@ def test_allocation_argument_errors():
 
 
 def test_default_strategy_is_the_robust_one():
-    assert WeLoreConfig(0.2).strategy == "whitened-loss"
+    # The default is the held-out guard (tests/welore/test_guard.py); whitened-loss is its fallback and a candidate.
+    assert WeLoreConfig(0.2).strategy == GUARDED and GUARD_FALLBACK == "whitened-loss"
+    assert "whitened-loss" in guard_candidates()
     rule = get_strategy("whitened-loss")
     assert rule.objective == "loss" and rule.sensitivity and rule.weighting == "whiten" and rule.shrinkage == 0.1
     assert rule.generated_fraction == pytest.approx(1 / 3)
@@ -276,7 +281,7 @@ def test_whitened_loss_compresses_and_reports_calibration_energy(llama, calibrat
     sequences = mix_generated_calibration(llama, list(calibration[:, None]), 1 / 3)
     stats = collect_input_statistics(llama, linears, sequences)
     dense = copy.deepcopy(llama)
-    report = compress_model(llama, WeLoreConfig(0.3, min_ratio=0.0), calibration)
+    report = compress_model(llama, WeLoreConfig(0.3, "whitened-loss", min_ratio=0.0), calibration)
     assert report.strategy == "whitened-loss" and report.param_reduction >= 0.3 and report.num_lrc > 0
     for entry in report.matrices:
         if not entry.lrc:
@@ -298,12 +303,12 @@ def test_precomputed_statistics_need_sensitivities(llama, calibration):
     sequences = list(calibration[:, None])
     plain = collect_input_statistics(llama, linears, sequences)
     with pytest.raises(ValueError, match="collect_calibration_statistics"):
-        compress_model(copy.deepcopy(llama), WeLoreConfig(0.3, min_ratio=0.0), plain)
+        compress_model(copy.deepcopy(llama), WeLoreConfig(0.3, "whitened-loss", min_ratio=0.0), plain)
     # The token path mixes in the model's own samples; precomputed statistics are taken as given.
     full = collect_calibration_statistics(llama, linears, mix_generated_calibration(llama, sequences, 1 / 3))
     from_stats, from_tokens = copy.deepcopy(llama), copy.deepcopy(llama)
-    report_stats = compress_model(from_stats, WeLoreConfig(0.3, min_ratio=0.0), full)
-    report_tokens = compress_model(from_tokens, WeLoreConfig(0.3, min_ratio=0.0), calibration)
+    report_stats = compress_model(from_stats, WeLoreConfig(0.3, "whitened-loss", min_ratio=0.0), full)
+    report_tokens = compress_model(from_tokens, WeLoreConfig(0.3, "whitened-loss", min_ratio=0.0), calibration)
     assert [m.rank for m in report_stats.matrices] == [m.rank for m in report_tokens.matrices]
     with torch.no_grad():
         assert torch.allclose(from_stats(calibration[:2]).logits, from_tokens(calibration[:2]).logits, atol=1e-5)

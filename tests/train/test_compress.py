@@ -1,5 +1,7 @@
 """``lowrank-train compress``: the numbers it reports are those of the models it starts from and saves."""
 
+import json
+
 import pytest
 import torch
 
@@ -19,7 +21,8 @@ def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
         None,
         [*tiny, f"model.pretrained={tmp_path / 'dense'}", "compress.target=0.3", "compress.calibration_sequences=4"],
     )
-    summary = compress(config, log=lambda line: None)
+    lines = []
+    summary = compress(config, log=lines.append)
 
     # An independent evaluation of the dense model and of the saved compressed one on the same held-out blocks.
     tokenizer = load_run_tokenizer(config.data.tokenizer, None)
@@ -33,3 +36,13 @@ def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
     assert summary["parameters_after"] == count_parameters(saved) < count_parameters(dense)
     assert lowrank_layers(saved) and summary["report"]
     assert (tmp_path / "run" / "model" / "tokenizer_config.json").is_file()  # ready for finetune's tokenizer=model
+
+    # The default strategy=auto: which candidate won and by how much, in the log and in compress_report.json.
+    report = json.loads((tmp_path / "run" / "compress_report.json").read_text())
+    guard = report["guard"]
+    assert guard["winner"] == report["strategy"] and set(guard["losses"]) == {"whitened", "whitened-loss"}
+    assert any(line.startswith(f"guard: {guard['winner']!r} won by") for line in lines)
+    assert guard["margin"] == pytest.approx(max(guard["losses"].values()) - min(guard["losses"].values()))
+    by_type = report["by_type"]
+    assert sum(entry["matrices"] for entry in by_type.values()) == len(report["matrices"])
+    assert all(entry["lrc"] + entry["dense"] == entry["matrices"] == len(entry["ranks"]) for entry in by_type.values())

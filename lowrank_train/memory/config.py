@@ -203,6 +203,10 @@ class TrainingSetup:
         except ValueError as error:
             raise ValueError(f"optimizer: {error}") from None
         object.__setattr__(self, "optimizer", optimizer)
+        # Options the method fixes (APOLLO-Mini: rank 1, the random projector): its builder writes them into the groups.
+        for name in ("projector", "rank"):
+            if name in method.method_options:
+                object.__setattr__(self, name, method.method_options[name])
         if method.lowrank:
             if self.rank is None or isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
                 raise ValueError(f"optimizer {optimizer!r} projects gradients: rank must be a positive integer")

@@ -30,6 +30,7 @@ from typing import Any
 
 from lowrank_train.memory.config import ModelShape, TrainingSetup
 from lowrank_train.optim.options import GALORE_DEFAULTS
+from lowrank_train.optim.update_rules import get_update_rule
 
 # bitsandbytes' blockwise 8-bit optimizers: one fp32 absmax per 256 values, two 256-entry fp32 code maps per
 # optimizer (shared by its parameters), and 32-bit states for tensors under 4096 elements (its ``min_8bit_size``).
@@ -220,6 +221,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     eight_bit = method.moment_bits < 32
     moment_bits = setup.moment_bits or method.moment_bits
     kind = setup.projector_kind
+    rule = get_update_rule(method.method_options.get("update", GALORE_DEFAULTS["update"]))
+    # APOLLO / Fira read the raw gradient at the step: micro-batches accumulate in .grad, not projected.
+    projected_accumulation = lowrank and not rule.needs_full_gradient
     # Basis columns per block weight: the setup's rank, or min(m, n) for a full-rank projector (identity).
     ranks = [kind.basis_rank((m, n), setup.rank) for m, n in shape.block_linear_shapes()] if lowrank else []
     if lowrank and not kind.full_rank:
@@ -251,6 +255,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     if lowrank:
         # Five int64 counters; adaptive refresh adds its fp32 similarity history (the schema's refresh_history).
         per_weight_counters = 5 * 8 + (GALORE_DEFAULTS["refresh_history"] * 4 if setup.adaptive_refresh else 0)
+        # The norm-growth limiter's fp32 update_norm (APOLLO / Fira, lowrank_train.optim.update_rules).
+        per_weight_counters += 4 if rule.growth_limit(method.method_options) is not None else 0
         states_linear = 0
         for (m, n), rank in zip(shape.block_linear_shapes(), ranks, strict=True):
             states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters
@@ -284,7 +290,7 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     largest_grad = max(all_numels) * dtype_bytes
     accumulators = 0
     if setup.accumulation_steps > 1:
-        if lowrank:  # projected accumulators for low-rank weights, full ones for the rest
+        if projected_accumulation:  # projected accumulators for low-rank weights, full ones for the rest
             projected = sum(r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True))
             accumulators = layers * projected * dtype_bytes
             accumulators += sum(plain_shapes) * dtype_bytes if setup.layerwise else 0
@@ -293,7 +299,7 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     all_grads = sum(all_numels) * dtype_bytes
     if setup.layerwise:
         gradients = largest_grad + accumulators
-    elif lowrank and setup.accumulation_steps > 1:
+    elif projected_accumulation and setup.accumulation_steps > 1:
         gradients = all_grads + accumulators
     else:
         gradients = all_grads
@@ -306,6 +312,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     big = big_m * big_n
     if lowrank:
         step_tmp = big * dtype_bytes  # the projected-back full update
+        if rule.needs_full_gradient:  # an fp32 full update from an fp32 view of the gradient
+            step_tmp = big * (4 + (4 if dtype_bytes != 4 else 0))
         if setup.weight_bits is not None:  # fp32 dequantized weight + fp32 scaled update + new codes
             step_tmp += big * (4 + 4 + 1)
         # The refresh: an fp32 copy of a low-precision gradient (when read) plus the kind's own workspace.

@@ -5,9 +5,13 @@ from lowrank_train.optim.galore import GaLore
 from lowrank_train.optim.layerwise import LayerwiseOptimizer
 from lowrank_train.optim.param_groups import LINEAR_TYPES, lowrank_param_groups, register_linear_type
 from lowrank_train.optim.presets import (
+    APOLLOAdamW,
+    APOLLOMini,
+    FiraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    QAPOLLOMini,
     QGaLoreAdamW4bit,
     QGaLoreAdamW8bit,
 )
@@ -20,9 +24,18 @@ from lowrank_train.optim.registry import (
     registered_optimizer,
     unregister_optimizer,
 )
+from lowrank_train.optim.update_rules import UPDATE_RULES, UpdateRule, get_update_rule, register_update_rule
 
 __all__ = [
+    "APOLLOAdamW",
+    "APOLLOMini",
     "BASE_OPTIMIZERS",
+    "FiraAdamW",
+    "QAPOLLOMini",
+    "UPDATE_RULES",
+    "UpdateRule",
+    "get_update_rule",
+    "register_update_rule",
     "GALORE_GROUP_OPTIONS",
     "LINEAR_TYPES",
     "GaLore",

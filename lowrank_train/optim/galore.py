@@ -25,6 +25,8 @@ never synchronises a GPU):
 ``grad_accum``     between :meth:`GaLore.accumulate_grad` and the next step: the (r x max(m, n))
                    projected gradient sum (:meth:`GaLore.projected_accumulator`); dropped by
                    ``zero_grad()``, by a skipped step and by :meth:`GaLore.drop_accumulation`
+``update_norm``    with a norm-growth limiter: fp32 0-dim on the parameter's device, the last limited
+                   ``||update|| / lr`` (:mod:`lowrank_train.optim.update_rules`)
 =================  ======================================================================
 
 Non-finite gradients (issue 12 item 4): every step checks every gradient it would apply (low-rank and plain
@@ -79,12 +81,12 @@ from lowrank_train.optim.options import (
 )
 from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import ReferenceStates, check_galore_state
+from lowrank_train.optim.update_rules import get_update_rule
 from lowrank_train.projection import (
     basis_rows,
     get_projector,
     next_refresh_gap,
     orient,
-    project_back,
     push_similarity,
     subspace_overlap,
 )
@@ -215,6 +217,11 @@ class GaLore(torch.optim.Optimizer):
         if "rank" in merged:
             check_lowrank_group(merged, where=where)
             _check_lowrank_params(merged, where, self._name)
+            if get_update_rule(merged["update"]).needs_full_gradient and not isinstance(self.backend, DenseBackend):
+                raise ValueError(
+                    f"{where}: update={merged['update']!r} scales the full gradient, which a sharded backend "
+                    f"({type(self.backend).__name__}) does not hold whole; use update='galore' there"
+                )
             full_rank = get_projector(merged["projector"]).full_rank
             for i, p in enumerate(merged["params"]):
                 self.backend.check_param(p, _param_label(merged, i, p))
@@ -429,7 +436,20 @@ class GaLore(torch.optim.Optimizer):
         self._base.step()
         for p, group, state, basis in pending:
             shadow = self._shadows[p]
-            update = project_back(shadow.data, basis, p.shape)  # shadow started at 0: its value is the update
+            # The shadow started at 0: its value is the inner update R~; the group's rule makes the full update.
+            rule = get_update_rule(group["update"])
+            update, rule_state = rule.apply(
+                p.grad,
+                shadow.grad,
+                shadow.data,
+                basis,
+                state,
+                weight_shape=p.shape,
+                lr=group["lr"],
+                scale_type=group["scale_type"],
+                norm_growth_limit=rule.growth_limit(group),
+            )
+            state.update(rule_state)
             self._write_back(p, update, group, state)
             shadow.grad = None
             shadow.data = shadow.data.new_empty(0)
@@ -514,6 +534,11 @@ class GaLore(torch.optim.Optimizer):
         group, index, label = self._locate(param)
         if not self.is_lowrank(param):
             raise ValueError(f"{label} is not projected: accumulate its gradient in .grad instead")
+        if get_update_rule(group["update"]).needs_full_gradient:
+            raise ValueError(
+                f"{label}: update={group['update']!r} scales the raw full gradient at the step, which a projected "
+                "accumulator does not keep; accumulate in .grad (no accumulate_grad) for this group"
+            )
         if self._poisoned:  # nonfinite="skip" and this step is lost already: just free the gradient
             param.grad = None
             return

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lowrank_train.optim.update_rules import SCALE_TYPES, UPDATE_RULES, get_update_rule
 from lowrank_train.projection import PROJECTORS, get_projector, validate_adaptive_options
 from lowrank_train.quant import BASIS_BITS, bits_allowed, check_bits
 
@@ -109,6 +110,30 @@ def _projector(value: Any) -> str:
     return value
 
 
+def _update_rule(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid
+    try:
+        get_update_rule(value)
+    except ValueError:
+        raise _Invalid(f"{_did_you_mean(value, UPDATE_RULES)}; registered: {sorted(UPDATE_RULES)}") from None
+    return value
+
+
+def _scale_type(value: Any) -> str:
+    if value not in SCALE_TYPES:
+        raise _Invalid
+    return value
+
+
+def _growth_limit(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 1:
+        raise _Invalid
+    return float(value)
+
+
 _OPTIONS = [
     GroupOption("rank", None, "a positive integer",
                 "projection rank r; its presence makes a group low-rank (a group key, not an optimizer keyword)",
@@ -138,6 +163,15 @@ _OPTIONS = [
     GroupOption("refresh_history", 5, "an integer >= 1", "refreshes the overlap is averaged over", _integer(1)),
     GroupOption("max_update_gap", None, "an integer >= update_gap, or None (8 x update_gap)",
                 "largest adaptive gap", _optional(_integer(1))),
+    GroupOption("update", "galore", "a registered update rule name",
+                "how the full update is formed from the inner update: 'galore' (P R~), 'apollo' (G scaled by "
+                "||R~||/||R||), 'fira' (P R~ plus the scaled residual); see lowrank_train.optim.update_rules",
+                _update_rule),
+    GroupOption("scale_type", "channel", f"one of {SCALE_TYPES}",
+                "APOLLO / Fira: one scale per channel (the non-projected side) or one per tensor", _scale_type),
+    GroupOption("norm_growth_limit", None, "None (the update rule's default), a number >= 1, or inf (off)",
+                "gamma of the norm-growth limiter (Fira Sec. 3.3); None: off for 'galore', 1.01 for 'apollo' "
+                "and 'fira'", _growth_limit),
 ]  # fmt: skip
 GROUP_OPTIONS: dict[str, GroupOption] = {option.name: option for option in _OPTIONS}
 GALORE_DEFAULTS: dict[str, Any] = {o.name: o.default for o in _OPTIONS if o.name != "rank"}

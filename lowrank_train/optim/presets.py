@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -109,5 +110,115 @@ def _with_qgalore_defaults(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**QGALORE_DEFAULTS, **kwargs}
 
 
-for _preset in (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor, QGaLoreAdamW8bit, QGaLoreAdamW4bit):
+APOLLO_OPTIONS: dict[str, Any] = {"update": "apollo", "projector": "random", "scale": 1.0, "scale_type": "channel"}
+"""APOLLO's low-rank group options (Zhu et al. 2024, arXiv 2412.05270 Sec. 5: random projection, channel-wise
+scales, alpha 1, the limiter's gamma 1.01 from the rule); the paper's rank is 256 (:data:`APOLLO_RANK`)."""
+APOLLO_RANK = 256
+APOLLO_MINI_OPTIONS: dict[str, Any] = {
+    "update": "apollo",
+    "projector": "random",
+    "scale": math.sqrt(128),
+    "scale_type": "tensor",
+    "rank": 1,
+}
+"""APOLLO-Mini (arXiv 2412.05270 Sec. 4.3): rank 1, one tensor-wise scale, alpha sqrt(128)."""
+FIRA_OPTIONS: dict[str, Any] = {"update": "fira", "projector": "svd", "scale_type": "channel"}
+"""Fira (Chen et al. 2024, arXiv 2410.01623): GaLore's SVD basis plus the scaled residual; alpha stays GaLore's."""
+
+
+def _with_method_options(params: Iterable[Any], options: Mapping[str, Any], where: str) -> list[Any]:
+    """Writes the method's defining ``options`` into every low-rank group (one with ``rank``).
+
+    They are written, not defaulted: :func:`lowrank_param_groups` always sets ``projector`` and ``scale`` (GaLore's
+    "svd" and 0.25), which would otherwise silently turn APOLLO back into GaLore. A group that names another
+    ``update`` rule is refused.
+    """
+    groups = []
+    for item in params:
+        if isinstance(item, dict) and "rank" in item:
+            if item.get("update", options["update"]) != options["update"]:
+                raise ValueError(
+                    f"{where}: a param group asks for update={item['update']!r}; this optimizer is update="
+                    f"{options['update']!r} (use GaLore(..., update=...) for another rule)"
+                )
+            item = {**item, "params": _param_list(item["params"]), **options}
+        groups.append(item)
+    return groups
+
+
+def _adamw_kwargs(params: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "foreach" not in kwargs and "fused" not in kwargs and _fused_adamw_supported(params):
+        kwargs["fused"] = True
+    return kwargs
+
+
+class APOLLOAdamW(GaLore):
+    """APOLLO (Zhu et al. 2024, arXiv 2412.05270): AdamW moments of a seeded random projection only set per-channel
+    learning-rate scales of the raw gradient; the update is full-rank, the state is (r x max(m, n)) moments + a seed.
+
+    Low-rank groups get :data:`APOLLO_OPTIONS` (``update="apollo"``, ``projector="random"``, ``scale_type="channel"``,
+    ``scale`` = this preset's ``scale``); the norm-growth limiter (gamma 1.01) is on unless a group sets
+    ``norm_growth_limit=float("inf")``. Gradient accumulation happens in ``.grad`` (no ``accumulate_grad``).
+
+    Example:
+        >>> opt = APOLLOAdamW(lowrank_param_groups(model, rank=256, update_gap=200), lr=1e-2)
+    """
+
+    _options: Mapping[str, Any] = APOLLO_OPTIONS
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, scale: float | None = None, **kwargs: Any):
+        options = dict(self._options) if scale is None else {**self._options, "scale": scale}
+        params = _with_method_options(params, options, type(self).__name__)
+        defaults = {k: v for k, v in options.items() if k != "rank"}  # rank is a group key only
+        super().__init__(params, base="adamw", lr=lr, **_adamw_kwargs(params, {**defaults, **kwargs, **defaults}))
+
+
+class APOLLOMini(APOLLOAdamW):
+    """APOLLO-Mini (arXiv 2412.05270 Sec. 4.3): rank 1, one tensor-wise scale per weight, alpha sqrt(128).
+
+    SGD-like memory: per weight two 1 x max(m, n) moments, a seed and the limiter's norm. Low-rank groups get
+    :data:`APOLLO_MINI_OPTIONS` (their ``rank`` becomes 1).
+
+    Example:
+        >>> opt = APOLLOMini(lowrank_param_groups(model, rank=1), lr=1e-2)
+    """
+
+    _options = APOLLO_MINI_OPTIONS
+
+
+class QAPOLLOMini(APOLLOMini):
+    """Q-APOLLO-Mini (arXiv 2412.05270 Sec. 5.4): APOLLO-Mini writing INT8 weights back with stochastic rounding.
+
+    The same optimizer as :class:`APOLLOMini`; the INT8 weights come from :func:`lowrank_train.nn.quantize_model`
+    and are re-quantized by the wrapper's write-back, as for Q-GaLore.
+
+    Example:
+        >>> quantize_model(model)
+        >>> opt = QAPOLLOMini(lowrank_param_groups(model, rank=1), lr=1e-2)
+    """
+
+
+class FiraAdamW(APOLLOAdamW):
+    """Fira (Chen et al. 2024, arXiv 2410.01623): GaLore's update plus the residual ``(I - P P^T) G`` scaled by the
+    same per-channel ratio, with the norm-growth limiter on the residual (gamma 1.01). ``scale`` defaults to the
+    group's (GaLore's 0.25); low-rank groups get :data:`FIRA_OPTIONS`.
+
+    Example:
+        >>> opt = FiraAdamW(lowrank_param_groups(model, rank=128, update_gap=200), lr=1e-2)
+    """
+
+    _options = FIRA_OPTIONS
+
+
+for _preset in (
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreAdafactor,
+    QGaLoreAdamW8bit,
+    QGaLoreAdamW4bit,
+    APOLLOAdamW,
+    APOLLOMini,
+    QAPOLLOMini,
+    FiraAdamW,
+):
     _preset.__doc__ = f"{_preset.__doc__.rstrip()}\n{_SHARED_ARGS}\n{options_doc()}\n"

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,9 +25,16 @@ from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
 from lowrank_train.optim.galore import GALORE_DEFAULTS
 from lowrank_train.optim.options import registered_base_option_names
 from lowrank_train.optim.presets import (
+    APOLLO_MINI_OPTIONS,
+    APOLLO_OPTIONS,
+    FIRA_OPTIONS,
     QGALORE_DEFAULTS,
+    APOLLOAdamW,
+    APOLLOMini,
+    FiraAdamW,
     GaLoreAdamW,
     GaLoreAdamW8bit,
+    QAPOLLOMini,
     QGaLoreAdamW4bit,
     QGaLoreAdamW8bit,
 )
@@ -60,6 +68,9 @@ class OptimizerMethod:
             optimizer's hyperparameters (:data:`GALORE_GROUP_OPTIONS` for the GaLore family).
         any_base: the method is the plain GaLore wrapper, so integrations may put any registered base optimizer
             inside it (the Trainer glue's ``base=``) or its FSDP2 variant around sharded parameters.
+        method_options: low-rank group options the method fixes (its builder writes them into every low-rank group,
+            over ``optimizer.projector`` / ``scale`` / ``rank``): APOLLO's ``update``, ``projector``, ``scale``...
+            The memory estimator reads ``projector`` and ``rank`` from here.
     """
 
     name: str
@@ -73,6 +84,7 @@ class OptimizerMethod:
     adaptive_refresh: bool = False
     group_options: frozenset[str] = field(default_factory=frozenset)
     any_base: bool = False
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.lower() or " " in self.name:
@@ -92,8 +104,9 @@ class OptimizerMethod:
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from None
         object.__setattr__(self, "group_options", frozenset(self.group_options))
+        object.__setattr__(self, "method_options", MappingProxyType(dict(self.method_options)))
         # Only a projecting optimizer has a basis, and only its write-back can update INT8 weights.
-        projecting = ("weight_bits", "proj_bits", "adaptive_refresh", "any_base", "group_options")
+        projecting = ("weight_bits", "proj_bits", "adaptive_refresh", "any_base", "group_options", "method_options")
         misplaced = [key for key in projecting if getattr(self, key)]
         if not self.lowrank and misplaced:
             raise ValueError(f"{where} does not project gradients (lowrank=False), so it cannot set {misplaced}")
@@ -221,6 +234,39 @@ for _name, _description, _base, _bits, _build, _family in (
         _QGALORE,
     ),
     ("qgalore4bit", "Q-GaLore with 4-bit states (torchao's AdamW4bit)", "adamw4bit", 4, QGaLoreAdamW4bit, _QGALORE),
+    # APOLLO / Fira (issue 21): full-rank structured updates in the same wrapper (lowrank_train.optim.update_rules).
+    (
+        "apollo",
+        "APOLLO: random-projection AdamW moments scale the raw gradient per channel",
+        "adamw",
+        32,
+        APOLLOAdamW,
+        {**_GALORE, "method_options": APOLLO_OPTIONS},
+    ),
+    (
+        "apollo_mini",
+        "APOLLO-Mini: rank 1, one tensor-wise scale, alpha sqrt(128)",
+        "adamw",
+        32,
+        APOLLOMini,
+        {**_GALORE, "method_options": APOLLO_MINI_OPTIONS},
+    ),
+    (
+        "qapollo_mini",
+        "Q-APOLLO-Mini: APOLLO-Mini with INT8 weights (stochastic rounding)",
+        "adamw",
+        32,
+        QAPOLLOMini,
+        {**_GALORE, "weight_bits": 8, "method_options": APOLLO_MINI_OPTIONS},
+    ),
+    (
+        "fira",
+        "Fira: GaLore plus the scaled full-rank residual",
+        "adamw",
+        32,
+        FiraAdamW,
+        {**_GALORE, "method_options": FIRA_OPTIONS},
+    ),
 ):
     register_optimizer(
         OptimizerMethod(name=_name, description=_description, base=_base, moment_bits=_bits, build=_build, **_family)

@@ -199,7 +199,7 @@ def check_optimizer_state(
 # Options that fix the shapes of a GaLore state: a state saved with other values cannot be loaded.
 _STRUCTURAL_OPTIONS = ("rank", "projector", "proj_bits", "proj_group_size")
 _GALORE_COUNTERS = ("step", "last_refresh", "gap", "seed", "refreshes")
-_LOWRANK_ONLY = ("basis", "basis_codes", "basis_scales", "grad_accum", "last_refresh", "similarity")
+_LOWRANK_ONLY = ("basis", "basis_codes", "basis_scales", "grad_accum", "last_refresh", "similarity", "update_norm")
 
 
 def _label(group: Mapping[str, Any], group_index: int, local: int, param: torch.Tensor) -> str:
@@ -259,6 +259,8 @@ def _check_lowrank_entries(
         check_entry(label, what, "basis_scales", saved.get("basis_scales"), tuple(reference.scales.shape))
     if "grad_accum" in saved:
         check_entry(label, what, "grad_accum", saved["grad_accum"], projected)
+    if "update_norm" in saved:  # the norm-growth limiter's last norm (lowrank_train.optim.update_rules)
+        check_entry(label, what, "update_norm", saved["update_norm"], ())
     if "similarity" in saved:
         history = saved_group.get("refresh_history", GALORE_DEFAULTS["refresh_history"])
         check_entry(label, what, "similarity", saved["similarity"], (history,))

@@ -47,11 +47,13 @@ def _method(**overrides):
 
 
 BUILTINS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore", "qgalore4bit")
+# Full-rank structured updates (issue 21): checked against their references in tests/optim/test_update_rules.py.
+STRUCTURED = ("apollo", "apollo_mini", "qapollo_mini", "fira")
 
 
 def test_builtin_names():
-    assert optimizer_names() == BUILTINS
-    assert optimizer_names(lowrank=True) == tuple(n for n in BUILTINS if get_optimizer_method(n).lowrank)
+    assert optimizer_names() == BUILTINS + STRUCTURED
+    assert optimizer_names(lowrank=True) == tuple(n for n in BUILTINS + STRUCTURED if get_optimizer_method(n).lowrank)
     assert optimizer_names(lowrank=False) == ("adamw", "adamw8bit")
     assert GALORE_GROUP_OPTIONS == {"rank", *GALORE_DEFAULTS}
 

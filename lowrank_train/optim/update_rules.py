@@ -1,0 +1,279 @@
+"""Update rules: how a low-rank step turns the inner optimizer's projected update into the full weight update.
+
+GaLore's wrapper projects each gradient G (m x n) to R = P^T G (r x max(m, n), oriented frame), lets the inner
+optimizer turn R into its update R~ (same shape, learning rate and sign included), and then asks the group's rule
+for the m x n update that is written back (times the group's ``scale``, the papers' alpha):
+
+=============  ==============================================================================================
+``"galore"``   ``P R~`` (Zhao et al. 2024, arXiv 2403.03507): today's behaviour, bit for bit
+``"apollo"``   ``G diag(s)`` with ``s_j = ||R~_:,j|| / ||R_:,j||`` per channel (or one tensor-wise ``s``), then the
+               norm-growth limiter (APOLLO, Zhu et al. 2024, arXiv 2412.05270, Alg. 1)
+``"fira"``     ``P R~ + (I - P P^T) G diag(phi)`` with the same ratio ``phi``; the limiter acts on the residual
+               part (Fira, Chen et al. 2024, arXiv 2410.01623, Sec. 3.2-3.3)
+=============  ==============================================================================================
+
+A channel is a column of the oriented frame: the non-projected side (n when m <= n, m otherwise), as in the
+papers. Each entry carries the facts the wrapper asks instead of comparing names: ``needs_full_gradient`` (the raw
+G must exist at update time, so projected-space accumulation is refused) and its default ``norm_growth_limit``.
+
+State written by a rule (a tensor under a documented key, merged into ``optimizer.state[p]``):
+
+=================  ======================================================================
+``update_norm``    fp32 0-dim, on the parameter's device: the norm of the last limited update divided by the
+                   learning rate (the limiter's ``||update_{t-1}||``); absent before the first limited step
+=================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowrank_train.projection.ops import orient, project_back, projects_rows
+
+SCALE_TYPES = ("channel", "tensor")
+_RATIO_EPS = 1e-8  # keeps a zero-gradient channel's scale finite (APOLLO's and Fira's reference code use 1e-8)
+
+UpdateFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+"""``apply(grad, low, low_update, basis, state, *, weight_shape, lr, scale_type, norm_growth_limit)
+-> (update (m x n), new state entries)``; see :func:`galore_update` for the arguments."""
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """A registered update rule, with the facts the wrapper asks instead of its name.
+
+    Attributes:
+        name: registry key (the ``update`` group option).
+        apply: the pure function (:data:`UpdateFn`).
+        needs_full_gradient: the rule reads the raw m x n gradient at update time, so a projected accumulator
+            (``GaLore.accumulate_grad``) cannot serve it.
+        norm_growth_limit: default gamma of the norm-growth limiter (``None``: off) when the group's
+            ``norm_growth_limit`` is ``None``.
+        state_keys: the ``optimizer.state[p]`` entries the rule writes (all 0-dim fp32 tensors).
+    """
+
+    name: str
+    apply: UpdateFn
+    needs_full_gradient: bool = False
+    norm_growth_limit: float | None = None
+    state_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"an update rule name is a non-empty string, got {self.name!r}")
+        if not callable(self.apply):
+            raise ValueError(f"update rule {self.name!r}: apply must be callable, got {self.apply!r}")
+        object.__setattr__(self, "state_keys", tuple(self.state_keys))
+
+    def growth_limit(self, group: Mapping[str, Any]) -> float | None:
+        """The gamma a group uses: its ``norm_growth_limit``, else this rule's default; ``None`` (or inf) is off."""
+        gamma = group.get("norm_growth_limit")
+        gamma = self.norm_growth_limit if gamma is None else gamma
+        return None if gamma is None or math.isinf(gamma) else gamma
+
+
+UPDATE_RULES: dict[str, UpdateRule] = {}
+
+
+def register_update_rule(rule: UpdateRule, *, replace: bool = False) -> UpdateRule:
+    """Adds ``rule`` to the registry under ``rule.name`` and returns it.
+
+    Raises:
+        ValueError: when the name is taken and ``replace`` is False, or ``rule`` is not an UpdateRule.
+    """
+    if not isinstance(rule, UpdateRule):
+        raise ValueError(f"register_update_rule takes an UpdateRule, got {type(rule).__name__}")
+    if rule.name in UPDATE_RULES and not replace:
+        raise ValueError(f"update rule {rule.name!r} is already registered (pass replace=True to replace it)")
+    UPDATE_RULES[rule.name] = rule
+    return rule
+
+
+def get_update_rule(name: str) -> UpdateRule:
+    """Looks an update rule up by name.
+
+    Raises:
+        ValueError: when ``name`` is not registered; the message lists the known names.
+    """
+    try:
+        return UPDATE_RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown update rule {name!r}; expected one of {sorted(UPDATE_RULES)}") from None
+
+
+# ----- pure pieces --------------------------------------------------------------------------------------------
+def norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, scale_type: str) -> torch.Tensor:
+    """``||numerator_:,j|| / (||denominator_:,j|| + 1e-8)`` per column (``"channel"``), or of whole tensors.
+
+    Args:
+        numerator: (r, k) tensor (the inner update R~).
+        denominator: (r, k) tensor (the projected gradient R).
+        scale_type: "channel" (one ratio per column) or "tensor".
+
+    Returns:
+        fp32 (1, k) for "channel", 0-dim for "tensor".
+    """
+    if scale_type not in SCALE_TYPES:
+        raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
+    dim = 0 if scale_type == "channel" else None
+    top = torch.linalg.vector_norm(numerator.float(), dim=dim, keepdim=dim is not None)
+    bottom = torch.linalg.vector_norm(denominator.float(), dim=dim, keepdim=dim is not None)
+    return top / (bottom + _RATIO_EPS)
+
+
+def limit_norm_growth(
+    update: torch.Tensor, previous: torch.Tensor | None, gamma: float, lr: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's norm-growth limiter (arXiv 2410.01623 Sec. 3.3, also APOLLO Alg. 1).
+
+    If ``||update_t|| > gamma ||update_{t-1}||`` the update is rescaled to norm ``gamma ||update_{t-1}||``. Norms are
+    taken of ``update / lr``: the papers limit the update before the learning rate multiplies it, so a warm-up
+    schedule is not capped at gamma per step. No host synchronisation.
+
+    Args:
+        update: (m, n) update, learning rate included.
+        previous: 0-dim fp32, the last limited ``||update / lr||``; ``None`` on the first step (nothing to limit).
+        gamma: largest allowed growth factor (>= 1).
+        lr: the learning rate that ``update`` includes (> 0).
+
+    Returns:
+        The (possibly rescaled) update and its 0-dim fp32 ``||update / lr||``, the next step's ``previous``.
+    """
+    norm = torch.linalg.vector_norm(update.float()) / lr
+    if previous is None:
+        return update, norm
+    factor = (norm / (previous.to(norm.device) + _RATIO_EPS)).clamp(min=gamma) / gamma
+    return update / factor, norm / factor
+
+
+def _limited(
+    update: torch.Tensor, state: Mapping[str, torch.Tensor], gamma: float | None, lr: float | torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if gamma is None or (not torch.is_tensor(lr) and lr == 0):  # lr 0: a zero update, nothing to measure
+        return update, {}
+    update, norm = limit_norm_growth(update, state.get("update_norm"), gamma, lr)
+    return update, {"update_norm": norm}
+
+
+def _to_weight_frame(oriented: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    return oriented if projects_rows(weight_shape) else oriented.mT
+
+
+# ----- the rules ----------------------------------------------------------------------------------------------
+def galore_update(
+    grad: torch.Tensor | None,
+    low: torch.Tensor,
+    low_update: torch.Tensor,
+    basis: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    *,
+    weight_shape: torch.Size,
+    lr: float | torch.Tensor,
+    scale_type: str,
+    norm_growth_limit: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GaLore: the inner update projected back, ``P R~`` (with an optional norm-growth limiter).
+
+    Args:
+        grad: (m, n) raw gradient (unused here; may be ``None`` after projected accumulation).
+        low: (r, max(m, n)) projected gradient R.
+        low_update: (r, max(m, n)) inner optimizer's update R~ (learning rate and sign included).
+        basis: (min(m, n), r) basis P.
+        state: the parameter's state (read only).
+        weight_shape: (m, n).
+        lr: the group's learning rate (for the limiter).
+        scale_type: unused by this rule.
+        norm_growth_limit: gamma, or ``None`` for no limiter (GaLore's default).
+
+    Returns:
+        The (m, n) update (before ``scale``) and the state entries to store.
+    """
+    del grad, low, scale_type
+    update = project_back(low_update, basis, weight_shape)
+    return _limited(update, state, norm_growth_limit, lr)
+
+
+def apollo_update(
+    grad: torch.Tensor | None,
+    low: torch.Tensor,
+    low_update: torch.Tensor,
+    basis: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    *,
+    weight_shape: torch.Size,
+    lr: float | torch.Tensor,
+    scale_type: str,
+    norm_growth_limit: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """APOLLO (arXiv 2412.05270 Sec. 4, Alg. 1): the raw gradient scaled by ``||R~|| / ||R||`` per channel.
+
+    The paper's projection has N(0, 1/r) entries (E[P P^T] = I, so ``||R_:,j|| ~ ||G_:,j||``); ours have
+    E[P^T P] = I (:func:`lowrank_train.projection.random_basis`), i.e. ``R`` is ``sqrt(r / min(m, n))`` times the
+    paper's. ``R`` is put back into the paper's normalisation before the ratio (Adam's R~ does not depend on it),
+    so the scales, ``scale`` (alpha) and the learning rate mean what they mean in the paper.
+
+    Args: as :func:`galore_update`; ``grad`` is required, ``scale_type`` is "channel" (APOLLO) or "tensor"
+    (APOLLO-Mini).
+    """
+    if grad is None:
+        raise ValueError("the 'apollo' update rule needs the raw gradient at update time")
+    rows, rank = basis.shape
+    ratio = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type)
+    update = orient(grad).float() * ratio  # R~ carries -lr: ratio >= 0, so G * ratio points uphill
+    update = _to_weight_frame(update.neg_(), weight_shape)
+    return _limited(update, state, norm_growth_limit, lr)
+
+
+def fira_update(
+    grad: torch.Tensor | None,
+    low: torch.Tensor,
+    low_update: torch.Tensor,
+    basis: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    *,
+    weight_shape: torch.Size,
+    lr: float | torch.Tensor,
+    scale_type: str,
+    norm_growth_limit: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fira (arXiv 2410.01623 Sec. 3.2-3.3): ``P R~`` plus the residual ``(I - P P^T) G`` scaled by ``phi``.
+
+    ``phi_j = ||R~_:,j|| / ||R_:,j||`` per channel (or tensor-wise); the norm-growth limiter acts on the scaled
+    residual only, as in the paper.
+
+    Args: as :func:`galore_update`; ``grad`` is required.
+    """
+    if grad is None:
+        raise ValueError("the 'fira' update rule needs the raw gradient at update time")
+    p = basis.float()
+    residual = orient(grad).float() - p @ low.float()  # (I - P P^T) G, since R = P^T G
+    residual.mul_(norm_ratio(low_update, low, scale_type)).neg_()  # R~ carries -lr: the residual step goes downhill
+    residual, new_state = _limited(_to_weight_frame(residual, weight_shape), state, norm_growth_limit, lr)
+    return project_back(low_update, basis, weight_shape).float() + residual, new_state
+
+
+register_update_rule(UpdateRule("galore", galore_update, state_keys=("update_norm",)))
+register_update_rule(
+    UpdateRule("apollo", apollo_update, needs_full_gradient=True, norm_growth_limit=1.01, state_keys=("update_norm",))
+)
+register_update_rule(
+    UpdateRule("fira", fira_update, needs_full_gradient=True, norm_growth_limit=1.01, state_keys=("update_norm",))
+)
+
+__all__ = [
+    "SCALE_TYPES",
+    "UPDATE_RULES",
+    "UpdateRule",
+    "apollo_update",
+    "fira_update",
+    "galore_update",
+    "get_update_rule",
+    "limit_norm_growth",
+    "norm_ratio",
+    "register_update_rule",
+]

@@ -502,6 +502,13 @@ def compress_model(
     factorization), and a failure half-way leaves the model as it was. The results equal a whole-model pass
     (the blocks see the same inputs, the dense model's), up to the factorization's rounding.
 
+    Under the default ``strategy="auto"`` the held-out guard (:mod:`lowrank_train.welore.guard`) runs this once per
+    guard candidate on the first four fifths of the calibration sequences: each candidate's factors are swapped in,
+    its mean token loss on the held-out fifth measured, and the dense layers (kept aside) put back exactly; the
+    winner's low-rank layers go in at the end, so the model equals compressing with the winner forced on the
+    fitting sequences. During the guard, peak memory adds the factors of two candidates (the best so far and the
+    current one). Precomputed statistics or too few sequences fall back on ``"whitened-loss"``, with a warning.
+
     Args:
         model: a causal LM (any module whose transformer blocks sit in an ``nn.ModuleList``).
         config: target, strategy and numerics.
@@ -513,7 +520,7 @@ def compress_model(
             block by block). Ignored by data-free strategies.
 
     Returns:
-        Per-matrix ranks, LRC/N-LRC, and parameter totals.
+        Per-matrix ranks, LRC/N-LRC, and parameter totals; under ``"auto"``, the guard's losses, winner and margin.
 
     Raises:
         ValueError: a model already compressed, no block linears, a NaN/Inf weight (naming it), missing, empty,

@@ -126,12 +126,16 @@ FIRA_OPTIONS: dict[str, Any] = {"update": "fira", "projector": "svd", "scale_typ
 """Fira (Chen et al. 2024, arXiv 2410.01623): GaLore's SVD basis plus the scaled residual; alpha stays GaLore's."""
 
 
-def _with_method_options(params: Iterable[Any], options: Mapping[str, Any], where: str) -> list[Any]:
-    """Writes the method's defining ``options`` into every low-rank group (one with ``rank``).
+# Written over a group's own value: lowrank_param_groups always sets projector and scale (GaLore's "svd" and 0.25),
+# which would otherwise silently turn APOLLO back into GaLore; rank 1 is what makes APOLLO-Mini.
+_FORCED_OPTIONS = ("update", "projector", "scale", "rank")
 
-    They are written, not defaulted: :func:`lowrank_param_groups` always sets ``projector`` and ``scale`` (GaLore's
-    "svd" and 0.25), which would otherwise silently turn APOLLO back into GaLore. A group that names another
-    ``update`` rule is refused.
+
+def _with_method_options(params: Iterable[Any], options: Mapping[str, Any], where: str) -> list[Any]:
+    """Puts the method's ``options`` into every low-rank group (one with ``rank``).
+
+    Those in ``_FORCED_OPTIONS`` are written over the group's value, the others (``scale_type``) are defaults.
+    A group that names another ``update`` rule is refused.
     """
     groups = []
     for item in params:
@@ -141,7 +145,8 @@ def _with_method_options(params: Iterable[Any], options: Mapping[str, Any], wher
                     f"{where}: a param group asks for update={item['update']!r}; this optimizer is update="
                     f"{options['update']!r} (use GaLore(..., update=...) for another rule)"
                 )
-            item = {**item, "params": _param_list(item["params"]), **options}
+            forced = {k: v for k, v in options.items() if k in _FORCED_OPTIONS}
+            item = {**options, **item, "params": _param_list(item["params"]), **forced}
         groups.append(item)
     return groups
 
@@ -156,9 +161,10 @@ class APOLLOAdamW(GaLore):
     """APOLLO (Zhu et al. 2024, arXiv 2412.05270): AdamW moments of a seeded random projection only set per-channel
     learning-rate scales of the raw gradient; the update is full-rank, the state is (r x max(m, n)) moments + a seed.
 
-    Low-rank groups get :data:`APOLLO_OPTIONS` (``update="apollo"``, ``projector="random"``, ``scale_type="channel"``,
-    ``scale`` = this preset's ``scale``); the norm-growth limiter (gamma 1.01) is on unless a group sets
-    ``norm_growth_limit=float("inf")``. Gradient accumulation happens in ``.grad`` (no ``accumulate_grad``).
+    Low-rank groups get :data:`APOLLO_OPTIONS`: ``update="apollo"``, ``projector="random"`` and ``scale`` (this
+    preset's ``scale``) written over theirs, ``scale_type="channel"`` as a default. The norm-growth limiter (gamma
+    1.01) is on unless a group sets ``norm_growth_limit=float("inf")``. Gradient accumulation happens in ``.grad``
+    (no ``accumulate_grad``).
 
     Example:
         >>> opt = APOLLOAdamW(lowrank_param_groups(model, rank=256, update_gap=200), lr=1e-2)
@@ -170,7 +176,8 @@ class APOLLOAdamW(GaLore):
         options = dict(self._options) if scale is None else {**self._options, "scale": scale}
         params = _with_method_options(params, options, type(self).__name__)
         defaults = {k: v for k, v in options.items() if k != "rank"}  # rank is a group key only
-        super().__init__(params, base="adamw", lr=lr, **_adamw_kwargs(params, {**defaults, **kwargs, **defaults}))
+        forced = {k: v for k, v in defaults.items() if k in _FORCED_OPTIONS}
+        super().__init__(params, base="adamw", lr=lr, **_adamw_kwargs(params, {**defaults, **kwargs, **forced}))
 
 
 class APOLLOMini(APOLLOAdamW):

@@ -1,0 +1,281 @@
+"""Update rules (issue 21): GaLore, APOLLO, Fira against brute-force references written here, the norm-growth
+limiter against its definition, state round trips, and APOLLO against the peer implementation apollo-torch."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from lowrank_train.optim import (
+    UPDATE_RULES,
+    APOLLOAdamW,
+    APOLLOMini,
+    FiraAdamW,
+    GaLore,
+    GaLoreAdamW,
+    UpdateRule,
+    get_update_rule,
+    register_update_rule,
+)
+from lowrank_train.optim.functional import basis_generator
+from lowrank_train.optim.update_rules import galore_update, limit_norm_growth
+from lowrank_train.projection import orient, project_back, project_gradient, random_basis, svd_basis
+
+LR, WD, BETAS, EPS = 1e-2, 0.1, (0.9, 0.999), 1e-8
+SHAPES = [(8, 20), (20, 8)]  # both orientations: the channel is the non-projected side (n, then m)
+
+
+def _grads(shape, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Growing gradients make the norm-growth limiter bite on some steps.
+    return [torch.randn(shape, generator=g) * (1 + 0.5 * t) for t in range(steps)]
+
+
+def _run(optimizer, weight, grads):
+    for grad in grads:
+        weight.grad = grad.clone().to(weight.dtype)
+        optimizer.step()
+    return weight
+
+
+class _Adam:
+    """torch AdamW's math on the projected gradient (no decay: GaLore decays the full weight)."""
+
+    def __init__(self):
+        self.m = self.v = None
+        self.t = 0
+
+    def update(self, r):
+        self.t += 1
+        self.m = (1 - BETAS[0]) * r if self.m is None else BETAS[0] * self.m + (1 - BETAS[0]) * r
+        self.v = (1 - BETAS[1]) * r * r if self.v is None else BETAS[1] * self.v + (1 - BETAS[1]) * r * r
+        m_hat = self.m / (1 - BETAS[0] ** self.t)
+        v_hat = self.v / (1 - BETAS[1] ** self.t)
+        return -LR * m_hat / (v_hat.sqrt() + EPS)
+
+
+def _ratio(top, bottom, scale_type):
+    dim = 0 if scale_type == "channel" else None
+    if dim is None:
+        return top.norm() / (bottom.norm() + 1e-8)
+    return top.norm(dim=0, keepdim=True) / (bottom.norm(dim=0, keepdim=True) + 1e-8)
+
+
+def _limit(u, prev, gamma):
+    """||u_t|| / lr > gamma ||u_{t-1}|| / lr: rescale u_t to gamma ||u_{t-1}||."""
+    norm = float(u.norm()) / LR
+    if prev is not None and norm > gamma * (prev + 1e-8):
+        u, norm = u * gamma * (prev + 1e-8) / norm, gamma * (prev + 1e-8)
+    return u, norm
+
+
+def _apollo_reference(w0, grads, rank, scale, scale_type, gamma):
+    rows = min(w0.shape)
+    p = random_basis(torch.zeros(rows, max(w0.shape)), rank, basis_generator(0, 0, torch.device("cpu")))
+    adam, w, prev = _Adam(), w0.clone(), None
+    for g in grads:
+        go = orient(g)
+        r = p.mT @ go
+        r_tilde = adam.update(r)
+        s = _ratio(r_tilde, r * math.sqrt(rows / rank), scale_type)  # the paper's N(0, 1/r) normalisation
+        u, prev = _limit(-go * s, prev, gamma)
+        u = u if w0.shape[0] <= w0.shape[1] else u.mT
+        w = w * (1 - LR * WD) + scale * u
+    return w
+
+
+def _fira_reference(w0, grads, rank, scale, gamma):
+    adam, w, prev, p = _Adam(), w0.clone(), None, None
+    for g in grads:
+        go = orient(g)
+        p = svd_basis(go, rank) if p is None else p
+        r = p.mT @ go
+        r_tilde = adam.update(r)
+        residual, prev = _limit(-(go - p @ r) * _ratio(r_tilde, r, "channel"), prev, gamma)
+        u = p @ r_tilde + residual
+        u = u if w0.shape[0] <= w0.shape[1] else u.mT
+        w = w * (1 - LR * WD) + scale * u
+    return w
+
+
+def _weight(shape, dtype=torch.float32):
+    return torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+
+
+def _group(weight, rank, **options):
+    return [{"params": [weight], "rank": rank, "update_gap": 1000, **options}]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(
+    ("cls", "rank", "scale", "scale_type"),
+    [(APOLLOAdamW, 3, 1.0, "channel"), (APOLLOMini, 1, math.sqrt(128), "tensor")],
+)
+def test_apollo_matches_its_brute_force_reference(shape, cls, rank, scale, scale_type):
+    weight = _weight(shape)
+    w0, grads = weight.detach().clone(), _grads(shape, 6)
+    opt = cls(_group(weight, rank), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    _run(opt, weight, grads)
+    expected = _apollo_reference(w0, grads, rank, scale, scale_type, 1.01)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", [1.01, None])
+def test_fira_matches_its_brute_force_reference(shape, gamma):
+    weight = _weight(shape)
+    w0, grads = weight.detach().clone(), _grads(shape, 6)
+    limit = float("inf") if gamma is None else gamma
+    opt = FiraAdamW(_group(weight, 3, norm_growth_limit=limit), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    _run(opt, weight, grads)
+    expected = _fira_reference(w0, grads, 3, 0.25, gamma if gamma is not None else math.inf)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_galore_rule_is_todays_update_bit_for_bit(shape):
+    """The rule is project_back itself, and the optimizer equals a zero-started shadow stepped by torch AdamW."""
+    g = torch.Generator().manual_seed(3)
+    basis, low_update = torch.randn(min(shape), 4, generator=g), torch.randn(4, max(shape), generator=g)
+    update, state = galore_update(
+        None, low_update, low_update, basis, {}, weight_shape=torch.Size(shape), lr=LR, scale_type="channel",
+        norm_growth_limit=None,
+    )  # fmt: skip
+    assert torch.equal(update, project_back(low_update, basis, torch.Size(shape))) and state == {}
+
+    weight = _weight(shape)
+    reference, grads = weight.detach().clone(), _grads(shape, 4)
+    opt = GaLoreAdamW(_group(weight, 3), lr=LR, weight_decay=WD)
+    shadow = torch.nn.Parameter(torch.zeros(3, max(shape)))
+    adam = torch.optim.AdamW([shadow], lr=LR, weight_decay=WD, fused=True)
+    p = svd_basis(orient(grads[0]), 3)
+    for grad in grads:
+        weight.grad = grad.clone()
+        opt.step()
+        shadow.data.zero_()
+        shadow.grad = project_gradient(grad, p)
+        adam.step()
+        reference.mul_(1 - LR * WD).add_(project_back(shadow.data, p, weight.shape), alpha=0.25)
+    assert torch.equal(weight.detach(), reference)
+    assert "update_norm" not in opt.state[weight]  # no limiter by default for GaLore
+
+
+def test_limiter_oracle():
+    update = torch.full((2, 2), 1.0)  # norm 2
+    # lr 0.5: the lr-free norm is 4; previous 2 allows 2.02 at most.
+    limited, norm = limit_norm_growth(update, torch.tensor(2.0), 1.01, 0.5)
+    torch.testing.assert_close(norm, torch.tensor(2.02 + 1.01e-8))
+    torch.testing.assert_close(limited.norm() / 0.5, norm)
+    kept, norm = limit_norm_growth(update, torch.tensor(10.0), 1.01, 0.5)  # shrinking: untouched
+    assert torch.equal(kept, update) and float(norm) == 4.0
+    first, norm = limit_norm_growth(update, None, 1.01, 0.5)
+    assert torch.equal(first, update) and float(norm) == 4.0
+
+
+def test_registry_and_options_are_checked_where_they_enter():
+    assert {"galore", "apollo", "fira"} <= set(UPDATE_RULES)
+    assert get_update_rule("apollo").needs_full_gradient and not get_update_rule("galore").needs_full_gradient
+    with pytest.raises(ValueError, match="already registered"):
+        register_update_rule(UpdateRule("apollo", galore_update))
+    previous = UPDATE_RULES["apollo"]
+    try:
+        register_update_rule(UpdateRule("apollo", galore_update), replace=True)
+    finally:
+        register_update_rule(previous, replace=True)
+    weight = _weight((8, 20))
+    with pytest.raises(ValueError, match="did you mean 'apollo'"):
+        GaLore(_group(weight, 2, update="apolo"))
+    with pytest.raises(ValueError, match="scale_type must be one of"):
+        GaLore(_group(weight, 2, scale_type="row"))
+    with pytest.raises(ValueError, match="norm_growth_limit must be"):
+        GaLore(_group(weight, 2), norm_growth_limit=0.9)
+    with pytest.raises(ValueError, match="this optimizer is update='apollo'"):
+        APOLLOAdamW(_group(weight, 2, update="fira"))
+
+
+def test_projected_accumulation_is_refused_for_full_gradient_rules():
+    weight = _weight((8, 20))
+    opt = APOLLOAdamW(_group(weight, 2), lr=LR)
+    weight.grad = torch.ones_like(weight)
+    with pytest.raises(ValueError, match="raw full gradient"):
+        opt.accumulate_grad(weight)
+
+
+def test_presets_fix_the_method_options():
+    weight = _weight((8, 20))
+    group = {"params": [weight], "rank": 4, "projector": "svd", "scale": 0.25}  # as lowrank_param_groups writes
+    mini = APOLLOMini([group]).param_groups[0]
+    assert (mini["rank"], mini["projector"], mini["scale_type"], mini["scale"]) == (1, "random", "tensor", 128**0.5)
+    assert APOLLOAdamW([dict(group)], scale=2.0).param_groups[0]["scale"] == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [APOLLOAdamW, APOLLOMini, FiraAdamW])
+def test_state_round_trip(cls, dtype):
+    """N steps, save, load with weights_only=True, continue both copies: same numbers; update_norm stays fp32."""
+    grads = _grads((8, 20), 8)
+    weight = _weight((8, 20), dtype)
+    opt = cls(_group(weight, 2), lr=LR, weight_decay=WD)
+    _run(opt, weight, grads[:4])
+    buffer = io.BytesIO()
+    torch.save({"weight": weight.detach().clone(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin = torch.nn.Parameter(saved["weight"])
+    twin_opt = cls(_group(twin, 2), lr=LR, weight_decay=WD)
+    twin_opt.load_state_dict(saved["opt"])
+    assert twin_opt.state[twin]["update_norm"].dtype == torch.float32
+    _run(opt, weight, grads[4:])
+    _run(twin_opt, twin, grads[4:])
+    assert torch.equal(weight.detach(), twin.detach())
+    assert torch.equal(opt.state[weight]["update_norm"], twin_opt.state[twin]["update_norm"])
+
+
+# ----- the peer: apollo-torch ---------------------------------------------------------------------------------
+def _peer_run(monkeypatch, shape, grads, rank, scale_type, alpha, betas, eps, limiter):
+    apollo_torch = pytest.importorskip("apollo_torch")
+    from apollo_torch import random_projector
+
+    rows = min(shape)
+    raw = torch.randn(rows, rank, generator=basis_generator(0, 0, torch.device("cpu")))  # our basis * sqrt(rows)
+
+    def shared_gaussian(size, seed, device=None, dtype=torch.float32):
+        del seed, device
+        return (raw if tuple(size) == (rows, rank) else raw.mT).to(dtype).clone()  # "left" or "right"
+
+    monkeypatch.setattr(random_projector, "stable_randn", shared_gaussian)
+    peer_weight = _weight(shape)
+    group = {
+        "params": [peer_weight], "rank": rank, "proj": "random", "proj_type": "std", "update_proj_gap": 1000,
+        "scale": alpha**2, "scale_type": scale_type,
+    }  # fmt: skip
+    peer = apollo_torch.APOLLOAdamW([group], lr=LR, betas=betas, eps=eps, weight_decay=0.0, disable_nl=not limiter)
+    _run(peer, peer_weight, grads)
+
+    weight = _weight(shape)
+    ours = APOLLOAdamW(
+        _group(weight, rank, scale_type=scale_type, norm_growth_limit=1.01 if limiter else math.inf),
+        lr=LR, betas=betas, eps=eps, weight_decay=0.0, scale=alpha,
+    )  # fmt: skip
+    _run(ours, weight, grads)
+    return weight.detach(), peer_weight.detach()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize(("rank", "scale_type", "alpha"), [(3, "channel", 1.0), (1, "tensor", math.sqrt(128))])
+def test_apollo_matches_apollo_torch_with_a_shared_projection(monkeypatch, shape, rank, scale_type, alpha):
+    """Same Gaussian for both (apollo-torch's N(0, 1/r) is sqrt(rows / r) times our basis). eps 0: apollo-torch's
+    eps sits outside torch AdamW's bias correction; without the limiter the two are the same update."""
+    grads = _grads(shape, 6)
+    ours, peer = _peer_run(monkeypatch, shape, grads, rank, scale_type, alpha, BETAS, 0.0, limiter=False)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_apollo_limiter_matches_apollo_torch(monkeypatch, shape):
+    """apollo-torch limits the update before bias correction, we after (torch AdamW's R~); betas 0 make the
+    corrections 1, so the limiters (gamma 1.01, lr-free norms) must agree exactly."""
+    grads = _grads(shape, 6)
+    ours, peer = _peer_run(monkeypatch, shape, grads, 3, "channel", 1.0, (0.0, 0.0), 0.0, limiter=True)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)

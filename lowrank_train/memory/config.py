@@ -203,7 +203,7 @@ class TrainingSetup:
         except ValueError as error:
             raise ValueError(f"optimizer: {error}") from None
         object.__setattr__(self, "optimizer", optimizer)
-        # Options the method fixes (APOLLO-Mini: rank 1, the random projector): its builder writes them into the groups.
+        # Options the method fixes (APOLLO-Mini: rank 1, the random projector): its builder writes them in the groups.
         for name in ("projector", "rank"):
             if name in method.method_options:
                 object.__setattr__(self, name, method.method_options[name])

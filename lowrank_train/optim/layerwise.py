@@ -301,9 +301,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 inner_group["seed_offset"] = len(self._params)
             inner = self._make_optimizer([inner_group])
             self._check_inner(inner, p, label)
-            for key, value in inner.param_groups[0].items():  # the inner defaults become visible to schedulers
+            # The inner group becomes visible to schedulers: its defaults, and what a preset wrote over the given
+            # options (APOLLO's projector and scale, issue 21), which the per-step sync must not undo.
+            for key, value in inner.param_groups[0].items():
                 if key not in _NOT_SYNCED:
-                    group.setdefault(key, value)
+                    group[key] = value
             self._position[p] = (len(self._params), group_index)
             self._params.append(p)
             self._labels.append(label)

@@ -279,3 +279,28 @@ def test_apollo_limiter_matches_apollo_torch(monkeypatch, shape):
     grads = _grads(shape, 6)
     ours, peer = _peer_run(monkeypatch, shape, grads, 3, "channel", 1.0, (0.0, 0.0), 0.0, limiter=True)
     torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [APOLLOAdamW, APOLLOMini, FiraAdamW])
+def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls):
+    """The engine's per-step sync of its groups must not undo what the preset wrote (projector, scale, rank)."""
+    from torch import nn
+
+    from lowrank_train.optim import LayerwiseOptimizer, lowrank_param_groups
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    whole, layerwise = model(), model()
+    opt = cls(lowrank_param_groups(whole, rank=4), lr=LR)
+    engine = LayerwiseOptimizer(lowrank_param_groups(layerwise, rank=4), lambda groups: cls(groups, lr=LR))
+    for _ in range(3):
+        whole(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        layerwise(x).square().sum().backward()
+    for p, q in zip(whole.parameters(), layerwise.parameters(), strict=True):
+        assert torch.equal(p, q)
+    engine.remove_hooks()

@@ -29,7 +29,8 @@ from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.checkpoint import read_meta
 from lowrank_train.train.config import TrainConfig
 from lowrank_train.train.estimate import memory_fit_problem
-from lowrank_train.train.evaluation import evaluate, perplexity
+from lowrank_train.train.evaluation import evaluate as heldout_loss
+from lowrank_train.train.evaluation import perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
@@ -137,248 +138,362 @@ def train(
             bounds allow under ``skip``.
         RunLockedError: another process is using ``run.output_dir``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    recipe = TrainingRecipe(config, mode=mode, log=log, stop_after=stop_after)
     with run_folder_lock(Path(config.run.output_dir)), stop_on_signals() as stop:
-        return _train(config, mode=mode, resume=resume, log=log, stop_after=stop_after, stop=stop)
+        return recipe.execute(resume=resume, stop=stop)
 
 
-def _train(
-    config: TrainConfig, *, mode: str, resume: bool, log: Log, stop_after: int | None, stop: StopRequest
-) -> dict[str, Any]:
-    """:func:`train` inside the run lock, with ``stop`` set by the signal handlers."""
-    run = config.run
-    device = resolve_device(run.device)
-    dtype = resolve_dtype(run.dtype)
-    if run.num_threads is not None:
-        torch.set_num_threads(run.num_threads)
-    if run.check_memory:
-        problem = memory_fit_problem(config, device)
-        if problem:
-            raise MemoryError(f"{problem} (set run.check_memory=false to try anyway)")
-    output, resume_from = prepare_output_dir(config, resume, log=log)
-    saved_meta = read_meta(resume_from) if resume_from is not None else {}
-    if resume_from is not None and int(saved_meta["step"]) >= run.max_steps and (output / SUMMARY_FILE).is_file():
-        # Issue 15 item 4: a finished run resumed with the same max_steps changes nothing and appends nothing.
-        log(
-            f"the run in {output} is already complete at step {saved_meta['step']} (run.max_steps={run.max_steps}); "
-            "nothing to do. Pass a larger run.max_steps to continue it"
+class TrainingRecipe:
+    """One ``pretrain`` / ``finetune`` run as a recipe (torchtune's shape): :meth:`execute` runs :meth:`setup`,
+    :meth:`resume`, :meth:`train_step` per step, :meth:`evaluate`, :meth:`save_checkpoint` and :meth:`finish`.
+
+    Single-process; a multi-process (torchrun / FSDP2) run would replace :meth:`build_model_and_optimizer`,
+    :meth:`save_checkpoint` and :meth:`is_main_process`. Mode differences live in :meth:`build_model_and_optimizer`.
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    training_data: Any
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    batches: Any
+    metrics: MetricsWriter
+    progress: RunProgress
+    output: Path
+    stop: StopRequest
+
+    def __init__(self, config: TrainConfig, *, mode: str, log: Log, stop_after: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.config, self.mode, self.log, self.stop_after = config, mode, log, stop_after
+        data = config.data
+        self.tokens_per_step = data.batch_size * data.seq_len * data.grad_accum
+        self.resume_from: Path | None = None
+        self.saved_meta: dict[str, Any] = {}
+        self.start_step, self.tokens_done, self.train_seconds = 0, 0, 0.0
+        # The train loss of every step: logging windows are cut at multiples of run.log_every from these, so a
+        # resumed run logs what the uninterrupted run logs whatever log_every either used (issue 12 item 6).
+        self.step_losses: list[float] = []
+        self.skips = SkippedSteps(config.optimizer.max_skipped_steps, config.optimizer.max_consecutive_skips)
+        self.schedule = schedule_segment(config.run.max_steps)
+        self.saved: dict[int, Path] = {}  # step -> its checkpoint folder, written (or resumed from) by this run
+        self.window_steps, self.window_seconds = 0, 0.0
+        self.stopped_at: int | None = None
+
+    def execute(self, *, resume: bool, stop: StopRequest) -> dict[str, Any]:
+        """The whole run inside the run lock, ``stop`` set by the signal handlers; returns :func:`train`'s result."""
+        self.stop = stop
+        finished = self.prepare(resume)
+        if finished is not None:
+            return finished
+        self.setup()
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
+        self.open_metrics()
+        if self.resume_from is None:
+            self.evaluate(0)
+        # A bar in a terminal, plain lines elsewhere; messages while the bar is drawn go above it.
+        self.progress = RunProgress(total=self.config.run.max_steps, start=self.start_step, log=self.log)
+        self.log = self.progress.wrap(self.log)
+        last_step = self.train_steps()
+        if last_step is None:
+            return {"stopped_at": self.stopped_at}
+        return self.finish(last_step)
+
+    def is_main_process(self) -> bool:
+        """Whether this process writes the run's shared files (summary, plots); always, in a single process."""
+        return True
+
+    def prepare(self, resume: bool) -> dict[str, Any] | None:
+        """Device, threads, memory check and run folder; the saved summary when the run is already complete."""
+        run = self.config.run
+        self.device = resolve_device(run.device)
+        self.dtype = resolve_dtype(run.dtype)
+        if run.num_threads is not None:
+            torch.set_num_threads(run.num_threads)
+        if run.check_memory:
+            problem = memory_fit_problem(self.config, self.device)
+            if problem:
+                raise MemoryError(f"{problem} (set run.check_memory=false to try anyway)")
+        self.output, self.resume_from = prepare_output_dir(self.config, resume, log=self.log)
+        self.saved_meta = read_meta(self.resume_from) if self.resume_from is not None else {}
+        summary_file = self.output / SUMMARY_FILE
+        if self.resume_from is not None and int(self.saved_meta["step"]) >= run.max_steps and summary_file.is_file():
+            # Issue 15 item 4: a finished run resumed with the same max_steps changes nothing and appends nothing.
+            self.log(
+                f"the run in {self.output} is already complete at step {self.saved_meta['step']} "
+                f"(run.max_steps={run.max_steps}); nothing to do. Pass a larger run.max_steps to continue it"
+            )
+            return json.loads(summary_file.read_text(encoding="utf-8"))
+        self.log(f"run folder: {self.output.resolve()}")
+        return None
+
+    def setup(self) -> None:
+        """Seeds the run, builds the model, tokenizer, data and optimizer, and opens the batch stream."""
+        torch.manual_seed(self.config.run.seed)
+        self.build_model_and_optimizer()
+        self.batches = self.training_data.train_batches()
+
+    def build_model_and_optimizer(self) -> None:
+        """The model on its device, its tokenizer and data, and the optimizer over the mode's parameter groups."""
+        config, run = self.config, self.config.run
+        model, model_tokenizer = build_model(
+            config.model,
+            self.dtype,
+            weight_bits=config.optimizer.resolved_weight_bits if self.mode == "pretrain" else None,
+            weight_group_size=config.optimizer.weight_group_size,
+            seed=run.seed,
         )
-        return json.loads((output / SUMMARY_FILE).read_text(encoding="utf-8"))
-    log(f"run folder: {output.resolve()}")
+        self.tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
+        self.training_data = open_run_data(config, self.tokenizer, model.get_input_embeddings().num_embeddings)
+        self.check_data_fingerprint()
+        self.model = prepare_model(model, config, self.device)
+        if self.mode == "finetune":
+            groups = finetune_param_groups(self.model, config)
+        else:
+            groups = pretrain_param_groups(self.model, config.optimizer)
+        self.optimizer = build_optimizer(groups, config)
+        self.trainable = [p for g in groups for p in g["params"]]
 
-    def mixed_precision() -> contextlib.AbstractContextManager:
-        # Forward passes only: backward follows the dtypes autocast chose, and the optimizer sees run.dtype.
-        if run.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=getattr(torch, run.autocast))
-
-    torch.manual_seed(run.seed)
-    model, model_tokenizer = build_model(
-        config.model,
-        dtype,
-        weight_bits=config.optimizer.resolved_weight_bits if mode == "pretrain" else None,
-        weight_group_size=config.optimizer.weight_group_size,
-        seed=run.seed,
-    )
-    tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
-    training_data = open_run_data(config, tokenizer, model.get_input_embeddings().num_embeddings)
-    if resume_from is not None and saved_meta.get("data_fingerprint", training_data.fingerprint) != (
-        training_data.fingerprint
-    ):
-        if not run.allow_data_change:
+    def check_data_fingerprint(self) -> None:
+        """Refuses to resume on changed data unless ``run.allow_data_change`` (then says so)."""
+        fingerprint = self.training_data.fingerprint
+        if self.resume_from is None or self.saved_meta.get("data_fingerprint", fingerprint) == fingerprint:
+            return
+        if not self.config.run.allow_data_change:
             raise ResumeError(
-                f"--resume: the data changed since the checkpoint in {resume_from} (the text of data.corpus="
-                f"{config.data.corpus!r}, the tokenizer or data.seq_len: fingerprint "
-                f"{saved_meta['data_fingerprint'][:12]}, now {training_data.fingerprint[:12]}). Restore the data, "
+                f"--resume: the data changed since the checkpoint in {self.resume_from} (the text of data.corpus="
+                f"{self.config.data.corpus!r}, the tokenizer or data.seq_len: fingerprint "
+                f"{self.saved_meta['data_fingerprint'][:12]}, now {fingerprint[:12]}). Restore the data, "
                 "or pass run.allow_data_change=true to continue on the new data"
             )
-        log("resume: the data changed since the checkpoint; continuing on the new data (run.allow_data_change)")
-    model = prepare_model(model, config, device)
+        self.log("resume: the data changed since the checkpoint; continuing on the new data (run.allow_data_change)")
 
-    if mode == "finetune":
-        groups = finetune_param_groups(model, config)
-    else:
-        groups = pretrain_param_groups(model, config.optimizer)
-    optimizer = build_optimizer(groups, config)
-    trainable = [p for g in groups for p in g["params"]]
-    layerwise = config.optimizer.layerwise
-
-    data = config.data
-    start_step, tokens_done, train_seconds = 0, 0, 0.0
-    # The train loss of every step: logging windows are cut at multiples of run.log_every from these, so a resumed
-    # run logs what the uninterrupted run logs whatever log_every either used (issue 12 item 6).
-    step_losses: list[float] = []
-    skips = SkippedSteps(config.optimizer.max_skipped_steps, config.optimizer.max_consecutive_skips)
-    schedule = schedule_segment(run.max_steps)
-    batches = training_data.train_batches()
-    if resume_from is not None:
-        point = restore_checkpoint(resume_from, model, optimizer, device)
-        start_step, tokens_done, train_seconds = point.step, point.tokens, point.train_seconds
+    def resume(self, folder: Path) -> None:
+        """Restores model, optimizer, RNG, data position, counters and schedule from the checkpoint ``folder``."""
+        config, saved_meta = self.config, self.saved_meta
+        point = restore_checkpoint(folder, self.model, self.optimizer, self.device)
+        step = self.start_step = point.step
+        self.tokens_done, self.train_seconds = point.tokens, point.train_seconds
         # Checkpoints written before the losses were stored: unknown steps are NaN, left out of their window.
-        step_losses = (point.step_losses + [math.nan] * start_step)[:start_step]
-        if point.data is not None and saved_meta.get("data_fingerprint") == training_data.fingerprint:
-            batches.load_state_dict(point.data)
+        self.step_losses = (point.step_losses + [math.nan] * step)[:step]
+        if point.data is not None and saved_meta.get("data_fingerprint") == self.training_data.fingerprint:
+            self.batches.load_state_dict(point.data)
         else:  # older checkpoints, or new data (run.allow_data_change): the same position, counted in batches
-            batches = training_data.train_batches(start_step * data.grad_accum)
+            self.batches = self.training_data.train_batches(step * config.data.grad_accum)
         saved_max = int(saved_meta["config"]["run"]["max_steps"])
         schedule = point.schedule or schedule_segment(saved_max)
-        skips.total, skips.consecutive = point.skipped_steps, point.consecutive_skips
-        rescale_peak_lr(optimizer, float(saved_meta["config"]["optimizer"]["lr"]), config.optimizer.lr)
-        log(f"resumed from {resume_from} at step {start_step}")
-        schedule = resumed_schedule(schedule, config, step=start_step, saved_max=saved_max, log=log)
+        self.skips.total, self.skips.consecutive = point.skipped_steps, point.consecutive_skips
+        rescale_peak_lr(self.optimizer, float(saved_meta["config"]["optimizer"]["lr"]), config.optimizer.lr)
+        self.log(f"resumed from {folder} at step {step}")
+        self.schedule = resumed_schedule(schedule, config, step=step, saved_max=saved_max, log=self.log)
+        self.saved[step] = folder
 
-    tokens_per_step = data.batch_size * data.seq_len * data.grad_accum
-    metrics = MetricsWriter(
-        output,
-        run.metrics,
-        resume_step=start_step if resume_from is not None else None,
-        log=log,
-        run_name=output.name,
-        config=config.to_dict(),
-    )
-    num_params = count_parameters(model)
-    num_trainable = sum(p.numel() for p in trainable)
-    log(
-        f"{mode}: {type(model).__name__} with {num_params / 1e6:.2f}M parameters ({num_trainable / 1e6:.2f}M "
-        f"trainable), optimizer {config.optimizer.name}{' (layer-wise)' if layerwise else ''}, {run.dtype} on "
-        f"{device}; {training_data.describe()}, {tokens_per_step} tokens per step"
-    )
-
-    def run_eval(step: int) -> float:
-        with mixed_precision():
-            loss = evaluate(model, training_data.heldout, data.batch_size, run.eval_batches, device)
-        metrics.write({"split": "eval", "step": step, "loss": loss, "perplexity": perplexity(loss)})
-        log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
-        return loss
-
-    saved: dict[int, Path] = {} if resume_from is None else {start_step: resume_from}
-
-    def checkpoint(step: int) -> Path:
-        state = checkpoint_state(
-            model,
-            optimizer,
-            device,
-            step=step,
-            tokens=tokens_done,
-            train_seconds=train_seconds,
-            data=batches.state_dict(),
-            step_losses=step_losses,
-            schedule=schedule,
-            skipped_steps=skips.total,
-            consecutive_skips=skips.consecutive,
+    def open_metrics(self) -> None:
+        """Opens ``metrics.jsonl`` (continued on a resume) and logs what runs."""
+        config, run = self.config, self.config.run
+        self.metrics = MetricsWriter(
+            self.output,
+            run.metrics,
+            resume_step=self.start_step if self.resume_from is not None else None,
+            log=self.log,
+            run_name=self.output.name,
+            config=config.to_dict(),
         )
-        saved[step] = save_run_checkpoint(output, config, mode, state, data_fingerprint=training_data.fingerprint)
-        return saved[step]
+        self.num_params = count_parameters(self.model)
+        self.num_trainable = sum(p.numel() for p in self.trainable)
+        self.log(
+            f"{self.mode}: {type(self.model).__name__} with {self.num_params / 1e6:.2f}M parameters "
+            f"({self.num_trainable / 1e6:.2f}M trainable), optimizer {config.optimizer.name}"
+            f"{' (layer-wise)' if config.optimizer.layerwise else ''}, {run.dtype} on {self.device}; "
+            f"{self.training_data.describe()}, {self.tokens_per_step} tokens per step"
+        )
 
-    eval_loss = run_eval(0) if resume_from is None else None
-    window_steps, window_seconds = 0, 0.0
-    last_step = start_step
-    # A bar in a terminal, plain lines elsewhere; messages while the bar is drawn go above it.
-    progress = RunProgress(total=run.max_steps, start=start_step, log=log)
-    log = progress.wrap(log)
-    for step in range(start_step, run.max_steps):
-        if stop_after is not None and step >= stop_after:
-            progress.close()
-            metrics.close()
-            return {"stopped_at": step}
-        if stop.signum is not None:
-            progress.close()
-            metrics.close()
-            # a signal during a scheduled save (or before the first step of a resume): that checkpoint is the one
-            raise _interrupted(stop, saved.get(step) or checkpoint(step), step, output, mode, log)
+    def mixed_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast to ``run.autocast`` for forward passes (backward follows its dtypes); a no-op when unset."""
+        if self.config.run.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.run.autocast))
+
+    def train_steps(self) -> int | None:
+        """Steps from the start step to ``run.max_steps``; the last step done, or ``None`` at ``stop_after``."""
+        run = self.config.run
+        last_step = self.start_step
+        for step in range(self.start_step, run.max_steps):
+            if self.stop_after is not None and step >= self.stop_after:
+                self.close()
+                self.stopped_at = step
+                return None
+            if self.stop.signum is not None:
+                self.close()
+                # a signal during a scheduled save (or before the first step of a resume): that checkpoint is the one
+                folder = self.saved.get(step) or self.save_checkpoint(step)
+                raise _interrupted(self.stop, folder, step, self.output, self.mode, self.log)
+            loss, elapsed = self.train_step(step)
+            last_step = done = step + 1
+            self.log_step(done, loss, elapsed)
+            if run.eval_every and done % run.eval_every == 0 and done != run.max_steps:
+                self.evaluate(done)
+            if run.save_every and done % run.save_every == 0 and done != run.max_steps:
+                self.save_checkpoint(done)
+        return last_step
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step (0-based ``step``) under the non-finite policy; its loss and seconds."""
+        schedule = self.config.schedule
         set_learning_rate(
-            optimizer,
+            self.optimizer,
             segment_lr_factor(
                 step,
-                segment=schedule,
-                warmup_steps=config.schedule.warmup_steps,
-                min_lr_ratio=config.schedule.min_lr_ratio,
-                kind=config.schedule.kind,
+                segment=self.schedule,
+                warmup_steps=schedule.warmup_steps,
+                min_lr_ratio=schedule.min_lr_ratio,
+                kind=schedule.kind,
             ),
         )
         started = time.perf_counter()
-        loss_value, skipped = optimizer_step(
-            model, optimizer, batches, config, device, mixed_precision=mixed_precision, trainable=trainable
+        loss, skipped = optimizer_step(
+            self.model,
+            self.optimizer,
+            self.batches,
+            self.config,
+            self.device,
+            mixed_precision=self.mixed_precision,
+            trainable=self.trainable,
         )
         elapsed = time.perf_counter() - started
-        if not math.isfinite(loss_value) and config.optimizer.nonfinite == "raise":
+        if not math.isfinite(loss) and self.config.optimizer.nonfinite == "raise":
             raise FloatingPointError(
-                f"the training loss became {loss_value} at step {step + 1}; lower optimizer.lr or add warm-up "
+                f"the training loss became {loss} at step {step + 1}; lower optimizer.lr or add warm-up "
                 "(schedule.warmup_steps), or set optimizer.nonfinite=skip to skip such steps"
             )
-        skips.record(step + 1, skipped, loss_value, log)
-        tokens_done += tokens_per_step  # a skipped step consumed its batches too
-        train_seconds += elapsed
-        step_losses.append(loss_value if not skipped or math.isfinite(loss_value) else math.nan)
-        window_steps += 1
-        window_seconds += elapsed
-        done = step + 1
-        last_step = done
-        lr = optimizer.param_groups[0]["lr"]
-        step_rate = tokens_per_step / max(elapsed, 1e-9)
-        progress.step(StepStats(done, loss_value, lr, step_rate, peak_memory_bytes(device)))
-        if done % run.log_every == 0 or done == run.max_steps:
-            lr = optimizer.param_groups[0]["lr"]
-            tokens_per_second = window_steps * tokens_per_step / max(window_seconds, 1e-9)
-            peak = peak_memory_bytes(device)
-            record = {
-                "split": "train",
-                "step": done,
-                "loss": window_loss(step_losses, done, run.log_every),
-                "lr": lr,
-                "tokens_per_s": tokens_per_second,
-                "tokens": tokens_done,
-                "peak_memory_bytes": peak,
-            }
-            if config.optimizer.nonfinite == "skip":
-                record["skipped_steps"] = skips.total
-            metrics.write(record)
-            progress.interval(StepStats(done, record["loss"], lr, tokens_per_second, peak))
-            window_steps, window_seconds = 0, 0.0
-        if run.eval_every and done % run.eval_every == 0 and done != run.max_steps:
-            eval_loss = run_eval(done)
-        if run.save_every and done % run.save_every == 0 and done != run.max_steps:
-            checkpoint(done)
+        self.skips.record(step + 1, skipped, loss, self.log)
+        self.tokens_done += self.tokens_per_step  # a skipped step consumed its batches too
+        self.train_seconds += elapsed
+        self.step_losses.append(loss if not skipped or math.isfinite(loss) else math.nan)
+        return loss, elapsed
 
-    finished_before = resume_from is not None and start_step >= run.max_steps
-    earlier = [r["loss"] for r in read_metrics(output) if r["split"] == "eval" and r["step"] == last_step]
-    if finished_before and earlier:  # killed after its final checkpoint, before summary.json: nothing to redo
-        eval_loss = earlier[-1]
-    else:
-        eval_loss = run_eval(last_step)
-    if run.save_final and not finished_before:
-        checkpoint(last_step)
-    progress.close()
-    table = memory_table(model, optimizer, config.optimizer.name, dtype)
-    summary = {
-        "mode": mode,
-        "steps": last_step,
-        "skipped_steps": skips.total,
-        "final_eval_loss": eval_loss,
-        "final_eval_perplexity": perplexity(eval_loss),
-        "tokens": tokens_done,
-        "train_seconds": train_seconds,
-        "tokens_per_s": tokens_done / train_seconds if train_seconds else 0.0,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "parameters": num_params,
-        "trainable_parameters": num_trainable,
-        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "memory_table": table.to_dict(),
-        "device": str(device),
-        "autocast": run.autocast,
-    }
-    # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
-    summary["model_folder"] = str(save_run_model(model, tokenizer, output / MODEL_FOLDER, mode=mode, dtype=dtype))
-    metrics.close()
-    write_json(output / SUMMARY_FILE, summary)
-    plot_run_if_possible(output)  # plots/*.png when matplotlib is installed
-    log(render_summary(summary))
-    if run.memory_table:
-        log("optimizer memory, measured after the last step, next to AdamW on the same model:\n" + table.render())
-    log(f"run folder: {output.resolve()} (model in {MODEL_FOLDER}/, metrics.jsonl, summary.json, checkpoints/)")
-    return summary
+    def log_step(self, done: int, loss: float, elapsed: float) -> None:
+        """Advances the progress bar; at the end of a logging window, writes its train record."""
+        run = self.config.run
+        self.window_steps += 1
+        self.window_seconds += elapsed
+        lr = self.optimizer.param_groups[0]["lr"]
+        step_rate = self.tokens_per_step / max(elapsed, 1e-9)
+        self.progress.step(StepStats(done, loss, lr, step_rate, peak_memory_bytes(self.device)))
+        if done % run.log_every != 0 and done != run.max_steps:
+            return
+        tokens_per_second = self.window_steps * self.tokens_per_step / max(self.window_seconds, 1e-9)
+        peak = peak_memory_bytes(self.device)
+        record = {
+            "split": "train",
+            "step": done,
+            "loss": window_loss(self.step_losses, done, run.log_every),
+            "lr": lr,
+            "tokens_per_s": tokens_per_second,
+            "tokens": self.tokens_done,
+            "peak_memory_bytes": peak,
+        }
+        if self.config.optimizer.nonfinite == "skip":
+            record["skipped_steps"] = self.skips.total
+        self.metrics.write(record)
+        self.progress.interval(StepStats(done, record["loss"], lr, tokens_per_second, peak))
+        self.window_steps, self.window_seconds = 0, 0.0
+
+    def evaluate(self, step: int) -> float:
+        """The held-out loss after ``step`` steps, written to the metrics and logged."""
+        with self.mixed_precision():
+            loss = heldout_loss(
+                self.model,
+                self.training_data.heldout,
+                self.config.data.batch_size,
+                self.config.run.eval_batches,
+                self.device,
+            )
+        self.metrics.write({"split": "eval", "step": step, "loss": loss, "perplexity": perplexity(loss)})
+        self.log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+        return loss
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Writes the checkpoint after ``step`` steps (one atomic commit) and returns its folder."""
+        state = checkpoint_state(
+            self.model,
+            self.optimizer,
+            self.device,
+            step=step,
+            tokens=self.tokens_done,
+            train_seconds=self.train_seconds,
+            data=self.batches.state_dict(),
+            step_losses=self.step_losses,
+            schedule=self.schedule,
+            skipped_steps=self.skips.total,
+            consecutive_skips=self.skips.consecutive,
+        )
+        fingerprint = self.training_data.fingerprint
+        self.saved[step] = save_run_checkpoint(
+            self.output, self.config, self.mode, state, data_fingerprint=fingerprint
+        )
+        return self.saved[step]
+
+    def close(self) -> None:
+        """Closes the progress bar and the metrics file."""
+        self.progress.close()
+        self.metrics.close()
+
+    def finish(self, last_step: int) -> dict[str, Any]:
+        """Final eval and checkpoint, then the summary, the exported model and the plots; returns the summary."""
+        run, output = self.config.run, self.output
+        finished_before = self.resume_from is not None and self.start_step >= run.max_steps
+        earlier = [r["loss"] for r in read_metrics(output) if r["split"] == "eval" and r["step"] == last_step]
+        if finished_before and earlier:  # killed after its final checkpoint, before summary.json: nothing to redo
+            eval_loss = earlier[-1]
+        else:
+            eval_loss = self.evaluate(last_step)
+        if run.save_final and not finished_before:
+            self.save_checkpoint(last_step)
+        self.progress.close()
+        table = memory_table(self.model, self.optimizer, self.config.optimizer.name, self.dtype)
+        summary = self.summary(last_step, eval_loss, table.to_dict())
+        # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
+        model_folder = save_run_model(
+            self.model, self.tokenizer, output / MODEL_FOLDER, mode=self.mode, dtype=self.dtype
+        )
+        summary["model_folder"] = str(model_folder)
+        self.metrics.close()
+        if self.is_main_process():
+            write_json(output / SUMMARY_FILE, summary)
+            plot_run_if_possible(output)  # plots/*.png when matplotlib is installed
+        self.log(render_summary(summary))
+        if run.memory_table:
+            self.log(
+                "optimizer memory, measured after the last step, next to AdamW on the same model:\n" + table.render()
+            )
+        self.log(
+            f"run folder: {output.resolve()} (model in {MODEL_FOLDER}/, metrics.jsonl, summary.json, checkpoints/)"
+        )
+        return summary
+
+    def summary(self, last_step: int, eval_loss: float, memory_table: dict[str, Any]) -> dict[str, Any]:
+        """The run's summary record (``summary.json``) after ``last_step`` steps, without the model folder."""
+        device = self.device
+        return {
+            "mode": self.mode,
+            "steps": last_step,
+            "skipped_steps": self.skips.total,
+            "final_eval_loss": eval_loss,
+            "final_eval_perplexity": perplexity(eval_loss),
+            "tokens": self.tokens_done,
+            "train_seconds": self.train_seconds,
+            "tokens_per_s": self.tokens_done / self.train_seconds if self.train_seconds else 0.0,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "peak_memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+            "parameters": self.num_params,
+            "trainable_parameters": self.num_trainable,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
+            "memory_table": memory_table,
+            "device": str(device),
+            "autocast": self.config.run.autocast,
+        }
 
 
 def window_loss(step_losses: list[float], done: int, log_every: int) -> float:

@@ -304,3 +304,11 @@ def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls):
     for p, q in zip(whole.parameters(), layerwise.parameters(), strict=True):
         assert torch.equal(p, q)
     engine.remove_hooks()
+
+
+def test_run_config_refuses_layerwise_accumulation_for_full_gradient_rules():
+    from lowrank_train.train import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="optimizer.layerwise=false"):
+        config_from_dict({"optimizer": {"name": "apollo", "layerwise": True}, "data": {"grad_accum": 2}})
+    config_from_dict({"optimizer": {"name": "galore", "layerwise": True}, "data": {"grad_accum": 2}})

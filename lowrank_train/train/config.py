@@ -469,7 +469,7 @@ class TrainConfig:
         if opt.is_galore and model.pretrained is None and not get_projector(opt.projector).full_rank:
             kv_width = model.hidden_size // model.num_heads * (model.num_kv_heads or model.num_heads)
             smallest = min(model.hidden_size, kv_width)
-            if opt.rank >= smallest:
+            if opt.method.method_options.get("rank", opt.rank) >= smallest:  # APOLLO-Mini fixes rank 1
                 raise ConfigError(
                     f"optimizer.rank ({opt.rank}) must be below the smallest side of the projected weights "
                     f"({smallest}, from model.hidden_size and the key/value width): lower optimizer.rank"

@@ -312,3 +312,47 @@ def test_run_config_refuses_layerwise_accumulation_for_full_gradient_rules():
     with pytest.raises(ConfigError, match="optimizer.layerwise=false"):
         config_from_dict({"optimizer": {"name": "apollo", "layerwise": True}, "data": {"grad_accum": 2}})
     config_from_dict({"optimizer": {"name": "galore", "layerwise": True}, "data": {"grad_accum": 2}})
+
+
+def test_qapollo_mini_writes_int8_weights_and_tracks_the_float_update():
+    """Q-APOLLO-Mini: the INT8 write-back (stochastic rounding) follows APOLLO-Mini on the same float start."""
+    import copy
+
+    from torch import nn
+
+    from lowrank_train.nn import dequantize_model, quantize_model
+    from lowrank_train.optim import QAPOLLOMini, lowrank_param_groups
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(64, 128, bias=False)
+
+        def forward(self, x):
+            return self.up(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block()])
+
+        def forward(self, x):
+            return self.layers[0](x)
+
+    torch.manual_seed(0)
+    quantized = quantize_model(Model())
+    floating = dequantize_model(copy.deepcopy(quantized))
+    start = floating.layers[0].up.weight.detach().clone()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    q_opt = QAPOLLOMini(lowrank_param_groups(quantized, rank=1, target_modules=None), lr=1e-3, weight_decay=0.0)
+    f_opt = APOLLOMini(lowrank_param_groups(floating, rank=1, target_modules=None), lr=1e-3, weight_decay=0.0)
+    for _ in range(3):
+        for model, opt in ((quantized, q_opt), (floating, f_opt)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    moved = dequantize_model(copy.deepcopy(quantized)).layers[0].up.weight.detach()
+    float_step = floating.layers[0].up.weight.detach() - start
+    assert float_step.norm() > 0 and (moved - start).norm() > 0
+    cosine = torch.nn.functional.cosine_similarity((moved - start).flatten(), float_step.flatten(), dim=0)
+    assert cosine > 0.9

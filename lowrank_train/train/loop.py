@@ -1,4 +1,5 @@
-"""The training loop behind ``lowrank-train pretrain`` and ``finetune``.
+"""The training loop behind ``lowrank-train pretrain`` and ``finetune``: :func:`train` runs a
+:class:`TrainingRecipe` (setup, resume, one step, evaluate, checkpoint, finish: each a short method).
 
 It only composes: the run's pieces come from :mod:`lowrank_train.train.setup` (device, data, model, optimizer
 from the optimizer registry), the run folder and resume policy from :mod:`lowrank_train.train.run_dir`, held-out
@@ -151,6 +152,8 @@ class TrainingRecipe:
     :meth:`save_checkpoint` and :meth:`is_main_process`. Mode differences live in :meth:`build_model_and_optimizer`.
     """
 
+    device: torch.device
+    dtype: torch.dtype
     model: torch.nn.Module
     tokenizer: Any
     training_data: Any
@@ -161,6 +164,8 @@ class TrainingRecipe:
     progress: RunProgress
     output: Path
     stop: StopRequest
+    num_params: int
+    num_trainable: int
 
     def __init__(self, config: TrainConfig, *, mode: str, log: Log, stop_after: int | None = None) -> None:
         if mode not in MODES:

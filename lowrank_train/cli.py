@@ -162,6 +162,7 @@ def fit(config: Any, budget: str, source: str, out: str | None) -> str:
 
     import yaml
 
+    from lowrank_train.folders import write_text
     from lowrank_train.memory import GIB
     from lowrank_train.memory.plan import parse_bytes
     from lowrank_train.train.estimate import estimate_run, plan_run
@@ -175,7 +176,7 @@ def fit(config: Any, budget: str, source: str, out: str | None) -> str:
         f"# Written by `lowrank-train estimate {source} --fit {budget}`: the fastest plan predicted to fit\n"
         f"# {format_bytes(limit)} (peak {format_bytes(plan.estimate.peak)}); {plan.describe()}.\n"
     )
-    path.write_text(header + yaml.safe_dump(planned.to_dict(), sort_keys=False), encoding="utf-8")
+    write_text(path, header + yaml.safe_dump(planned.to_dict(), sort_keys=False))
     speed = 1 / plan.relative_time
     fidelity = ("same update math", "fewer moment bits (another optimizer method)", "a lower rank")[plan.fidelity]
     unit, size = ("GiB", GIB) if max(current.peak, plan.estimate.peak) >= GIB else ("MiB", 2**20)

@@ -183,3 +183,38 @@ def write_folder(target: str | os.PathLike[str], *, overwrite: bool = False) -> 
     if aside is not None:
         # Committed: the old copy goes. A failure here leaves it for the next write's recover_folder.
         _remove(aside)
+
+
+@contextlib.contextmanager
+def write_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write one file whole or not at all (a summary, a plot, a ``--plan-out`` config): the file counterpart of
+    :func:`write_folder`.
+
+    The body writes the yielded path, a hidden sibling ``.lowrank-staging-<name>-<pid>-*``; it is fsynced and
+    renamed over ``target`` in one step, so a reader sees the old file or the new one, never half of either.
+
+    Yields:
+        The staging path (not yet created) to write.
+
+    Raises:
+        OSError: a write or the rename failed; the staging file is removed and ``target`` is as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}{target.suffix}"
+    try:
+        yield staging
+        fsync_file(staging)
+        os.replace(staging, target)  # the commit point
+        fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        raise
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> Path:
+    """``target`` holds ``text`` (UTF-8), written through :func:`write_file`."""
+    with write_file(target) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(target)

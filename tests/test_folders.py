@@ -232,3 +232,25 @@ def test_a_symlinked_target_is_replaced_without_touching_what_it_points_to(tmp_p
     _write_new(tmp_path / "model")
     assert not (tmp_path / "model").is_symlink() and _version(tmp_path / "model") == "new"
     assert _version(elsewhere) == "old" and _hidden(tmp_path) == []
+
+
+def test_write_file_replaces_whole_or_leaves_the_old_file(tmp_path, monkeypatch):
+    from lowrank_train.folders import write_file, write_text
+
+    target = tmp_path / "summary.json"
+    write_text(target, "old\n")
+    with pytest.raises(RuntimeError), write_file(target) as staging:
+        staging.write_text("half", encoding="utf-8")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_text(target, "new\n")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    monkeypatch.undo()
+    write_text(target, "new\n")
+    assert target.read_text() == "new\n"

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lowrank_train.folders import write_file
 from lowrank_train.train.metrics import read_metrics
 
 PLOTS_FOLDER = "plots"
@@ -82,7 +83,8 @@ def plot_run(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None
             axes.legend()
         figure.tight_layout()
         path = folder / f"{name}.png"
-        figure.savefig(path)
+        with write_file(path) as staging:
+            figure.savefig(staging)
         written.append(path)
     return written
 

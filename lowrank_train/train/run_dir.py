@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
+from lowrank_train.folders import write_text
 from lowrank_train.train.checkpoint import (
     CheckpointError,
     checkpoint_root,
@@ -127,8 +127,10 @@ def run_folder_lock(output: Path) -> Iterator[None]:
     Raises:
         RunLockedError: another process holds the lock (its pid is named).
     """
+    created = [folder for folder in (output, *output.parents) if not folder.exists()]
     check_output_dir(output)
     handle = (output / LOCK_FILE).open("a+", encoding="utf-8")
+    failed = True
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -144,8 +146,23 @@ def run_folder_lock(output: Path) -> Iterator[None]:
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
+        failed = False
     finally:
         handle.close()  # closing the descriptor releases the lock
+        if failed and created:
+            _remove_if_untouched(output, created)
+
+
+def _remove_if_untouched(output: Path, created: list[Path]) -> None:
+    # A run refused before it wrote anything (e.g. by the memory check) leaves no folder behind: only the folders
+    # this process created, and only while they hold nothing but the lock file.
+    if {child.name for child in output.iterdir()} <= {LOCK_FILE}:
+        (output / LOCK_FILE).unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -276,7 +293,7 @@ def prepare_output_dir(
                 "start again from scratch (deleting them), or choose another run.output_dir"
             )
         shutil.rmtree(checkpoint_root(output))
-    (output / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    write_text(output / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
     return output, resume_from
 
 
@@ -380,13 +397,5 @@ def restore_checkpoint(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """A sorted, indented JSON file (``summary.json``)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def save_model_folder(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """A WeLore model with its tokenizer, loadable as ``model.pretrained`` (``compress`` and ``finetune`` output)."""
-    from lowrank_train.welore import save_compressed
-
-    save_compressed(model, folder)
-    tokenizer.save_pretrained(folder)
+    """A sorted, indented JSON file (``summary.json``), replaced whole."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

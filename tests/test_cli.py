@@ -87,7 +87,7 @@ def test_estimate_prints_the_breakdown(capsys):
     assert "optimizer states" in out and "peak" in out and "fits" in out
 
 
-def test_run_that_will_not_fit_is_refused_up_front(monkeypatch, capsys):
+def test_run_that_will_not_fit_is_refused_up_front(monkeypatch, capsys, tmp_path):
     import lowrank_train.train.estimate as estimate_module
     import lowrank_train.train.loop as model_module
 
@@ -97,9 +97,11 @@ def test_run_that_will_not_fit_is_refused_up_front(monkeypatch, capsys):
         raise AssertionError("a model was built for a run that does not fit")
 
     monkeypatch.setattr(model_module, "build_model", forbidden)
-    assert main(["pretrain", DEMO, "run.output_dir=unused"]) == 2
+    out = tmp_path / "runs" / "unused"
+    assert main(["pretrain", DEMO, f"run.output_dir={out}"]) == 2
     err = capsys.readouterr().err
     assert "predicts a peak of" in err and "1.0 KiB" in err and "run.check_memory=false" in err
+    assert not (tmp_path / "runs").exists()  # a refused run leaves no folder (nor a lock file) behind
 
 
 HEAVY = ("torch", "transformers", "bitsandbytes", "torchao", "numpy")

@@ -13,7 +13,6 @@ Entries only name their classes: bitsandbytes and torchao are imported when a me
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lowrank_train._registry import Registry
 from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
 from lowrank_train.optim.galore import GALORE_DEFAULTS
 from lowrank_train.optim.options import registered_base_option_names
@@ -116,7 +116,7 @@ class OptimizerMethod:
         return option in self.group_options
 
 
-_REGISTRY: dict[str, OptimizerMethod] = {}
+_REGISTRY: Registry[OptimizerMethod] = Registry("optimizer", OptimizerMethod)
 
 
 def register_optimizer(method: OptimizerMethod, *, replace: bool = False) -> OptimizerMethod:
@@ -125,12 +125,7 @@ def register_optimizer(method: OptimizerMethod, *, replace: bool = False) -> Opt
     Raises:
         ValueError: when the name is taken and ``replace`` is False, or ``method`` is not an OptimizerMethod.
     """
-    if not isinstance(method, OptimizerMethod):
-        raise ValueError(f"register_optimizer takes an OptimizerMethod, got {type(method).__name__}")
-    if method.name in _REGISTRY and not replace:
-        raise ValueError(f"optimizer method {method.name!r} is already registered (pass replace=True to replace it)")
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.add(method, replace=replace)
 
 
 def unregister_optimizer(name: str) -> OptimizerMethod:
@@ -164,12 +159,7 @@ def get_optimizer_method(name: str) -> OptimizerMethod:
     Raises:
         ValueError: for an unknown name; the message lists the registered names and the closest match.
     """
-    method = _REGISTRY.get(name) if isinstance(name, str) else None
-    if method is not None:
-        return method
-    close = difflib.get_close_matches(str(name).lower(), list(_REGISTRY), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown optimizer {name!r}{hint}; registered: {', '.join(_REGISTRY)}")
+    return _REGISTRY.lookup(name)
 
 
 def optimizer_names(*, lowrank: bool | None = None) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lowrank_train._registry import Registry
 from lowrank_train.projection.ops import orient, project_back, projects_rows
 
 SCALE_TYPES = ("channel", "tensor")
@@ -77,7 +78,7 @@ class UpdateRule:
         return None if gamma is None or math.isinf(gamma) else gamma
 
 
-UPDATE_RULES: dict[str, UpdateRule] = {}
+UPDATE_RULES: Registry[UpdateRule] = Registry("update rule", UpdateRule)
 
 
 def register_update_rule(rule: UpdateRule, *, replace: bool = False) -> UpdateRule:
@@ -86,12 +87,7 @@ def register_update_rule(rule: UpdateRule, *, replace: bool = False) -> UpdateRu
     Raises:
         ValueError: when the name is taken and ``replace`` is False, or ``rule`` is not an UpdateRule.
     """
-    if not isinstance(rule, UpdateRule):
-        raise ValueError(f"register_update_rule takes an UpdateRule, got {type(rule).__name__}")
-    if rule.name in UPDATE_RULES and not replace:
-        raise ValueError(f"update rule {rule.name!r} is already registered (pass replace=True to replace it)")
-    UPDATE_RULES[rule.name] = rule
-    return rule
+    return UPDATE_RULES.add(rule, replace=replace)
 
 
 def get_update_rule(name: str) -> UpdateRule:
@@ -100,10 +96,7 @@ def get_update_rule(name: str) -> UpdateRule:
     Raises:
         ValueError: when ``name`` is not registered; the message lists the known names.
     """
-    try:
-        return UPDATE_RULES[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown update rule {name!r}; expected one of {sorted(UPDATE_RULES)}") from None
+    return UPDATE_RULES.lookup(name)
 
 
 # ----- pure pieces --------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from lowrank_train._registry import Registry
+
 BasisBuilder = Callable[..., torch.Tensor]
 """``build(matrix, rank, generator, **options) -> basis``: (rows, cols) in, (rows, rank) fp32 out."""
 
@@ -85,7 +87,7 @@ class ProjectorKind:
         return {key: group[key] for key in self.options}
 
 
-PROJECTORS: dict[str, ProjectorKind] = {}
+PROJECTORS: Registry[ProjectorKind] = Registry("projector", ProjectorKind)
 
 
 def register_projector(kind: ProjectorKind, *, replace: bool = False) -> ProjectorKind:
@@ -94,17 +96,12 @@ def register_projector(kind: ProjectorKind, *, replace: bool = False) -> Project
     Raises:
         ValueError: when the name is taken and ``replace`` is False, or ``kind`` is not a ProjectorKind.
     """
-    if not isinstance(kind, ProjectorKind):
-        raise ValueError(f"register_projector takes a ProjectorKind, got {type(kind).__name__}")
-    if kind.name in PROJECTORS and not replace:
-        raise ValueError(f"projector {kind.name!r} is already registered (pass replace=True to replace it)")
-    PROJECTORS[kind.name] = kind
-    return kind
+    return PROJECTORS.add(kind, replace=replace)
 
 
 def projector_names() -> tuple[str, ...]:
     """Registered projector names, in registration order."""
-    return tuple(PROJECTORS)
+    return PROJECTORS.names()
 
 
 def get_projector(name: str) -> ProjectorKind:
@@ -113,10 +110,7 @@ def get_projector(name: str) -> ProjectorKind:
     Raises:
         ValueError: when ``name`` is not registered; the message lists the known names.
     """
-    try:
-        return PROJECTORS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown projector {name!r}; expected one of {sorted(PROJECTORS)}") from None
+    return PROJECTORS.lookup(name)
 
 
 def build_bases_batched(

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowrank_train._registry import Registry
+
 __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
@@ -209,7 +211,7 @@ def paper_tau(target: float) -> float:
     return high_tau
 
 
-STRATEGIES: dict[str, AllocationStrategy] = {}
+STRATEGIES: Registry[AllocationStrategy] = Registry("allocation strategy", AllocationStrategy)
 
 
 def register_strategy(strategy: AllocationStrategy, *, replace: bool = False) -> AllocationStrategy:
@@ -218,17 +220,12 @@ def register_strategy(strategy: AllocationStrategy, *, replace: bool = False) ->
     Raises:
         ValueError: when the name is taken and ``replace`` is False, or ``strategy`` is not an AllocationStrategy.
     """
-    if not isinstance(strategy, AllocationStrategy):
-        raise ValueError(f"register_strategy takes an AllocationStrategy, got {type(strategy).__name__}")
-    if strategy.name in STRATEGIES and not replace:
-        raise ValueError(f"strategy {strategy.name!r} is already registered (pass replace=True to replace it)")
-    STRATEGIES[strategy.name] = strategy
-    return strategy
+    return STRATEGIES.add(strategy, replace=replace)
 
 
 def strategy_names() -> tuple[str, ...]:
     """Registered strategy names, in registration order."""
-    return tuple(STRATEGIES)
+    return STRATEGIES.names()
 
 
 def guard_candidates() -> tuple[str, ...]:
@@ -242,9 +239,7 @@ def get_strategy(name: str) -> AllocationStrategy:
     Raises:
         ValueError: for an unknown name, listing the registered ones.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown allocation strategy {name!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[name]
+    return STRATEGIES.lookup(name)
 
 
 register_strategy(AllocationStrategy("welore", minmax_scores))

@@ -38,6 +38,7 @@ from lowrank_train.welore.compress import WeLoreConfig
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_MODES = ("auto", "none", "ddp")
 AUTOCAST_DTYPES = ("bfloat16",)
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
@@ -95,6 +96,9 @@ class RunConfig:
         allow_data_change: let ``--resume`` continue although the data's fingerprint (text, tokenizer,
             ``seq_len``, held-out split) differs from the checkpoint's; the batch order then restarts from the
             resumed step's position in the new data. Without it such a resume is refused.
+        parallel: several processes under ``torchrun`` (:mod:`lowrank_train.train.parallel`): ``auto`` (default)
+            is ``ddp`` when ``WORLD_SIZE > 1``, else ``none``; ``ddp`` replicates the model and averages gradients,
+            each rank reading ``data.batch_size`` rows of every global batch; ``none`` is one process.
     """
 
     output_dir: str = "runs/default"
@@ -117,6 +121,7 @@ class RunConfig:
     check_memory: bool = True
     overwrite: bool = False
     allow_data_change: bool = False
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive("run.max_steps", self.max_steps)
@@ -127,6 +132,12 @@ class RunConfig:
                 raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
         check_choice("run.dtype", self.dtype, DTYPES)
         check_choice("run.device", self.device, DEVICES)
+        if self.parallel == "fsdp2":
+            raise ConfigError(
+                "run.parallel=fsdp2 is not supported by the training loop yet (sharded checkpoints come next): "
+                "use run.parallel=ddp"
+            )
+        check_choice("run.parallel", self.parallel, PARALLEL_MODES)
         if self.autocast is not None:
             # float16 would need a gradient scaler, which the loop does not have.
             check_choice("run.autocast", self.autocast, AUTOCAST_DTYPES)

@@ -10,6 +10,9 @@ A run holds its folder's lock for its whole life, stops with a checkpoint on SIG
 (:mod:`lowrank_train.train.signals`) and follows one non-finite policy (``optimizer.nonfinite``): ``raise`` stops
 at the first NaN/Inf; ``skip`` skips the step in the loop and in the optimizer alike and counts it
 (:class:`SkippedSteps`).
+
+Under ``torchrun`` (``run.parallel``, :mod:`lowrank_train.train.parallel`) every rank runs the recipe on its share
+of each global batch; rank 0 alone holds the lock and writes the run folder (metrics, checkpoints, summary, model).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lowrank_train.train.evaluation import perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
+from lowrank_train.train.parallel import Ranks, process_group
 from lowrank_train.train.plot import plot_run_if_possible
 from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
@@ -139,22 +143,28 @@ def train(
             bounds allow under ``skip``.
         RunLockedError: another process is using ``run.output_dir``.
     """
-    recipe = TrainingRecipe(config, mode=mode, log=log, stop_after=stop_after)
-    with run_folder_lock(Path(config.run.output_dir)), stop_on_signals() as stop:
-        return recipe.execute(resume=resume, stop=stop)
+    with process_group(config) as ranks:
+        recipe = TrainingRecipe(
+            config, mode=mode, log=log if ranks.is_main else logger.debug, stop_after=stop_after, ranks=ranks
+        )
+        lock = run_folder_lock(Path(config.run.output_dir)) if ranks.is_main else contextlib.nullcontext()
+        with lock, stop_on_signals() as stop:
+            return recipe.execute(resume=resume, stop=stop)
 
 
 class TrainingRecipe:
     """One ``pretrain`` / ``finetune`` run as a recipe (torchtune's shape): :meth:`execute` runs :meth:`setup`,
     :meth:`resume`, :meth:`train_step` per step, :meth:`evaluate`, :meth:`save_checkpoint` and :meth:`finish`.
 
-    Single-process; a multi-process (torchrun / FSDP2) run would replace :meth:`build_model_and_optimizer`,
-    :meth:`save_checkpoint` and :meth:`is_main_process`. Mode differences live in :meth:`build_model_and_optimizer`.
+    ``ranks`` places it in a data-parallel run (:class:`~lowrank_train.train.parallel.Ranks`; one process by
+    default): :meth:`is_main_process` writes, ``train_model`` (DDP around ``model`` when gradients need averaging)
+    runs the training passes. Mode differences live in :meth:`build_model_and_optimizer`.
     """
 
     device: torch.device
     dtype: torch.dtype
     model: torch.nn.Module
+    train_model: torch.nn.Module
     tokenizer: Any
     training_data: Any
     optimizer: torch.optim.Optimizer
@@ -167,12 +177,15 @@ class TrainingRecipe:
     num_params: int
     num_trainable: int
 
-    def __init__(self, config: TrainConfig, *, mode: str, log: Log, stop_after: int | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, mode: str, log: Log, stop_after: int | None = None, ranks: Ranks | None = None
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.config, self.mode, self.log, self.stop_after = config, mode, log, stop_after
+        self.ranks = ranks or Ranks()
         data = config.data
-        self.tokens_per_step = data.batch_size * data.seq_len * data.grad_accum
+        self.tokens_per_step = data.batch_size * data.seq_len * data.grad_accum * self.ranks.world_size
         self.resume_from: Path | None = None
         self.saved_meta: dict[str, Any] = {}
         self.start_step, self.tokens_done, self.train_seconds = 0, 0, 0.0
@@ -198,7 +211,12 @@ class TrainingRecipe:
         if self.resume_from is None:
             self.evaluate(0)
         # A bar in a terminal, plain lines elsewhere; messages while the bar is drawn go above it.
-        self.progress = RunProgress(total=self.config.run.max_steps, start=self.start_step, log=self.log)
+        self.progress = RunProgress(
+            total=self.config.run.max_steps,
+            start=self.start_step,
+            log=self.log,
+            interactive=None if self.is_main_process() else False,
+        )
         self.log = self.progress.wrap(self.log)
         last_step = self.train_steps()
         if last_step is None:
@@ -206,13 +224,13 @@ class TrainingRecipe:
         return self.finish(last_step)
 
     def is_main_process(self) -> bool:
-        """Whether this process writes the run's shared files (summary, plots); always, in a single process."""
-        return True
+        """Whether this process writes the run folder (rank 0; always, in a single process)."""
+        return self.ranks.is_main
 
     def prepare(self, resume: bool) -> dict[str, Any] | None:
         """Device, threads, memory check and run folder; the saved summary when the run is already complete."""
         run = self.config.run
-        self.device = resolve_device(run.device)
+        self.device = self.ranks.device(resolve_device(run.device))
         self.dtype = resolve_dtype(run.dtype)
         if run.num_threads is not None:
             torch.set_num_threads(run.num_threads)
@@ -220,24 +238,43 @@ class TrainingRecipe:
             problem = memory_fit_problem(self.config, self.device)
             if problem:
                 raise MemoryError(f"{problem} (set run.check_memory=false to try anyway)")
-        self.output, self.resume_from = prepare_output_dir(self.config, resume, log=self.log)
+        prepared, error = None, None
+        if self.is_main_process():
+            try:
+                prepared = self.prepare_run_folder(resume)
+            except Exception as caught:
+                error = caught
+        # Rank 0 decides; the others follow it, or stop with its message.
+        message = self.ranks.broadcast(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise ValueError(f"rank 0 stopped the run: {message}")
+        self.output, self.resume_from, finished = self.ranks.broadcast(prepared)
         self.saved_meta = read_meta(self.resume_from) if self.resume_from is not None else {}
-        summary_file = self.output / SUMMARY_FILE
-        if self.resume_from is not None and int(self.saved_meta["step"]) >= run.max_steps and summary_file.is_file():
+        return finished
+
+    def prepare_run_folder(self, resume: bool) -> tuple[Path, Path | None, dict[str, Any] | None]:
+        """The run folder checked and ``config.yaml`` written; ``(folder, checkpoint to resume, saved summary)``."""
+        run = self.config.run
+        output, resume_from = prepare_output_dir(self.config, resume, log=self.log)
+        meta = read_meta(resume_from) if resume_from is not None else {}
+        summary_file = output / SUMMARY_FILE
+        if resume_from is not None and int(meta["step"]) >= run.max_steps and summary_file.is_file():
             # Issue 15 item 4: a finished run resumed with the same max_steps changes nothing and appends nothing.
             self.log(
-                f"the run in {self.output} is already complete at step {self.saved_meta['step']} "
+                f"the run in {output} is already complete at step {meta['step']} "
                 f"(run.max_steps={run.max_steps}); nothing to do. Pass a larger run.max_steps to continue it"
             )
-            return json.loads(summary_file.read_text(encoding="utf-8"))
-        self.log(f"run folder: {self.output.resolve()}")
-        return None
+            return output, resume_from, json.loads(summary_file.read_text(encoding="utf-8"))
+        self.log(f"run folder: {output.resolve()}")
+        return output, resume_from, None
 
     def setup(self) -> None:
         """Seeds the run, builds the model, tokenizer, data and optimizer, and opens the batch stream."""
         torch.manual_seed(self.config.run.seed)
         self.build_model_and_optimizer()
-        self.batches = self.training_data.train_batches()
+        self.batches = self.ranks.share(self.training_data.train_batches())
 
     def build_model_and_optimizer(self) -> None:
         """The model on its device, its tokenizer and data, and the optimizer over the mode's parameter groups."""
@@ -249,8 +286,10 @@ class TrainingRecipe:
             weight_group_size=config.optimizer.weight_group_size,
             seed=run.seed,
         )
-        self.tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
-        self.training_data = open_run_data(config, self.tokenizer, model.get_input_embeddings().num_embeddings)
+        vocab_size = model.get_input_embeddings().num_embeddings
+        with self.ranks.main_first():  # rank 0 fills the caches
+            self.tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
+            self.training_data = open_run_data(config, self.tokenizer, vocab_size, world_size=self.ranks.world_size)
         self.check_data_fingerprint()
         self.model = prepare_model(model, config, self.device)
         if self.mode == "finetune":
@@ -259,6 +298,7 @@ class TrainingRecipe:
             groups = pretrain_param_groups(self.model, config.optimizer)
         self.optimizer = build_optimizer(groups, config)
         self.trainable = [p for g in groups for p in g["params"]]
+        self.train_model = self.ranks.wrap(self.model, layerwise=config.optimizer.layerwise)
 
     def check_data_fingerprint(self) -> None:
         """Refuses to resume on changed data unless ``run.allow_data_change`` (then says so)."""
@@ -285,7 +325,7 @@ class TrainingRecipe:
         if point.data is not None and saved_meta.get("data_fingerprint") == self.training_data.fingerprint:
             self.batches.load_state_dict(point.data)
         else:  # older checkpoints, or new data (run.allow_data_change): the same position, counted in batches
-            self.batches = self.training_data.train_batches(step * config.data.grad_accum)
+            self.batches = self.ranks.share(self.training_data.train_batches(step * config.data.grad_accum))
         saved_max = int(saved_meta["config"]["run"]["max_steps"])
         schedule = point.schedule or schedule_segment(saved_max)
         self.skips.total, self.skips.consecutive = point.skipped_steps, point.consecutive_skips
@@ -297,14 +337,17 @@ class TrainingRecipe:
     def open_metrics(self) -> None:
         """Opens ``metrics.jsonl`` (continued on a resume) and logs what runs."""
         config, run = self.config, self.config.run
-        self.metrics = MetricsWriter(
-            self.output,
-            run.metrics,
-            resume_step=self.start_step if self.resume_from is not None else None,
-            log=self.log,
-            run_name=self.output.name,
-            config=config.to_dict(),
-        )
+        if not self.is_main_process():
+            self.metrics = NoMetrics()  # type: ignore[assignment]
+        else:
+            self.metrics = MetricsWriter(
+                self.output,
+                run.metrics,
+                resume_step=self.start_step if self.resume_from is not None else None,
+                log=self.log,
+                run_name=self.output.name,
+                config=config.to_dict(),
+            )
         self.num_params = count_parameters(self.model)
         self.num_trainable = sum(p.numel() for p in self.trainable)
         self.log(
@@ -329,7 +372,7 @@ class TrainingRecipe:
                 self.close()
                 self.stopped_at = step
                 return None
-            if self.stop.signum is not None:
+            if self.ranks.any(self.stop.signum is not None, self.device):  # every rank stops at the same step
                 self.close()
                 # a signal during a scheduled save (or before the first step of a resume): that checkpoint is the one
                 folder = self.saved.get(step) or self.save_checkpoint(step)
@@ -358,13 +401,14 @@ class TrainingRecipe:
         )
         started = time.perf_counter()
         loss, skipped = optimizer_step(
-            self.model,
+            self.train_model,
             self.optimizer,
             self.batches,
             self.config,
             self.device,
             mixed_precision=self.mixed_precision,
             trainable=self.trainable,
+            ranks=self.ranks,
         )
         elapsed = time.perf_counter() - started
         if not math.isfinite(loss) and self.config.optimizer.nonfinite == "raise":
@@ -411,7 +455,7 @@ class TrainingRecipe:
             loss = heldout_loss(
                 self.model,
                 self.training_data.heldout,
-                self.config.data.batch_size,
+                self.config.data.batch_size * self.ranks.world_size,  # every rank: the global batches
                 self.config.run.eval_batches,
                 self.device,
             )
@@ -420,7 +464,17 @@ class TrainingRecipe:
         return loss
 
     def save_checkpoint(self, step: int) -> Path:
-        """Writes the checkpoint after ``step`` steps (one atomic commit) and returns its folder."""
+        """Writes the checkpoint after ``step`` steps (one atomic commit) and returns its folder.
+
+        Data-parallel, rank 0 writes its state (the replicas are identical) and the others wait for it.
+        """
+        if self.is_main_process():
+            self.write_checkpoint(step)
+        self.saved[step] = self.ranks.broadcast(self.saved.get(step))
+        return self.saved[step]
+
+    def write_checkpoint(self, step: int) -> None:
+        """Writes this process's checkpoint after ``step`` steps into ``self.saved[step]``."""
         state = checkpoint_state(
             self.model,
             self.optimizer,
@@ -438,7 +492,6 @@ class TrainingRecipe:
         self.saved[step] = save_run_checkpoint(
             self.output, self.config, self.mode, state, data_fingerprint=fingerprint
         )
-        return self.saved[step]
 
     def close(self) -> None:
         """Closes the progress bar and the metrics file."""
@@ -449,7 +502,11 @@ class TrainingRecipe:
         """Final eval and checkpoint, then the summary, the exported model and the plots; returns the summary."""
         run, output = self.config.run, self.output
         finished_before = self.resume_from is not None and self.start_step >= run.max_steps
-        earlier = [r["loss"] for r in read_metrics(output) if r["split"] == "eval" and r["step"] == last_step]
+        earlier = self.ranks.broadcast(
+            [r["loss"] for r in read_metrics(output) if r["split"] == "eval" and r["step"] == last_step]
+            if finished_before and self.is_main_process()
+            else []
+        )
         if finished_before and earlier:  # killed after its final checkpoint, before summary.json: nothing to redo
             eval_loss = earlier[-1]
         else:
@@ -459,15 +516,16 @@ class TrainingRecipe:
         self.progress.close()
         table = memory_table(self.model, self.optimizer, self.config.optimizer.name, self.dtype)
         summary = self.summary(last_step, eval_loss, table.to_dict())
-        # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
-        model_folder = save_run_model(
-            self.model, self.tokenizer, output / MODEL_FOLDER, mode=self.mode, dtype=self.dtype
-        )
-        summary["model_folder"] = str(model_folder)
         self.metrics.close()
         if self.is_main_process():
+            # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
+            model_folder = save_run_model(
+                self.model, self.tokenizer, output / MODEL_FOLDER, mode=self.mode, dtype=self.dtype
+            )
+            summary["model_folder"] = str(model_folder)
             write_json(output / SUMMARY_FILE, summary)
             plot_run_if_possible(output)  # plots/*.png when matplotlib is installed
+        summary["model_folder"] = self.ranks.broadcast(summary.get("model_folder"))  # the others wait for rank 0
         self.log(render_summary(summary))
         if run.memory_table:
             self.log(
@@ -499,6 +557,16 @@ class TrainingRecipe:
             "device": str(device),
             "autocast": self.config.run.autocast,
         }
+
+
+class NoMetrics:
+    """The metrics sink of a rank that writes nothing (data-parallel ranks other than 0)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Drops ``record``."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 def window_loss(step_losses: list[float], done: int, log_every: int) -> float:
@@ -554,6 +622,7 @@ def optimizer_step(
     *,
     mixed_precision: Callable[[], contextlib.AbstractContextManager],
     trainable: list[torch.nn.Parameter],
+    ranks: Ranks | None = None,
 ) -> tuple[float, bool]:
     """One optimizer step over ``data.grad_accum`` micro-batches (layer-wise: the updates run inside backward).
 
@@ -562,28 +631,34 @@ def optimizer_step(
     included (``zero_grad`` drops them, the layer-wise engine's partial step too); the step's other batches are
     still drawn, so the data position stays ``step * grad_accum``.
 
+    Data-parallel (``ranks``), the loss is averaged over the ranks (the checked loss too, so all ranks skip alike),
+    and a DDP ``model`` all-reduces gradients only in the last micro-batch's backward (``no_sync`` before it).
+
     Returns:
         ``(train loss, skipped)``: the mean micro-batch loss (the first non-finite one for a skipped step) and
         whether no update was applied (a non-finite loss, or the optimizer's own skip for a NaN/Inf gradient).
     """
     data, run = config.data, config.run
+    ranks = ranks or Ranks()
     check = config.optimizer.nonfinite == "skip"
     skipped_before = getattr(optimizer, "skipped_steps", 0)
     step_loss = torch.zeros((), device=device)
     lost: float | None = None
-    for _ in range(data.grad_accum):
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)
+    for index in range(data.grad_accum):
         batch = next(batches).to(device)
         if lost is not None:
             continue
-        with mixed_precision():
-            if run.loss_chunk_size:
-                loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
-            else:
-                loss = model(input_ids=batch, labels=batch).loss
-        if check and not math.isfinite(value := float(loss.detach())):
-            lost = value
-            continue
-        (loss / data.grad_accum).backward()
+        with no_sync() if index < data.grad_accum - 1 else contextlib.nullcontext():
+            with mixed_precision():
+                if run.loss_chunk_size:
+                    loss = causal_lm_loss(model, batch, chunk_size=run.loss_chunk_size)
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss
+            if check and not math.isfinite(value := float(ranks.mean(loss.detach()))):
+                lost = value
+                continue
+            (loss / data.grad_accum).backward()
         step_loss += loss.detach().float() / data.grad_accum
     if lost is not None:
         optimizer.zero_grad(set_to_none=True)
@@ -593,7 +668,7 @@ def optimizer_step(
             torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(step_loss), getattr(optimizer, "skipped_steps", 0) != skipped_before
+    return float(ranks.mean(step_loss)), getattr(optimizer, "skipped_steps", 0) != skipped_before
 
 
 def rescale_peak_lr(optimizer: torch.optim.Optimizer, saved_lr: float, lr: float) -> None:

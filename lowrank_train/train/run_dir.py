@@ -54,6 +54,7 @@ RESUMABLE_DIFFERENCES = frozenset(
         "run.keep_checkpoints",
         "run.save_final",
         "run.device",
+        "run.parallel",
         "run.num_threads",
         "run.metrics",
         "run.memory_table",

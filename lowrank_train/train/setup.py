@@ -74,9 +74,14 @@ def _corpus_options(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Any:
+def open_run_data(
+    config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab_size: int, *, world_size: int = 1
+) -> Any:
     """The run's training data through :func:`lowrank_train.data.open_training_data`: a memory-mapped token file
     for local corpora, a packed stream for hub ones (never the whole corpus in memory).
+
+    Under ``world_size`` data-parallel ranks the batches are global ones of ``world_size * data.batch_size`` rows
+    (each rank keeps its share: :class:`lowrank_train.data.sharding.RankShare`).
 
     Returns:
         a :class:`lowrank_train.data.TrainingData` (resumable ``train_batches()``, ``heldout``, ``fingerprint``).
@@ -102,7 +107,7 @@ def open_run_data(config: TrainConfig, tokenizer: PreTrainedTokenizerBase, vocab
             data.corpus,
             tokenizer,
             seq_len=data.seq_len,
-            batch_size=data.batch_size,
+            batch_size=data.batch_size * world_size,
             seed=config.run.seed,
             streaming=data.streaming,
             shuffle_buffer=data.shuffle_buffer,

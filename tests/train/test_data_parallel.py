@@ -1,0 +1,112 @@
+"""Data-parallel runs under torchrun (issue 22, first step): 2 gloo processes with micro-batch b train exactly as
+one process with micro-batch 2b, write the run folder once, and resume under torchrun; ``run.parallel`` is
+validated."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowrank_train.train import ConfigError, load_config, read_metrics, train
+from lowrank_train.train.metrics import METRICS_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "recipes/configs/demo.yaml"
+QUIET = {"log": lambda line: None}
+# GaLore (exact SVD basis) in fp32: the DDP mean of two half-batch gradients differs from the full-batch gradient
+# only by summation order.
+COMMON = ["optimizer.name=galore", "optimizer.weight_bits=null", "run.max_steps=4", "run.eval_every=2"]
+
+
+def _torchrun(overrides: list[str], *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, "-m", "lowrank_train", "pretrain", str(DEMO), *overrides, *flags],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+def _losses(output: Path, split: str) -> dict[int, float]:
+    records = [r for r in read_metrics(output) if r["split"] == split]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"{split} records written more than once: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "model" / "model.safetensors")
+
+
+def _assert_same_run(output: Path, reference: Path) -> None:
+    for split in ("train", "eval"):
+        got, expected = _losses(output, split), _losses(reference, split)
+        assert got.keys() == expected.keys(), split
+        for step in expected:
+            assert got[step] == pytest.approx(expected[step], rel=1e-5), (split, step)
+    got, expected = _weights(output), _weights(reference)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_train_as_one_with_twice_the_batch(tiny, tmp_path):
+    # The tiny overrides have data.batch_size=2: each of the 2 ranks reads 2 rows of every 4-row global batch.
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    done = _torchrun([*tiny, *COMMON, "run.save_every=2", f"run.output_dir={ddp}"])
+    train(load_config(DEMO, [*tiny, *COMMON, "data.batch_size=4", f"run.output_dir={single}"]), **QUIET)
+    _assert_same_run(ddp, single)
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["tokens"] == json.loads((single / "summary.json").read_text())["tokens"]
+    # Written once, by rank 0: one run folder's files, one line per step, one "done" line.
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir() if p.name.startswith("step-")) == ["step-00000004"]
+    assert (ddp / METRICS_FILE).read_text().count('"split": "train"') == 4
+    assert done.stdout.count("done: 4 steps") + done.stderr.count("done: 4 steps") == 1
+
+
+def test_layerwise_with_accumulation_averages_in_the_engine(tiny, tmp_path):
+    # No DDP wrapper: LayerwiseOptimizer averages each gradient over the ranks in its backward hook.
+    steps = [*tiny, *COMMON, "optimizer.layerwise=true", "data.grad_accum=2"]
+    _torchrun([*steps, f"run.output_dir={tmp_path / 'ddp'}"])
+    train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={tmp_path / 'single'}"]), **QUIET)
+    _assert_same_run(tmp_path / "ddp", tmp_path / "single")
+
+
+def test_a_torchrun_run_resumes_under_torchrun(tiny, tmp_path):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    steps = [*tiny, *COMMON, "run.save_every=2", "run.keep_checkpoints=2"]
+    train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={reference}"]), **QUIET)
+    _torchrun([*steps, f"run.output_dir={run}"])
+    # As if killed after the step-2 checkpoint: the later checkpoint, summary and model are gone.
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    shutil.rmtree(run / "model")
+    (run / "summary.json").unlink()
+    _torchrun([*steps, f"run.output_dir={run}"], "--resume")
+    _assert_same_run(run, reference)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("fsdp2", "use run.parallel=ddp"), ("zero", "run.parallel must be one of auto, none, ddp")],
+)
+def test_run_parallel_is_validated(value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [f"run.parallel={value}"])
+
+
+def test_ddp_outside_torchrun_is_refused(tiny, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ConfigError, match="needs the torchrun environment"):
+        train(load_config(DEMO, [*tiny, "run.parallel=ddp"]), **QUIET)

@@ -11,6 +11,7 @@ from torch import nn
 from lowrank_train.memory import TrainingSetup, estimate_memory, llama_shape
 from lowrank_train.optim import GaLore
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, register_optimizer
+from lowrank_train.optim.update_rules import UPDATE_RULES
 from lowrank_train.projection import (
     PROJECTORS,
     ProjectorKind,
@@ -26,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lowrank_train"
 REGISTRY_MODULES = {
     PACKAGE / "projection" / "projectors.py": projector_names,
     PACKAGE / "welore" / "allocation.py": strategy_names,
+    PACKAGE / "optim" / "update_rules.py": lambda: tuple(UPDATE_RULES),
 }
 
 

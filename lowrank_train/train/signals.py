@@ -53,6 +53,8 @@ class StopRequest:
 
 def _say(text: str) -> None:
     # os.write, not sys.stderr: the handler may run in the middle of another write to that buffered stream.
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank gets the signal; one says so
+        return
     try:
         os.write(sys.stderr.fileno(), text.encode())
     except (OSError, ValueError, AttributeError):  # no usable descriptor (a captured stream)

@@ -1,13 +1,16 @@
 """Block-by-block calibration and staged replacements: WeLore at 7B shapes in the memory of one block (issue 14).
 
 Layer-wise compressors (GPTQ, SVD-LLM) never run the whole model on the calibration set with every layer's
-statistics alive. They catch the inputs of the first transformer block (a forward pre-hook that stops the forward
-with an exception), then for each block in turn: run it on those inputs with hooks on its linears, use and free
-the block's statistics, and keep its outputs as the next block's inputs. :class:`CalibrationChain` does that.
+statistics alive. They catch the inputs of the first transformer block, then for each block in turn: run it on
+those inputs with hooks on its linears, use and free the block's statistics, and keep its outputs as the next
+block's inputs. :class:`CalibrationChain` does that.
 
-It assumes the model passes one block's output straight to the next, with the same keyword arguments (attention
-mask, position embeddings) for every block, as LLaMA, Mistral, Qwen and GPT-2 do. :func:`chain_mismatch` checks
-this on one calibration sequence against the model's own forward before anything is computed.
+Blocks need not receive the same keyword arguments: models with local and global attention layers (Gemma 2/3,
+Cohere 2, Qwen with ``layer_types``) hand each block the mask and rotary table of its attention type. One forward
+per sequence, stopped at the last block's input, catches every block's own call arguments (forward pre-hooks);
+equal tensors among them are kept once, so the chain holds one mask and table per attention type and length.
+It assumes only that block k's hidden states are block k-1's output; :func:`chain_mismatch` checks this on one
+calibration sequence against the model's own forward before anything is computed.
 
 The replacements of finished blocks wait in a :class:`FactorStaging` (CPU memory, or one safetensors file per
 block on disk) and are swapped in only after every block succeeded, so a failure half-way leaves the model as it
@@ -75,7 +78,7 @@ def plan_blocks(model: nn.Module, linears: Mapping[str, nn.Linear]) -> list[Bloc
 
 
 class _StopForward(Exception):
-    """Raised by the first block's pre-hook: everything after it is not needed."""
+    """Raised by the last block's pre-hook: everything after it is not needed."""
 
 
 def _call_options(model: nn.Module) -> dict[str, bool]:
@@ -88,12 +91,12 @@ def _call_options(model: nn.Module) -> dict[str, bool]:
     return {"use_cache": False} if "use_cache" in parameters else {}
 
 
-def _hidden_slot(args: tuple, kwargs: dict) -> int | str:
+def _hidden_slot(args: tuple, kwargs: dict, index: int) -> int | str:
     if args and isinstance(args[0], Tensor):
         return 0
     if isinstance(kwargs.get("hidden_states"), Tensor):
         return "hidden_states"
-    raise ValueError("cannot find the hidden states among the first block's arguments (positional 0 or hidden_states)")
+    raise ValueError(f"cannot find the hidden states among block {index}'s arguments (positional 0 or hidden_states)")
 
 
 def _block_output(output: object) -> Tensor:
@@ -104,81 +107,141 @@ def _block_output(output: object) -> Tensor:
     raise ValueError(f"a block returned {type(output).__name__}; expected a tensor or a tuple starting with one")
 
 
+class _TensorPool:
+    """Keeps one copy of equal tensors (masks, rotary tables) over all blocks and calibration sequences."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, list[Tensor]] = {}
+
+    def share(self, value: object) -> object:
+        """``value`` with every tensor inside it (tuples, lists, dicts) replaced by an equal one already kept."""
+        if isinstance(value, Tensor):
+            kept = self._kept.setdefault((tuple(value.shape), value.dtype, value.device), [])
+            for other in kept:
+                if other is value or torch.equal(other, value):
+                    return other
+            kept.append(value)
+            return value
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(self.share(item) for item in value))
+        if isinstance(value, tuple | list):
+            return type(value)(self.share(item) for item in value)
+        if isinstance(value, dict):
+            return {key: self.share(item) for key, item in value.items()}
+        return value
+
+
 @dataclass
 class _BlockCall:
-    """One calibration sequence at a block boundary: the block's positional and keyword arguments."""
+    """One block's call on one calibration sequence, without the hidden states: positional and keyword arguments."""
 
     args: tuple
     kwargs: dict
     slot: int | str
 
-    @property
-    def hidden(self) -> Tensor:
-        return self.args[0] if self.slot == 0 else self.kwargs[self.slot]
-
-    def with_hidden(self, hidden: Tensor) -> None:
+    def run(self, block: nn.Module, hidden: Tensor) -> Tensor:
         if self.slot == 0:
-            self.args = (hidden, *self.args[1:])
-        else:
-            self.kwargs = {**self.kwargs, self.slot: hidden}
-
-    def run(self, block: nn.Module) -> Tensor:
-        return _block_output(block(*self.args, **self.kwargs))
+            return _block_output(block(hidden, *self.args[1:], **self.kwargs))
+        return _block_output(block(*self.args, **{**self.kwargs, self.slot: hidden}))
 
 
-def _capture_first_block(model: nn.Module, first: nn.Module, input_ids: Tensor) -> _BlockCall:
-    captured: list[_BlockCall] = []
+def _capture_calls(
+    model: nn.Module, blocks: Sequence[nn.Module], input_ids: Tensor, pool: _TensorPool, sample: bool = False
+) -> tuple[Tensor, list[_BlockCall], list[Tensor]]:
+    # One forward of the model, stopped at the last block's input: block 0's hidden states, every block's own
+    # call arguments (the hidden states left out; per-layer masks and rotary tables kept once through the pool),
+    # and with ``sample`` a sample of every block's input hidden states.
+    calls: dict[int, _BlockCall] = {}
+    first: list[Tensor] = []
+    samples: dict[int, Tensor] = {}
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append(_BlockCall(tuple(args), dict(kwargs), _hidden_slot(args, kwargs)))
-        raise _StopForward
+    def make_hook(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index in calls:
+                return
+            slot = _hidden_slot(args, kwargs, index)
+            hidden = args[0] if slot == 0 else kwargs[slot]
+            if index == 0:
+                first.append(hidden)
+            if sample:
+                samples[index] = _sample(hidden)
+            rest = (None, *args[1:]) if slot == 0 else args
+            kept = {key: value for key, value in kwargs.items() if key != slot}
+            calls[index] = _BlockCall(pool.share(rest), pool.share(kept), slot)
+            if index == len(blocks) - 1:
+                raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         model(input_ids, **_call_options(model))
     except _StopForward:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise ValueError("the model's forward finished without calling its first block")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in range(len(blocks)) if i not in calls]
+    if missing:
+        raise ValueError(f"the model's forward never called block {missing[0]}")
+    return first[0], [calls[i] for i in range(len(blocks))], [samples[i] for i in sorted(samples)]
 
 
 class CalibrationChain:
     """The calibration sequences at the input of the next block, pushed through the blocks one at a time.
 
     Holds one ``(1, seq_len, hidden)`` activation per sequence (in the model's dtype, on its device) plus each
-    sequence's block keyword arguments; nothing of a finished block stays alive.
+    block's own call arguments per sequence, caught in one forward of the model: blocks that receive different
+    masks or rotary tables (sliding-window and full-attention layers) get their own. Equal tensors are kept once;
+    the arguments of a finished block are dropped.
 
     Args:
         model: the model, in eval mode, called as ``model(input_ids)``.
-        first_block: its first block.
+        blocks: its blocks, in order.
         calibration: ``(1, seq_len)`` token-id tensors on the model's device.
     """
 
-    def __init__(self, model: nn.Module, first_block: nn.Module, calibration: Sequence[Tensor]) -> None:
-        self._calls = [_capture_first_block(model, first_block, ids) for ids in calibration]
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], calibration: Sequence[Tensor]) -> None:
+        pool = _TensorPool()
+        self._blocks = list(blocks)
+        self._next = 0
+        self._hidden: list[Tensor] = []
+        self._calls: list[list[_BlockCall | None]] = []
+        for ids in calibration:
+            hidden, calls, _ = _capture_calls(model, self._blocks, ids, pool)
+            self._hidden.append(hidden)
+            self._calls.append(list(calls))
 
     def run(self, block: nn.Module, linears: Mapping[str, nn.Linear] | None = None) -> dict[str, InputStatistics]:
         """Runs ``block`` on every sequence, measuring the inputs of ``linears``; its outputs become the inputs.
 
         Args:
-            block: the block whose inputs the chain holds.
+            block: the next block of the chain.
             linears: layers inside ``block`` to measure (none: only advance).
 
         Returns:
             Statistics per name in ``linears`` (empty when nothing was measured).
+
+        Raises:
+            ValueError: if ``block`` is not the chain's next block.
         """
+        index = self._next
+        if index >= len(self._blocks) or block is not self._blocks[index]:
+            raise ValueError(f"the chain's next block is block {index}; it was given another module")
+        self._next += 1
         if not linears:
-            for call in self._calls:
-                call.with_hidden(call.run(block))
+            self._advance(index, block)
             return {}
         with StatisticsAccumulator(linears) as accumulator:
-            for call in self._calls:
-                accumulator.start_pass()
-                call.with_hidden(call.run(block))
+            self._advance(index, block, accumulator)
             return accumulator.statistics()
+
+    def _advance(self, index: int, block: nn.Module, accumulator: StatisticsAccumulator | None = None) -> None:
+        for sequence, calls in enumerate(self._calls):
+            if accumulator is not None:
+                accumulator.start_pass()
+            self._hidden[sequence] = calls[index].run(block, self._hidden[sequence])
+            calls[index] = None  # its masks and tables are freed once no later block shares them
 
 
 def _sample(hidden: Tensor, size: int = 4096) -> Tensor:
@@ -189,8 +252,8 @@ def _sample(hidden: Tensor, size: int = 4096) -> Tensor:
 def chain_mismatch(model: nn.Module, blocks: Sequence[nn.Module], input_ids: Tensor) -> str | None:
     """Whether running ``blocks`` one after another reproduces the model's own forward on ``input_ids``.
 
-    Records a sample of every block's input during one ordinary forward, then pushes the first block's input
-    through the blocks in turn and compares.
+    Catches every block's input and call arguments during one forward, then pushes block 0's input through the
+    blocks in turn, each with its own arguments, and compares with the inputs the forward gave them.
 
     Args:
         model: the model, in eval mode.
@@ -200,29 +263,13 @@ def chain_mismatch(model: nn.Module, blocks: Sequence[nn.Module], input_ids: Ten
     Returns:
         ``None`` when the chain is exact, else why not.
     """
-    samples: dict[int, Tensor] = {}
-
-    def make_hook(index: int):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if index not in samples:
-                slot = _hidden_slot(args, kwargs)
-                samples[index] = _sample(args[0] if slot == 0 else kwargs[slot])
-
-        return hook
-
-    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        model(input_ids, **_call_options(model))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [i for i in range(len(blocks)) if i not in samples]
-    if missing:
-        return f"the model's forward never called block {missing[0]}"
-    call = _capture_first_block(model, blocks[0], input_ids)
+        hidden, calls, samples = _capture_calls(model, blocks, input_ids, _TensorPool(), sample=True)
+    except ValueError as error:
+        return str(error)
     for index, block in enumerate(blocks[:-1]):
-        call.with_hidden(call.run(block))
-        expected, got = samples[index + 1], _sample(call.hidden)
+        hidden = calls[index].run(block, hidden)
+        expected, got = samples[index + 1], _sample(hidden)
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * scale + 1e-30):
             return f"the input of block {index + 1} is not block {index}'s output"
@@ -266,7 +313,7 @@ def block_statistics(
         return
     # The statistics are yielded straight from the call, never bound to a local name: a suspended generator keeps
     # its locals alive, which would hold a block's statistics while the caller is already done with them.
-    chain = [CalibrationChain(model, plan[0].block, calibration)]
+    chain = [CalibrationChain(model, [entry.block for entry in plan], calibration)]
     for index, (entry, linears) in enumerate(zip(plan, wanted, strict=True)):
         if not chain:
             yield entry, {}

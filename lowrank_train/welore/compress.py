@@ -406,13 +406,22 @@ def _calibration_source(
     key = _calibration_key(model, linears, sequences)
     reason = chain_mismatch(model, [entry.block for entry in plan], max(sequences, key=lambda s: s.shape[-1]))
     if reason is not None:
+        whole, block = _statistics_bytes(plan)
         warnings.warn(
             f"compress_model: {reason}, so the blocks cannot be calibrated one at a time; measuring the whole "
-            "model at once instead, with every block linear's statistics in memory",
+            f"model at once instead, with every block linear's statistics in memory: up to {whole / 2**30:.3g} GiB "
+            f"of float64 second moments at once instead of {block / 2**30:.3g} GiB (the largest block's)",
             stacklevel=3,
         )
         return collect_input_statistics(model, linears, sequences, config.num_threads), key, loss_weights
     return sequences, key, loss_weights
+
+
+def _statistics_bytes(plan: Sequence[BlockPlan]) -> tuple[int, int]:
+    # Upper bounds on the float64 second moments alive: every block's at once, and the largest block's alone
+    # (layers that share an input share one, so the true figures can be smaller).
+    per_block = [sum(8 * lin.in_features**2 for lin in entry.linears.values()) for entry in plan]
+    return sum(per_block), max(per_block, default=0)
 
 
 def _weightings(

@@ -7,6 +7,7 @@ whitening, one allocation, every replacement built before any swap.
 
 import copy
 import gc
+import warnings
 
 import pytest
 import torch
@@ -246,7 +247,7 @@ def test_block_statistics_equal_whole_model_statistics(llama, calibration):
     plan = plan_blocks(llama, linears)
     assert [len(entry.linears) for entry in plan] == [7, 7]
     assert chain_mismatch(llama, [entry.block for entry in plan], sequences[0]) is None
-    chain = CalibrationChain(llama, plan[0].block, sequences)
+    chain = CalibrationChain(llama, [entry.block for entry in plan], sequences)
     for entry in plan:
         stats = chain.run(entry.block, entry.linears)
         assert set(stats) == set(entry.linears)
@@ -344,7 +345,7 @@ def test_custom_model_and_unchained_fallback(between):
         report = compress_model(model, config, calibration)
     else:
         assert reason == "the input of block 1 is not block 0's output"
-        with pytest.warns(UserWarning, match="cannot be calibrated one at a time"):
+        with pytest.warns(UserWarning, match=r"cannot be calibrated one at a time.*GiB of float64 second moments"):
             report = compress_model(model, config, calibration)
     _assert_matches_reference(model, report, reference)
 
@@ -483,3 +484,80 @@ def test_gram_factorization_matches_lapack(kind, weighting):
             torch.testing.assert_close(factor_in, reference_in, atol=1e-4 * float(reference_in.abs().max()), rtol=0)
     with pytest.raises(ValueError, match="rank must be in"):
         truncated_factors(weight, min(weight.shape) + 1)
+
+
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+
+def _per_layer_model(family):
+    # 4 layers alternating sliding-window and full attention; the window (8) is shorter than the sequences (32).
+    import transformers
+
+    torch.set_num_threads(1)
+    torch.manual_seed(5)
+    sizes = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=8,
+        layer_types=LAYER_TYPES,
+    )
+    config_class, model_class, extra = {
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {}),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {}),
+        "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {}),
+    }[family]
+    config = getattr(transformers, config_class)(**sizes, **extra)
+    assert list(config.layer_types) == LAYER_TYPES
+    return getattr(transformers, model_class)(config).eval()
+
+
+PER_LAYER_FAMILIES = ["qwen2", "gemma2", "gemma3", "cohere2"]
+
+
+@pytest.mark.parametrize("family", PER_LAYER_FAMILIES)
+def test_blocks_with_their_own_masks_are_chained(family, calibration):
+    # Each block gets its own mask and rotary table: the chain's statistics equal the whole-model pass's bit for
+    # bit, and equal tensors are kept once (per attention type, over all sequences).
+    model = _per_layer_model(family)
+    linears = find_block_linears(model)
+    sequences = list(calibration[:4, None])
+    plan = plan_blocks(model, linears)
+    blocks = [entry.block for entry in plan]
+    with torch.no_grad():
+        assert chain_mismatch(model, blocks, sequences[0]) is None
+        whole = collect_input_statistics(model, linears, sequences)
+        chain = CalibrationChain(model, blocks, sequences)
+        masks = [[calls[i].kwargs["attention_mask"] for i in range(4)] for calls in chain._calls]
+        sliding, full = masks[0][0], masks[0][1]  # sdpa's full causal mask may be None (is_causal)
+        assert sliding is not None and (full is None or not torch.equal(sliding, full))  # the window matters
+        assert all(row[0] is masks[0][0] and row[2] is masks[0][0] for row in masks)
+        assert all(row[1] is masks[0][1] and row[3] is masks[0][1] for row in masks)
+        with pytest.raises(ValueError, match="next block is block 0"):
+            chain.run(blocks[1])
+        for entry in plan:
+            for name, stats in chain.run(entry.block, entry.linears).items():
+                assert torch.equal(stats.second_moment, whole[name].second_moment), name
+                assert torch.equal(stats.mean_abs, whole[name].mean_abs), name
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_per_layer_attention_compresses_block_by_block(family, calibration):
+    model = _per_layer_model(family)
+    config = WeLoreConfig(target=0.3, strategy="whitened", min_ratio=0.0, generated_fraction=0.0)
+    reference_model = copy.deepcopy(model)
+    reference = reference_compress(reference_model, config, calibration)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be calibrated one at a time.*")
+        report = compress_model(model, config, calibration)
+    _assert_matches_reference(model, report, reference)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(calibration[:2]).logits, reference_model(calibration[:2]).logits, atol=1e-4, rtol=0
+        )

@@ -511,6 +511,7 @@ class TrainingRecipe:
             eval_loss = earlier[-1]
         else:
             eval_loss = self.evaluate(last_step)
+        self.ranks.check_replicas(self.model)  # every rank holds the same weights (INT codes included)
         if run.save_final and not finished_before:
             self.save_checkpoint(last_step)
         self.progress.close()

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lowrank_train.data.sharding import RankShare
+from lowrank_train.nn.quant_linear import is_quantized_weight
 from lowrank_train.train.config import ConfigError, TrainConfig
 from lowrank_train.train.setup import resolve_device
 
@@ -105,12 +106,57 @@ class Ranks:
 
         Layer-wise, the engine averages each gradient in its own hook (no DDP wrapper: DDP's reducer would run
         after the engine has already stepped the parameter).
+
+        INT8 / INT4 weights (:class:`~lowrank_train.nn.quant_linear.QuantizedWeight`): the carrier is a stride-0
+        expanded tensor DDP cannot broadcast, so rank 0's floats, codes and scales are broadcast here instead; DDP
+        then only averages gradients (the carrier's ``.grad`` is dense). Buffers are not re-broadcast every forward:
+        that would hide drift; the (seed, step)-seeded rounding keeps the codes equal (see :meth:`check_replicas`).
         """
         if not self.distributed or layerwise:
             return model
         device = next(model.parameters()).device
         device_ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if not any(is_quantized_weight(p) for p in model.parameters()):
+            return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        with torch.no_grad():
+            for tensor in [*(p for p in model.parameters() if not is_quantized_weight(p)), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, init_sync=False, broadcast_buffers=False
+        )
+
+    def check_replicas(self, model: nn.Module) -> None:
+        """Raises ``RuntimeError`` naming the tensors (parameters, buffers: INT codes and scales) not bit-identical
+        on every rank; a single process passes."""
+        if not self.distributed:
+            return
+        named = [
+            (name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if not is_quantized_weight(t)
+        ]
+        local = torch.stack([fingerprint(t) for _, t in named])
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local)
+        differs = torch.stack(gathered).ne(local).flatten(2).any(dim=2).any(dim=0).tolist()
+        bad = [name for (name, _), d in zip(named, differs, strict=True) if d]
+        if bad:
+            raise RuntimeError(
+                f"the ranks' model replicas differ in {len(bad)} of {len(named)} tensors (first: {', '.join(bad[:5])})"
+            )
+
+
+def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Two int64 sums over the bytes of ``tensor`` (plain and position-weighted): equal for equal bytes, and
+    different after almost any change (a single flipped bit always changes the plain sum)."""
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    total = torch.zeros(2, dtype=torch.int64, device=data.device)
+    for start in range(0, data.numel(), _CHUNK):  # in chunks: int64 copies of a whole embedding would be 8x its size
+        chunk = data[start : start + _CHUNK].long()
+        weights = torch.arange(start, start + chunk.numel(), device=data.device) % 65521 + 1
+        total += torch.stack([chunk.sum(), (chunk * weights).sum()])
+    return total
+
+
+_CHUNK = 1 << 24
 
 
 def wants_ddp(config: TrainConfig) -> bool:

@@ -1,6 +1,6 @@
 """Data-parallel runs under torchrun (issue 22, first step): 2 gloo processes with micro-batch b train exactly as
 one process with micro-batch 2b, write the run folder once, and resume under torchrun; ``run.parallel`` is
-validated."""
+validated; INT8 (Q-GaLore) runs keep bit-identical codes on every rank."""
 
 import json
 import os
@@ -110,3 +110,53 @@ def test_ddp_outside_torchrun_is_refused(tiny, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ConfigError, match="needs the torchrun environment"):
         train(load_config(DEMO, [*tiny, "run.parallel=ddp"]), **QUIET)
+
+
+def _checkpoint_model(output: Path, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(output / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("name", ["qgalore", "qapollo_mini"])
+def test_int8_weights_under_ddp_match_one_process(tiny, tmp_path, name):
+    # INT8 QuantLinear weights, written back with (seed, step)-seeded stochastic rounding: DDP averages the dense
+    # carrier gradients; the run checks at the end (Ranks.check_replicas, all_gather) that every rank holds
+    # bit-identical codes, scales and floats, and fails otherwise.
+    steps = [*tiny, f"optimizer.name={name}", "optimizer.weight_bits=8", "run.max_steps=4", "run.save_every=4"]
+    _torchrun([*steps, f"run.output_dir={tmp_path / 'ddp'}"])
+    train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={tmp_path / 'single'}"]), **QUIET)
+    for split in ("train", "eval"):
+        got, expected = _losses(tmp_path / "ddp", split), _losses(tmp_path / "single", split)
+        assert got == pytest.approx(expected, rel=1e-5), split
+    got, expected = _checkpoint_model(tmp_path / "ddp", 4), _checkpoint_model(tmp_path / "single", 4)
+    codes = [key for key in expected if key.endswith("weight_codes")]
+    assert codes and got.keys() == expected.keys()
+    # Summation order in the all-reduce may flip a rounding decision, by one code at most: allow 0.1% of codes.
+    differing = sum(int(got[key].ne(expected[key]).sum()) for key in codes)
+    assert differing <= 1e-3 * sum(expected[key].numel() for key in codes), differing
+    for key in codes:
+        assert (got[key].int() - expected[key].int()).abs().max() <= 1, key
+    for key in set(expected) - set(codes):
+        # Float weights (embeddings, norms, AdamW) see the same order effect through Adam's normalization.
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=1e-3, msg=key)
+
+
+def test_check_replicas_names_what_differs(monkeypatch):
+    # Two fake ranks: rank 1's copy of one buffer differs by one bit.
+    from torch import nn
+
+    from lowrank_train.train import parallel
+
+    model = nn.Linear(2, 2)
+    model.register_buffer("codes", torch.zeros(4, dtype=torch.int8))
+    other = [parallel.fingerprint(t).clone() for t in [*model.parameters(), *model.buffers()]]
+    other[-1] = parallel.fingerprint(torch.tensor([0, 0, 1, 0], dtype=torch.int8))
+
+    def all_gather(out: list[torch.Tensor], local: torch.Tensor) -> None:
+        out[0].copy_(local)
+        out[1].copy_(torch.stack(other))
+
+    monkeypatch.setattr(parallel.dist, "all_gather", all_gather)
+    with pytest.raises(RuntimeError, match=r"differ in 1 of 3 tensors \(first: codes\)"):
+        parallel.Ranks(0, 2).check_replicas(model)
+    other[-1] = parallel.fingerprint(model.codes)
+    parallel.Ranks(0, 2).check_replicas(model)

@@ -10,8 +10,6 @@ are printed above the bar. Anywhere else (a log file, a pipe, a notebook capture
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lowrank_train.memory import format_bytes
+from lowrank_train.progress_bar import format_eta, is_terminal
 
 Log = Callable[[str], None]
 
@@ -35,18 +34,8 @@ class StepStats:
 
 
 def _is_terminal() -> bool:
-    """stdout is a terminal with a width (a pseudo-terminal of width 0, e.g. under `script`, draws no bar)."""
-    if not sys.stdout.isatty():
-        return False
-    try:
-        return os.get_terminal_size(sys.stdout.fileno()).columns > 0
-    except (OSError, ValueError, AttributeError):
-        return True  # a terminal-like stream without a file descriptor (tests, IDE consoles)
-
-
-def format_eta(seconds: float) -> str:
-    """``H:MM:SS`` (days as ``1 day, H:MM:SS``), rounded to whole seconds."""
-    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
+    """stdout is a terminal with a width (read when called, so a test's replaced stdout counts)."""
+    return is_terminal(sys.stdout)
 
 
 def progress_line(stats: StepStats, total: int, eta_seconds: float | None) -> str:

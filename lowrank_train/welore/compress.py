@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lowrank_train.nn.lowrank_linear import LowRankLinear
 from lowrank_train.nn.surgery import block_modules, is_dense_linear, replace_module
+from lowrank_train.progress_bar import PhaseProgress
 from lowrank_train.welore.allocation import (
     GUARD_FALLBACK,
     GUARDED,
@@ -37,7 +38,7 @@ from lowrank_train.welore.blockwise import (
     chain_mismatch,
     plan_blocks,
 )
-from lowrank_train.welore.generation import mix_generated_calibration
+from lowrank_train.welore.generation import generated_count, mix_generated_calibration
 from lowrank_train.welore.guard import GuardReport, heldout_loss, split_calibration
 from lowrank_train.welore.sensitivity import collect_output_sensitivity
 from lowrank_train.welore.spectrum import (
@@ -55,6 +56,7 @@ from lowrank_train.welore.spectrum import (
 )
 
 __all__ = [
+    "PHASES",
     "TRAINABLE_MODES",
     "CompressionReport",
     "MatrixReport",
@@ -65,6 +67,9 @@ __all__ = [
 ]
 
 TRAINABLE_MODES = ("lrc", "all", "lrc+galore")
+# compress_model's phases, in the order they run (the guard's held-out evaluation follows each candidate's factors);
+# CompressionReport.phase_seconds has one entry per phase, 0.0 for one that did not run.
+PHASES = ("calibration", "generation", "sensitivity", "spectra", "allocation", "factors", "guard")
 # Input statistics from fewer tokens are noise: one token gave a rank-1 second moment that the damping ridge
 # alone made invertible, and "whitened" compressed against it without a word (issue 20).
 MIN_CALIBRATION_TOKENS = 64
@@ -183,6 +188,8 @@ class CompressionReport:
         min_ratio: LRC/N-LRC rule used.
         matrices: one entry per block linear, in module order.
         guard: what the held-out guard measured (``strategy="auto"``); ``None`` when a strategy was forced.
+        phase_seconds: seconds spent in each of :data:`PHASES` (summed over the guard's candidates); left out of
+            ``==``, which compares what was compressed.
     """
 
     strategy: str
@@ -191,6 +198,7 @@ class CompressionReport:
     min_ratio: float
     matrices: tuple[MatrixReport, ...] = field(default_factory=tuple)
     guard: GuardReport | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict, compare=False)  # timings: not what was done
 
     @property
     def params_before(self) -> int:
@@ -368,6 +376,7 @@ def _calibration_source(
     strategy: AllocationStrategy,
     config: WeLoreConfig,
     calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+    progress: PhaseProgress,
 ) -> tuple[list[Tensor] | dict[str, InputStatistics] | None, str, dict[str, float] | None]:
     # What the block passes read their statistics from (token sequences for a CalibrationChain, or statistics
     # already in memory), the calibration's key for the spectra cache, and the loss weights (output sensitivity).
@@ -393,16 +402,25 @@ def _calibration_source(
                 )
             loss_weights = {n: float(stats[n].output_sensitivity) for n in linears}
         return stats, _statistics_key(stats, linears), loss_weights
-    sequences = prepare_calibration(calibration, _input_vocab_size(model))
-    _check_calibration_size(config.strategy, sum(seq.numel() for seq in sequences), widest)
-    device = next(model.parameters()).device
-    sequences = [seq.to(device) for seq in sequences]
+    with progress.phase("calibration"):
+        sequences = prepare_calibration(calibration, _input_vocab_size(model))
+        _check_calibration_size(config.strategy, sum(seq.numel() for seq in sequences), widest)
+        device = next(model.parameters()).device
+        sequences = [seq.to(device) for seq in sequences]
     generated = config.generated_fraction if config.generated_fraction is not None else strategy.generated_fraction
-    sequences = mix_generated_calibration(model, sequences, generated, num_threads=config.num_threads)
+    count, seq_len = generated_count(sequences, generated)
+    if count:
+        # The bar counts sampling steps: each step adds one token to every generated sequence.
+        note = f"{count} sequence{'s' if count != 1 else ''} of {seq_len} tokens"
+        with progress.phase("generation", seq_len - 1, "steps", note) as advance:
+            sequences = mix_generated_calibration(
+                model, sequences, generated, num_threads=config.num_threads, on_token=advance
+            )
     loss_weights = None
     if strategy.sensitivity:
         # One scalar per layer (a forward and backward per sequence, no parameter gradients): small at any size.
-        loss_weights = collect_output_sensitivity(model, linears, sequences, config.num_threads)
+        with progress.phase("sensitivity", len(sequences), "sequences") as advance:
+            loss_weights = collect_output_sensitivity(model, linears, sequences, config.num_threads, advance)
     key = _calibration_key(model, linears, sequences)
     reason = chain_mismatch(model, [entry.block for entry in plan], max(sequences, key=lambda s: s.shape[-1]))
     if reason is not None:
@@ -493,6 +511,8 @@ def compress_model(
     model: nn.Module,
     config: WeLoreConfig,
     calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None = None,
+    *,
+    progress: bool | PhaseProgress = False,
 ) -> CompressionReport:
     """Replace the block linears selected by the allocation with :class:`LowRankLinear` layers, in place.
 
@@ -527,9 +547,14 @@ def compress_model(
             need no output sensitivity, ``collect_input_statistics``) returned for this model, to compress at
             several targets with one calibration pass (they are all in memory already; the passes hand them out
             block by block). Ignored by data-free strategies.
+        progress: show each phase (:data:`PHASES`): ``True`` draws a tqdm bar per phase in a terminal and prints
+            plain lines with an ETA elsewhere (:mod:`lowrank_train.progress_bar`); a
+            :class:`~lowrank_train.progress_bar.PhaseProgress` chooses the stream or log function. Nothing is
+            shown per matrix (the ``logging`` debug level has per-block seconds).
 
     Returns:
-        Per-matrix ranks, LRC/N-LRC, and parameter totals; under ``"auto"``, the guard's losses, winner and margin.
+        Per-matrix ranks, LRC/N-LRC, and parameter totals; under ``"auto"``, the guard's losses, winner and margin;
+        the seconds of each phase (``phase_seconds``).
 
     Raises:
         ValueError: a model already compressed, no block linears, a NaN/Inf weight (naming it), missing, empty,
@@ -543,9 +568,14 @@ def compress_model(
     _check_not_compressed(model)
     find_block_linears(model)  # raises when there is none
     _check_finite_weights(model)
+    phases = progress if isinstance(progress, PhaseProgress) else PhaseProgress(enabled=bool(progress))
+    before = dict(phases.seconds)  # a PhaseProgress shared with the caller may hold its own phases already
     if config.strategy != GUARDED:
-        return _compress_with(model, config, calibration)
-    return _guarded_compress(model, config, calibration)
+        report = _compress_with(model, config, calibration, phases)
+    else:
+        report = _guarded_compress(model, config, calibration, phases)
+    seconds = {name: phases.seconds.get(name, 0.0) - before.get(name, 0.0) for name in PHASES}
+    return replace(report, phase_seconds=seconds)
 
 
 def _guard_split(
@@ -577,17 +607,19 @@ def _guarded_compress(
     model: nn.Module,
     config: WeLoreConfig,
     calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+    progress: PhaseProgress,
 ) -> CompressionReport:
     # Each candidate is compressed on the fitting sequences and swapped in (its dense layers kept off the model),
     # scored on the held-out ones, then the dense layers go back; the best candidate's low-rank layers are kept
     # and swapped in at the end. Peak: the model plus the factors of two candidates plus one block's working set.
     start = time.perf_counter()
-    split, reason = _guard_split(model, calibration)
+    with progress.phase("calibration"):
+        split, reason = _guard_split(model, calibration)
     if split is None:
         message = f"compress_model: the held-out guard cannot run ({reason}); using {GUARD_FALLBACK!r} unguarded"
         warnings.warn(message, stacklevel=3)
         logger.warning(message)
-        report = _compress_with(model, replace(config, strategy=GUARD_FALLBACK), calibration)
+        report = _compress_with(model, replace(config, strategy=GUARD_FALLBACK), calibration, progress)
         guard = GuardReport(winner=GUARD_FALLBACK, seconds=time.perf_counter() - start, fallback=reason)
         return replace(report, guard=guard)
     fit, heldout = split
@@ -597,11 +629,15 @@ def _guarded_compress(
     best: tuple[str, CompressionReport, dict[str, nn.Module]] | None = None
     dense: dict[str, nn.Linear] = {}
     try:
-        for name in guard_candidates():
+        candidates = guard_candidates()
+        for number, name in enumerate(candidates, 1):
             dense = {}
-            report = _compress_with(model, replace(config, strategy=name), fit, dense)
-            losses[name] = heldout_loss(model, heldout)
-            logger.info("guard: %s held-out loss %.4f", name, losses[name])
+            progress.message(f"guard: candidate {number}/{len(candidates)} {name}")
+            report = _compress_with(model, replace(config, strategy=name), fit, progress, dense)
+            with progress.phase("guard"):
+                losses[name] = heldout_loss(model, heldout)
+            logger.debug("guard: %s held-out loss %.4f", name, losses[name])
+            progress.message(f"guard: {name} held-out loss {losses[name]:.4f}")
             if best is None or losses[name] < losses[best[0]]:
                 best = (name, report, {n: model.get_submodule(n) for n in dense})
             _put_back(model, dense)
@@ -631,6 +667,7 @@ def _compress_with(
     model: nn.Module,
     config: WeLoreConfig,
     calibration: Tensor | Sequence[Tensor] | Mapping[str, InputStatistics] | None,
+    progress: PhaseProgress,
     dense_out: dict[str, nn.Linear] | None = None,
 ) -> CompressionReport:
     # compress_model with one forced strategy; dense_out receives the dense layers it swapped out.
@@ -644,7 +681,9 @@ def _compress_with(
     model.eval()
     try:
         with limit_threads(config.num_threads):
-            source, key, loss_weights = _calibration_source(model, linears, plan, strategy, config, calibration)
+            source, key, loss_weights = _calibration_source(
+                model, linears, plan, strategy, config, calibration, progress
+            )
             kind = _spectrum_kind(strategy, config, key)
             spectra = None
             fingerprint = ""
@@ -658,23 +697,29 @@ def _compress_with(
                 # A plain loop, not enumerate: enumerate's reused result tuple would keep the previous block's
                 # statistics alive while the next block's are accumulated. A block's seconds include its
                 # calibration forward and statistics, which the generator computes before handing it out.
-                start = time.perf_counter()
-                for entry, stats in block_statistics(model, plan, source):
-                    weightings = _weightings(strategy, config, stats)
-                    del stats  # only the weighting is needed from here on
-                    spectra.update(compute_spectra(entry.linears, weightings, config.num_threads))
-                    del weightings
-                    logger.info("spectra of %s in %.1f s", entry.name, time.perf_counter() - start)
+                with progress.phase("spectra", len(plan), "blocks") as advance:
                     start = time.perf_counter()
-                if config.cache_path is not None:
-                    save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
+                    for entry, stats in block_statistics(model, plan, source):
+                        weightings = _weightings(strategy, config, stats)
+                        del stats  # only the weighting is needed from here on
+                        spectra.update(compute_spectra(entry.linears, weightings, config.num_threads))
+                        del weightings
+                        logger.debug("spectra of %s in %.1f s", entry.name, time.perf_counter() - start)
+                        advance()
+                        start = time.perf_counter()
+                    if config.cache_path is not None:
+                        save_spectra_cache(config.cache_path, fingerprint, kind, spectra)
 
-            allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
+            with progress.phase("allocation"):
+                allocation = allocate_ranks(spectra, shapes, config.target, strategy, config.min_ratio, loss_weights)
 
             # A dense layer keeps all of its calibration energy (as _calibration_energy says).
             energies: dict[str, float] = dict.fromkeys(linears, 1.0) if source is not None else {}
             del linears  # from here on the plan holds the only references to the dense layers
-            with FactorStaging(location, config.staging_dir) as staging:
+            with (
+                FactorStaging(location, config.staging_dir) as staging,
+                progress.phase("factors", len(plan), "blocks") as advance,
+            ):
                 start = time.perf_counter()
                 for entry, stats in block_statistics(model, plan, source, allocation.lrc):
                     energy_seconds = 0.0
@@ -697,9 +742,10 @@ def _compress_with(
                         staging.put(entry.name, tensors)
                     del stats, weightings, tensors
                     seconds = time.perf_counter() - start
-                    logger.info(
+                    logger.debug(
                         "factors of %s in %.1f s (calibration energy %.1f s)", entry.name, seconds, energy_seconds
                     )
+                    advance()
                     start = time.perf_counter()
                 staging.check()
                 _swap_in(model, plan, staging, dense_out)

@@ -12,7 +12,7 @@ calibrated on Python documentation, KJV goes from 132.5 to 114.0 (``benchmarks/r
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ def generate_calibration(
     start_tokens: Tensor,
     seed: int = 0,
     num_threads: int | None = 1,
+    on_token: Callable[[], None] | None = None,
 ) -> list[Tensor]:
     """Sample ``num_sequences`` sequences of ``seq_len`` tokens from the model at temperature 1 (no top-k/top-p).
 
@@ -61,6 +62,7 @@ def generate_calibration(
         start_tokens: ``(num_sequences,)`` first token of each sequence (the model's BOS, typically).
         seed: sampling seed.
         num_threads: torch thread count while sampling.
+        on_token: called after each sampling step (one new token in every sequence), for progress.
 
     Returns:
         ``num_sequences`` tensors of shape ``(1, seq_len)`` (long, on the model's device).
@@ -95,15 +97,45 @@ def generate_calibration(
                     eos_token_id=None,
                     pad_token_id=int(prompt[0, 0]),
                 )
-                ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=sampling)
+                streamer = _StepCounter(on_token) if on_token is not None else None
+                ids = model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), generation_config=sampling, streamer=streamer
+                )
             else:
                 ids = prompt
                 for _ in range(seq_len - 1):
                     logits = _logits(model(ids))[:, -1].float()
                     ids = torch.cat([ids, torch.multinomial(torch.softmax(logits, dim=-1), 1)], dim=1)
+                    if on_token is not None:
+                        on_token()
     finally:
         model.train(was_training)
     return [row[None] for row in ids[:, :seq_len]]
+
+
+class _StepCounter:
+    # A Hugging Face streamer (put/end) that calls back once per sampling step; its first put is the prompt.
+    def __init__(self, on_token: Callable[[], None]) -> None:
+        self._on_token, self._prompt_seen = on_token, False
+
+    def put(self, _value: Tensor) -> None:
+        if self._prompt_seen:
+            self._on_token()
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def generated_count(sequences: Sequence[Tensor], fraction: float) -> tuple[int, int]:
+    """How many sequences :func:`mix_generated_calibration` generates, and their length (``(0, 0)`` for none)."""
+    if fraction == 0.0 or not sequences:
+        return 0, 0
+    seq_len = max(seq.shape[-1] for seq in sequences)
+    if seq_len < 2:
+        return 0, 0
+    user_tokens = sum(seq.numel() for seq in sequences)
+    return max(1, math.ceil(fraction / (1.0 - fraction) * user_tokens / seq_len)), seq_len
 
 
 def mix_generated_calibration(
@@ -112,6 +144,7 @@ def mix_generated_calibration(
     fraction: float,
     seed: int = 0,
     num_threads: int | None = 1,
+    on_token: Callable[[], None] | None = None,
 ) -> list[Tensor]:
     """The user's sequences plus generated ones making up ``fraction`` of all calibration tokens.
 
@@ -125,6 +158,7 @@ def mix_generated_calibration(
         fraction: share of generated tokens in the mix, in ``[0, 1)``; 0 returns ``sequences`` unchanged.
         seed: sampling seed.
         num_threads: torch thread count while sampling.
+        on_token: called after each sampling step (``seq_len - 1`` steps in all), for progress.
 
     Returns:
         The user's sequences followed by the generated ones.
@@ -132,17 +166,13 @@ def mix_generated_calibration(
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"generated calibration fraction must be in [0, 1), got {fraction}")
     sequences = list(sequences)
-    if fraction == 0.0 or not sequences:
+    count, seq_len = generated_count(sequences, fraction)
+    if count == 0:
         return sequences
-    seq_len = max(seq.shape[-1] for seq in sequences)
-    if seq_len < 2:
-        return sequences
-    user_tokens = sum(seq.numel() for seq in sequences)
-    count = max(1, math.ceil(fraction / (1.0 - fraction) * user_tokens / seq_len))
     start = _start_token(model)
     if start is None:
         firsts = torch.stack([seq.reshape(-1)[0] for seq in sequences])
         starts = firsts[torch.arange(count) % firsts.numel()]
     else:
         starts = torch.full((count,), start, dtype=torch.long)
-    return sequences + generate_calibration(model, count, seq_len, starts, seed, num_threads)
+    return sequences + generate_calibration(model, count, seq_len, starts, seed, num_threads, on_token)

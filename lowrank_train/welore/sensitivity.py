@@ -11,7 +11,7 @@ allocates badly (issue 16).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -50,6 +50,7 @@ def collect_output_sensitivity(
     linears: Mapping[str, nn.Linear],
     calibration: Sequence[Tensor],
     num_threads: int | None = 1,
+    on_sequence: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """Per linear, ``E_t ||dL_t / dy_t||^2 / out_features`` over the calibration tokens (next-token loss).
 
@@ -63,6 +64,7 @@ def collect_output_sensitivity(
         linears: the layers to measure, by name.
         calibration: ``(1, seq_len)`` token-id tensors with ``seq_len >= 2``.
         num_threads: torch thread count during the passes (``None`` keeps the current one).
+        on_sequence: called after each sequence's passes (progress).
 
     Returns:
         Sensitivity per linear name, ``>= 0``.
@@ -114,6 +116,8 @@ def collect_output_sensitivity(
                     logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="sum"
                 )
                 torch.autograd.grad(loss, embedded)
+                if on_sequence is not None:
+                    on_sequence()
     finally:
         embedded.clear()
         for handle in handles:

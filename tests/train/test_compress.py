@@ -8,6 +8,7 @@ import torch
 from lowrank_train.train import build_model, compress, evaluate, load_config
 from lowrank_train.train.model import count_parameters
 from lowrank_train.train.setup import load_run_data, load_run_tokenizer
+from lowrank_train.welore.compress import PHASES
 
 
 def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
@@ -46,3 +47,11 @@ def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
     by_type = report["by_type"]
     assert sum(entry["matrices"] for entry in by_type.values()) == len(report["matrices"])
     assert all(entry["lrc"] + entry["dense"] == entry["matrices"] == len(entry["ranks"]) for entry in by_type.values())
+
+    # Progress (issue 24 item 2): each phase ends with a plain line off a terminal; the report times them.
+    done = [line.split(" done in ")[0] for line in lines if " done in " in line]
+    assert done[0] == "evaluation" and done[-1] == "evaluation"
+    assert {"calibration", "spectra", "allocation", "factors", "guard"} <= set(done)
+    assert set(report["phase_seconds"]) == {*PHASES, "evaluation"}
+    assert sum(report["phase_seconds"].values()) <= report["seconds"]
+    assert report["peak_memory_bytes"] > 0

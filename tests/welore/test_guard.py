@@ -82,9 +82,9 @@ def test_guard_holds_out_the_last_fifth_and_fits_on_the_rest(llama, calibration,
     fit_with = compress_module._compress_with
     score = compress_module.heldout_loss
 
-    def record_fit(model, config, data, dense_out=None):
+    def record_fit(model, config, data, *rest):
         seen["fit"].append({tuple(s.reshape(-1).tolist()) for s in data})
-        return fit_with(model, config, data, dense_out)
+        return fit_with(model, config, data, *rest)
 
     def record_heldout(model, sequences):
         seen["heldout"].append({tuple(s.reshape(-1).tolist()) for s in sequences})

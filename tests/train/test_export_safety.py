@@ -22,37 +22,19 @@ STEPS = ["step-00000002", "step-00000004"]
 
 
 @pytest.fixture(scope="module")
-def trained_run(train_cache, tmp_path_factory):
+def trained_run(train_cache, tiny_overrides, tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4 and its final ``model/``."""
     run = tmp_path_factory.mktemp("export_safety") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV_VAR, str(train_cache))
         overrides = [
+            *tiny_overrides,
             f"run.output_dir={run}",
-            "run.max_steps=4",
             "run.save_every=2",
             "run.keep_checkpoints=2",
             "run.eval_every=4",
-            "run.eval_batches=1",
-            "run.device=cpu",
-            "run.num_threads=1",
             "run.memory_table=false",
-            "model.pretrained=null",
-            "model.vocab_size=50257",
-            "model.hidden_size=32",
-            "model.intermediate_size=64",
-            "model.num_layers=2",
-            "model.num_heads=2",
-            "model.max_position_embeddings=32",
-            "model.tie_embeddings=true",
-            "data.corpus=kjv",
-            "data.tokenizer=gpt2-offline",
-            "data.max_documents=1",
-            "data.seq_len=32",
-            "data.batch_size=2",
-            "data.heldout_fraction=0.05",
             "optimizer.name=adamw",
-            "schedule.warmup_steps=1",
         ]
         train(load_config(None, overrides), log=lambda line: None)
     return run

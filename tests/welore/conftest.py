@@ -2,9 +2,8 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def llama():
-    """A 2-layer LLaMA with grouped-query attention and tied embeddings (like SmolLM2), random weights."""
+def build_llama(**overrides):
+    """A 2-layer LLaMA with grouped-query attention and tied embeddings (like SmolLM2), random weights (seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(1)
@@ -18,8 +17,21 @@ def llama():
         num_key_value_heads=2,
         max_position_embeddings=64,
         tie_word_embeddings=True,
+        **overrides,
     )
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def llama_builder():
+    """:func:`build_llama`, for tests that need the same model with other config values."""
+    return build_llama
+
+
+@pytest.fixture
+def llama():
+    """A 2-layer LLaMA with grouped-query attention and tied embeddings (like SmolLM2), random weights."""
+    return build_llama()
 
 
 @pytest.fixture

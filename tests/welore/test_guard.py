@@ -25,24 +25,9 @@ from lowrank_train.welore.allocation import minmax_scores
 
 
 @pytest.fixture
-def sharp_llama():
+def sharp_llama(llama_builder):
     """The conftest LLaMA with larger weights, so that how it is compressed shows in its loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        initializer_range=0.15,
-    )
-    return LlamaForCausalLM(config).eval()
+    return llama_builder(initializer_range=0.15)
 
 
 def _rank_one(name: str) -> AllocationStrategy:

@@ -22,14 +22,26 @@ refuses the same step.
 All of this is :class:`FSDP2Backend`, the :class:`~lowrank_train.optim.backend.ProjectionBackend` that
 :class:`FSDP2GaLore` hands to :class:`~lowrank_train.optim.GaLore`; nothing of GaLore is overridden.
 
-Supported placements: ``Shard(0)`` or ``Replicate()`` on every mesh dimension (FSDP2, HSDP). Layer-wise
-stepping (:class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer`) and INT8 (Q-GaLore) weights are not
-supported under FSDP2. Checkpoints are per rank: ``torch.save(optimizer.state_dict(), f"optim.rank{rank}.pt")``.
+Update rules (APOLLO, APOLLO-Mini, Fira; :mod:`lowrank_train.optim.update_rules`) run on the same pieces: the
+seeded random projection is regenerated on every rank (no communication), APOLLO's ``G_k diag(s)`` and Fira's
+residual ``G_k - P_k R`` are row-local, and the channel-wise ratio needs no communication either (a column of the
+oriented projection is whole on every rank). What spans rows goes through :meth:`FSDP2Backend.sum_over_shards`:
+the tensor-wise ratio of APOLLO-Mini when m > n (one all-reduce of two scalars) and the norm-growth limiter's
+``||update||`` (one all-reduce of one scalar per weight and step).
+
+Layer-wise steps (the GaLore 2 design, arXiv 2504.20437): torch's ``fully_shard`` runs the sharded parameter's
+post-accumulate-grad hooks right after its reduce-scatter, so
+:class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer` over the sharded parameters steps each one as soon as
+its averaged shard exists and frees it; see :func:`fsdp2_layerwise`.
+
+Supported placements: ``Shard(0)`` or ``Replicate()`` on every mesh dimension (FSDP2, HSDP). INT8 (Q-GaLore)
+weights are not supported under FSDP2. Checkpoints are per rank:
+``torch.save(optimizer.state_dict(), f"optim.rank{rank}.pt")``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +49,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-from lowrank_train.optim.backend import BasisBuild, DenseBackend
+from lowrank_train.optim.backend import FRAMES, BasisBuild, DenseBackend
 from lowrank_train.optim.functional import finite_flags
 from lowrank_train.optim.galore import GaLore
+from lowrank_train.optim.layerwise import LayerwiseOptimizer
 from lowrank_train.projection import projects_rows
 
 
@@ -93,11 +106,54 @@ def project_sharded_gradient(grad: DTensor, basis: torch.Tensor) -> torch.Tensor
     local = grad.to_local()
     if not projects_rows(grad.shape):
         return basis.to(local.dtype).mT @ local.mT
-    partial = basis.to(local.dtype).mT @ local
-    mesh = grad.device_mesh
-    placements = [Partial() if isinstance(p, Shard) else Replicate() for p in grad.placements]
-    summed = DTensor.from_local(partial, mesh, placements, run_check=False)
+    return sum_over_row_shards(basis.to(local.dtype).mT @ local, grad)
+
+
+def sum_over_row_shards(value: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """``value`` summed over the ranks holding the other row shards of ``like`` (not over its replicas).
+
+    Args:
+        value: a partial result on this rank (same shape on every rank), e.g. a squared norm of its rows.
+        like: the row-sharded DTensor whose mesh and placements say which ranks hold other rows.
+
+    Returns:
+        The sum, identical on every rank; one all-reduce per sharded mesh dimension.
+    """
+    mesh = like.device_mesh
+    placements = [Partial() if isinstance(p, Shard) else Replicate() for p in like.placements]
+    summed = DTensor.from_local(value, mesh, placements, run_check=False)
     return summed.redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+
+
+def frame_is_split(param: torch.Tensor, frame: str) -> bool:
+    """True when ``frame`` of ``param`` is spread over ranks: its rows ("weight") of a DTensor always; its
+    oriented projection ("projected") only when the basis is on the unsharded side (m > n: r x m_k columns)."""
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
+    if not is_sharded(param):
+        return False
+    return frame == "weight" or not projects_rows(param.shape)
+
+
+def sharded_check(tensor: torch.Tensor, param: torch.Tensor, frame: str) -> tuple[bool, torch.Tensor]:
+    """Whether ``tensor`` (a piece of ``param``'s gradient or projected gradient) is finite on every rank, and its
+    squared norm over all ranks: one all-reduce of two floats where ``frame`` is split, none where it is whole.
+
+    Args:
+        tensor: a DTensor gradient or this rank's plain piece (e.g. a projected accumulator).
+        param: the weight it belongs to.
+        frame: "weight" or "projected" (see :func:`frame_is_split`).
+
+    Returns:
+        (finite everywhere, fp32 0-dim squared norm) — identical on every rank; one host synchronisation.
+    """
+    local = tensor.to_local() if is_sharded(tensor) else tensor
+    bad = (~finite_flags([local])).to(torch.float32)[0]
+    # A non-finite piece makes its squared norm non-finite too: it is only read once every rank is finite.
+    values = torch.stack([bad, torch.linalg.vector_norm(local, dtype=torch.float32).square()])
+    if frame_is_split(param, frame):
+        values = sum_over_row_shards(values, param)
+    return bool(values[0] == 0), values[1]
 
 
 def broadcast_from_first(tensor: torch.Tensor, mesh: Any) -> None:
@@ -125,10 +181,7 @@ def sharded_finite_flags(grads: Sequence[DTensor]) -> torch.Tensor:
     for indices in layouts.values():
         first = grads[indices[0]]
         local = (~finite_flags([grads[i].to_local() for i in indices])).to(device, torch.float32)
-        mesh = first.device_mesh
-        placements = [Partial() if isinstance(p, Shard) else Replicate() for p in first.placements]
-        total = DTensor.from_local(local, mesh, placements, run_check=False)
-        bad[indices] = total.redistribute(mesh, [Replicate()] * mesh.ndim).to_local().to(device)
+        bad[indices] = sum_over_row_shards(local, first).to(device)
     return bad == 0
 
 
@@ -198,6 +251,13 @@ class FSDP2Backend:
         target = param.to_local() if is_sharded(param) else param
         self.dense.write_back(target, update, lr=lr, weight_decay=weight_decay, scale=scale, generator=generator)
 
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if is_sharded(tensor) else tensor
+
+    def sum_over_shards(self, value: torch.Tensor, param: torch.Tensor, frame: str) -> torch.Tensor:
+        # The rows of a shard ("weight") are split; the projection ("projected") only when m > n (r x m_k columns).
+        return sum_over_row_shards(value, param) if frame_is_split(param, frame) else value
+
 
 class FSDP2GaLore(GaLore):
     """:class:`~lowrank_train.optim.GaLore` whose low-rank weights may be FSDP2 (row-sharded DTensor) parameters.
@@ -205,7 +265,8 @@ class FSDP2GaLore(GaLore):
     Same arguments, math, state keys and presets as ``GaLore``: it only supplies :class:`FSDP2Backend` as the
     ``backend``. Ordinary tensors take the unchanged path, so the same optimizer also serves DDP or single-process
     runs. Plain (non-projected) DTensor parameters go to the base optimizer as they are (``torch.optim``
-    optimizers support DTensors; bitsandbytes' 8-bit ones do not).
+    optimizers support DTensors; bitsandbytes' 8-bit ones do not). Every update rule works (``update="apollo"``,
+    ``"fira"``); the presets take the backend as a keyword: ``APOLLOAdamW(groups, backend=FSDP2Backend())``.
 
     Example:
         >>> for layer in model.model.layers:
@@ -218,3 +279,54 @@ class FSDP2GaLore(GaLore):
         if "backend" in defaults:
             raise ValueError("FSDP2GaLore supplies its own backend (FSDP2Backend); use GaLore to pass another one")
         super().__init__(params, base, backend=FSDP2Backend(), **defaults)
+
+
+def fsdp2_layerwise(
+    params: Iterable[Any],
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+    **engine_options: Any,
+) -> LayerwiseOptimizer:
+    """Layer-wise steps under FSDP2: a :class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer` over the sharded
+    parameters of a model that ``fully_shard`` has wrapped already.
+
+    Each shard is stepped inside backward right after its reduce-scatter (torch's ``fully_shard`` runs the sharded
+    parameter's post-accumulate-grad hooks there) and its gradient freed: the GaLore 2 design (arXiv 2504.20437).
+    ``make_optimizer`` builds the inner optimizer of one parameter; low-rank groups need a shard-aware GaLore
+    (:class:`FSDP2GaLore`, or a preset given ``backend=FSDP2Backend()``), plain groups any ``torch.optim`` optimizer.
+
+    Args:
+        params: the model's parameters or param groups (e.g. ``lowrank_param_groups(model, ...)``), taken *after*
+            ``fully_shard``.
+        make_optimizer: as for ``LayerwiseOptimizer``, e.g.
+            ``lambda groups: APOLLOAdamW(groups, lr=1e-2, backend=FSDP2Backend())``.
+        **engine_options: ``accumulation_steps``, ``max_grad_norm``, ``clip_mode``, ``nonfinite``.
+
+    Raises:
+        ValueError: a parameter that is not a DTensor (the model was not sharded first, or the groups were taken
+            before ``fully_shard`` replaced its parameters), or ``process_group`` given (FSDP2 does the averaging).
+
+    Example:
+        >>> for layer in model.model.layers:
+        ...     fully_shard(layer)
+        >>> fully_shard(model)
+        >>> opt = fsdp2_layerwise(
+        ...     lowrank_param_groups(model, rank=256),
+        ...     lambda groups: APOLLOAdamW(groups, lr=1e-2, backend=FSDP2Backend()),
+        ...     accumulation_steps=2,
+        ... )
+    """
+    if "process_group" in engine_options:
+        raise ValueError("fsdp2_layerwise: FSDP2 averages the gradients itself; do not pass process_group")
+    groups = [dict(g) if isinstance(g, dict) else {"params": [g]} for g in params]
+    for group in groups:
+        tensors = group["params"]
+        group["params"] = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            if not is_sharded(p):
+                name = names[i] if names and i < len(names) else f"params[{i}]"
+                raise ValueError(
+                    f"fsdp2_layerwise: {name} (shape {tuple(p.shape)}) is not an FSDP2 (DTensor) parameter: apply "
+                    "fully_shard to the model first and take its parameters (param groups) afterwards"
+                )
+    return LayerwiseOptimizer(groups, make_optimizer, **engine_options)

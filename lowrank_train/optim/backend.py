@@ -13,7 +13,15 @@ change when a weight is split over processes go through a :class:`ProjectionBack
 ``project_gradient``              the projected gradient (r x max(m, n), or this process's columns of it)
 ``projected_shape``               the shape ``project_gradient`` returns (checked when a state is loaded)
 ``write_back``                    adds the projected-back update to the weight (or to this process's piece)
+``local``                         this process's piece of a weight-shaped tensor (a gradient) as a plain tensor
+``sum_over_shards``               sums a partial value (a squared norm) over the processes holding the other
+                                  pieces of a frame: ``"weight"`` (rows of the m x n weight) or ``"projected"``
+                                  (columns of the oriented r x max(m, n) projection)
 ================================  ====================================================================
+
+The update rules (:mod:`lowrank_train.optim.update_rules`) stay pure functions of local pieces: every quantity that
+spans more than one row of a weight (a tensor-wise norm, the norm-growth limiter's norm) is summed through
+``sum_over_shards``, which is the identity here and one scalar all-reduce for an FSDP2 shard.
 
 :class:`DenseBackend` is the default, for ordinary tensors;
 :class:`lowrank_train.integrations.fsdp.FSDP2Backend` handles row-sharded DTensors.
@@ -75,6 +83,25 @@ class ProjectionBackend(Protocol):
         """Adds ``update`` (already projected back, this process's rows) to ``param`` (see ``apply_weight_update``)."""
         ...
 
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's piece of a weight-shaped tensor (``param`` or its gradient) as an ordinary tensor."""
+        ...
+
+    def sum_over_shards(self, value: torch.Tensor, param: torch.Tensor, frame: str) -> torch.Tensor:
+        """``value`` (a partial sum computed on this process's piece) summed over the pieces of ``param``.
+
+        Args:
+            value: a tensor of partial sums (e.g. a 0-dim squared norm), the same shape on every process.
+            param: the weight whose pieces the sum runs over.
+            frame: ``"weight"`` (a tensor of the weight's (m, n) frame, this process's rows) or ``"projected"``
+                (the oriented (r, max(m, n)) projection, :meth:`projected_shape`); a frame that every process
+                holds whole is not summed.
+        """
+        ...
+
+
+FRAMES = ("weight", "projected")
+
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (checked by name: no distributed import needed)."""
@@ -119,3 +146,9 @@ class DenseBackend:
         generator: torch.Generator | None,
     ) -> None:
         apply_weight_update(param, update, lr=lr, weight_decay=weight_decay, scale=scale, generator=generator)
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def sum_over_shards(self, value: torch.Tensor, param: torch.Tensor, frame: str) -> torch.Tensor:
+        return value  # one process holds the whole weight

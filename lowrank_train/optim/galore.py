@@ -37,8 +37,9 @@ itself passes ``check_finite=False`` to :meth:`GaLore.step` and :meth:`GaLore.ac
 checked once (issue 19 item 3).
 
 The layer-wise engine (:mod:`lowrank_train.optim.layerwise`) drives GaLore through public methods only:
-:meth:`GaLore.is_lowrank`, :meth:`GaLore.refresh_due`, :meth:`GaLore.accumulate_grad`,
-:meth:`GaLore.projected_accumulator`, :meth:`GaLore.drop_accumulation` and :meth:`GaLore.step`.
+:meth:`GaLore.is_lowrank`, :meth:`GaLore.accumulates_projected`, :meth:`GaLore.refresh_due`,
+:meth:`GaLore.accumulate_grad`, :meth:`GaLore.projected_accumulator`, :meth:`GaLore.drop_accumulation` and
+:meth:`GaLore.step`.
 
 Layout: what differs when a weight is split over processes (projecting a shard, building the basis from the
 full gradient, writing back a shard, agreeing on the finiteness flags) goes through a
@@ -67,7 +68,7 @@ from torch import nn
 
 from lowrank_train.nn.autocast import autocast_disabled_on
 from lowrank_train.nn.quant_linear import is_quantized_weight
-from lowrank_train.optim.backend import DenseBackend, ProjectionBackend
+from lowrank_train.optim.backend import DenseBackend, ProjectionBackend, is_dtensor
 from lowrank_train.optim.bases import resolve_base
 from lowrank_train.optim.functional import basis_generator, refresh_due, rounding_generator
 from lowrank_train.optim.options import (
@@ -217,10 +218,11 @@ class GaLore(torch.optim.Optimizer):
         if "rank" in merged:
             check_lowrank_group(merged, where=where)
             _check_lowrank_params(merged, where, self._name)
-            if get_update_rule(merged["update"]).needs_full_gradient and not isinstance(self.backend, DenseBackend):
+            rule = get_update_rule(merged["update"])
+            if not rule.sharded and any(is_dtensor(p) for p in merged["params"]):
                 raise ValueError(
-                    f"{where}: update={merged['update']!r} scales the full gradient, which a sharded backend "
-                    f"({type(self.backend).__name__}) does not hold whole; use update='galore' there"
+                    f"{where}: update={merged['update']!r} does not take the cross-process sums a sharded (FSDP2) "
+                    "weight needs (UpdateRule.sharded is False); use a rule that does ('galore', 'apollo', 'fira')"
                 )
             full_rank = get_projector(merged["projector"]).full_rank
             for i, p in enumerate(merged["params"]):
@@ -438,8 +440,9 @@ class GaLore(torch.optim.Optimizer):
             shadow = self._shadows[p]
             # The shadow started at 0: its value is the inner update R~; the group's rule makes the full update.
             rule = get_update_rule(group["update"])
+            sums = {"reduce": lambda value, frame, p=p: self.backend.sum_over_shards(value, p, frame)}
             update, rule_state = rule.apply(
-                p.grad,
+                None if p.grad is None else self.backend.local(p.grad),
                 shadow.grad,
                 shadow.data,
                 basis,
@@ -448,6 +451,7 @@ class GaLore(torch.optim.Optimizer):
                 lr=group["lr"],
                 scale_type=group["scale_type"],
                 norm_growth_limit=rule.growth_limit(group),
+                **(sums if rule.sharded else {}),
             )
             state.update(rule_state)
             self._write_back(p, update, group, state)
@@ -483,6 +487,14 @@ class GaLore(torch.optim.Optimizer):
             projected = self.backend.project_gradient(param.grad, basis)
             low = projected if low is None else low.add_(projected)
         return low
+
+    def accumulates_projected(self, param: torch.Tensor) -> bool:
+        """True when :meth:`accumulate_grad` can take ``param``'s micro-batch gradients (a low-rank weight whose
+        update rule does not read the raw gradient at the step); otherwise they accumulate in ``.grad``."""
+        if not self.is_lowrank(param):
+            return False
+        group, _, _ = self._locate(param)
+        return not get_update_rule(group["update"]).needs_full_gradient
 
     def refresh_due(self, param: torch.Tensor) -> bool:
         """True when the next gradient of ``param`` will rebuild its basis (in :meth:`accumulate_grad` or the step).

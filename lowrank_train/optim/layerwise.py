@@ -43,6 +43,23 @@ averaged first (refreshes are rare: one m x n all-reduce every ``update_gap`` st
 same basis. Every rank must produce gradients for the same parameters in the same order (as DDP without
 ``find_unused_parameters``), otherwise the collectives mismatch.
 
+FSDP2 (``fully_shard``; the GaLore 2 design, arXiv 2504.20437): the parameters are then row-sharded DTensors and
+torch runs their post-accumulate-grad hooks right after each reduce-scatter, so the engine steps every shard as soon
+as its averaged gradient exists and frees it; the engine itself averages nothing (FSDP2 did). The inner optimizers
+must accept shards: :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore` or any GaLore preset given
+``backend=FSDP2Backend()`` for low-rank groups, ``torch.optim`` optimizers for the rest. The NaN/Inf check and the
+gradient norm of a shard are one all-reduce of two floats (nothing where every rank holds the tensor whole), so every
+rank skips and clips alike. Accumulation: FSDP2 reduce-scatters every micro-batch (leave
+``set_requires_gradient_sync`` on: a backward that reduces nothing is not counted as a micro-batch); a low-rank
+shard then moves into its projected accumulator (one r x n all-reduce per micro-batch when m <= n, none when
+m > n), any other shard accumulates in its sharded ``.grad`` (m_k x n, as FSDP2 does). See
+:func:`lowrank_train.integrations.fsdp.fsdp2_layerwise`.
+
+Update rules that read the raw gradient at the step (APOLLO, Fira: ``GaLore.accumulates_projected`` is False) keep
+accumulating in ``.grad`` over the micro-batches and step at the last one, like plain parameters: with
+accumulation their full gradients (a shard of them under FSDP2) stay alive until the last backward, as in an
+ordinary loop; with ``accumulation_steps=1`` they are stepped and freed one at a time.
+
 Seeds: GaLore seeds a parameter's random projections ("random", "rsvd") and the stochastic rounding of INT8
 weights with ``seed_offset`` plus the parameter's index inside its optimizer. Every inner optimizer of a low-rank
 group holds one parameter (index 0) and gets its own ``seed_offset``: the parameter's position in this engine,
@@ -81,6 +98,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowrank_train.optim.backend import is_dtensor
 from lowrank_train.optim.functional import finite_flags
 from lowrank_train.optim.param_groups import check_unique_params
 from lowrank_train.optim.state_checks import (
@@ -161,12 +179,15 @@ class ProjectingOptimizer(Protocol):
     """
 
     def is_lowrank(self, param: torch.Tensor) -> bool:
-        """True when ``param``'s gradient is projected (and can be accumulated projected)."""
+        """True when ``param``'s gradient is projected."""
         ...
 
     def refresh_due(self, param: torch.Tensor) -> bool:
         """True when the next gradient of ``param`` will rebuild its basis (the engine's only refresh prediction)."""
         ...
+
+    # Optional: ``accumulates_projected(param) -> bool``, True when accumulate_grad can take ``param`` (GaLore's is
+    # False for update rules that read the raw gradient at the step); without it every low-rank param can.
 
     def accumulate_grad(self, param: torch.Tensor, *, check_finite: bool = True) -> None:
         """Adds the projection of ``param.grad`` to its accumulator and frees ``param.grad``."""
@@ -236,6 +257,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._position: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (index, group index)
         self._lowrank: set[torch.Tensor] = set()
         self._projecting: set[torch.Tensor] = set()  # inner follows ProjectingOptimizer: step(check_finite=False)
+        self._sharded: set[torch.Tensor] = set()  # FSDP2 DTensor parameters: FSDP2 averages, checks all-reduce
         self._hooks: list[Any] = []
         self._process_group = process_group
         self._reset_accumulation()
@@ -312,8 +334,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self._inner.append(inner)
             if isinstance(inner, ProjectingOptimizer):
                 self._projecting.add(p)
-                if inner.is_lowrank(p):
+                accumulates = getattr(inner, "accumulates_projected", inner.is_lowrank)
+                if inner.is_lowrank(p) and accumulates(p):
                     self._lowrank.add(p)
+            if is_dtensor(p):
+                self._sharded.add(p)
             self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready_hook()))
             _OWNERS[p] = weakref.ref(self)
 
@@ -448,6 +473,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """True when ``grad`` holds no NaN/Inf (one host synchronisation: the step decision cannot wait)."""
         return bool(finite_flags([grad])[0])
 
+    def _inspect(self, param: torch.Tensor, grad: torch.Tensor, frame: str) -> tuple[bool, torch.Tensor | None]:
+        """(finite on every rank, squared norm over the shards or ``None``) of what ``param`` is about to apply.
+
+        A dense gradient is checked locally (the norm follows later); an FSDP2 shard (``frame``: "weight" for its
+        gradient, "projected" for its projected accumulator) in one all-reduce of its flag and squared norm.
+        """
+        if param not in self._sharded:
+            return self._finite(grad), None
+        from lowrank_train.integrations.fsdp import sharded_check  # FSDP2 only: keeps DTensor imports lazy
+
+        return sharded_check(grad, param, frame)
+
     def _skip(self, param: torch.Tensor) -> None:
         """Leaves ``param`` unstepped this step: clears its gradient and projected accumulator, records it."""
         param.grad = None
@@ -461,12 +498,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """Moves ``param.grad`` into its GaLore accumulator; the full gradient is freed."""
         inner = self._inner[self._position[param][0]]
         due = inner.refresh_due(param)  # asked before accumulate_grad, which may refresh
-        if due and self._distributed():  # every rank must build the same basis: from the averaged gradient
+        if param in self._sharded:
+            pass  # FSDP2 reduce-scattered the mean already; every rank builds the basis from the same full gradient
+        elif due and self._distributed():  # every rank must build the same basis: from the averaged gradient
             self._average(param.grad)
         else:
             self._local.add(param)
         # A basis is about to be built from this gradient: check it first (refreshes are rare; the SVD syncs anyway).
-        if due and not self._finite(param.grad):
+        if due and not self._inspect(param, param.grad, "weight")[0]:
             self._skip(param)
             return
         inner.accumulate_grad(param, check_finite=False)  # checked here, or found when the step ends
@@ -482,21 +521,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 return
             if param in self._local and self._distributed():
                 self._average(grad)
+            frame = "projected"
         else:
             grad = param.grad
-            if self._distributed():
+            if self._distributed() and param not in self._sharded:
                 self._average(grad)
+            frame = "weight"
         # The step's one check (and host synchronisation), after averaging: every rank skips the same parameters.
-        if not self._finite(grad):
+        finite, square = self._inspect(param, grad, frame)
+        if not finite:
             self._skip(param)
             return
-        norm = gradient_norm(grad)
-        self._sq_norm = norm.square() if self._sq_norm is None else self._sq_norm + norm.square().to(self._sq_norm)
+        if square is None:
+            norm = gradient_norm(grad)
+            square = norm.square()
+        else:
+            norm = square.sqrt()
+        self._sq_norm = square if self._sq_norm is None else self._sq_norm + square.to(self._sq_norm)
         coefficient = self._clip_coef
         if self.config.max_grad_norm is not None and self.config.clip_mode == "per-param":
             coefficient = clip_coefficient(norm, self.config.max_grad_norm)
         if coefficient is not None:
-            grad.mul_(coefficient.to(grad.device, grad.dtype))
+            local = grad.to_local() if is_dtensor(grad) else grad  # a DTensor refuses a plain-tensor factor
+            local.mul_(coefficient.to(local.device, local.dtype))
         # Hyperparameters live in our groups (schedulers write there); the inner group follows them.
         inner_group = inner.param_groups[0]
         for key, value in self.param_groups[group_index].items():

@@ -14,7 +14,26 @@ for the m x n update that is written back (times the group's ``scale``, the pape
 
 A channel is a column of the oriented frame: the non-projected side (n when m <= n, m otherwise), as in the
 papers. Each entry carries the facts the wrapper asks instead of comparing names: ``needs_full_gradient`` (the raw
-G must exist at update time, so projected-space accumulation is refused) and its default ``norm_growth_limit``.
+G must exist at update time, so projected-space accumulation is refused), its default ``norm_growth_limit`` and
+``sharded`` (it runs on row shards, below).
+
+Sharded weights (FSDP2): a rule sees only this process's pieces (its rows of G and of the update, its part of R and
+R~, its rows of P when m <= n) and a ``reduce(value, frame)`` callable, the backend's
+:meth:`~lowrank_train.optim.backend.ProjectionBackend.sum_over_shards`, which sums a partial value over the
+processes (identity for an ordinary tensor). The rules stay pure; what each needs summed:
+
+==================================  ==========================================================================
+channel-wise ratio (APOLLO, Fira)   nothing: a column of the oriented projection is whole on every process
+                                    (m <= n: R is all-reduced, identical everywhere; m > n: column j of R is
+                                    row j of G, held by one process)
+tensor-wise ratio (APOLLO-Mini)     ``||R~||^2`` and ``||R||^2`` in the ``"projected"`` frame: one all-reduce of
+                                    two scalars when m > n (R is split by columns there), nothing when m <= n
+norm-growth limiter (any rule)      ``||update||^2`` in the ``"weight"`` frame: one all-reduce of one scalar
+Fira's residual, APOLLO's G s       nothing: row-local (``G_k - P_k R``, ``G_k - (G_k Q) Q^T``, ``G_k diag(s)``)
+==================================  ==========================================================================
+
+Orientation is always decided from ``weight_shape`` (the full weight's), never from a piece's shape: a 40 x 24
+weight split in two holds 20 x 24 rows, which on its own would orient the other way.
 
 State written by a rule (a tensor under a documented key, merged into ``optimizer.state[p]``):
 
@@ -34,14 +53,17 @@ from typing import Any
 import torch
 
 from lowrank_train._registry import Registry
-from lowrank_train.projection.ops import orient, project_back, projects_rows
+from lowrank_train.projection.ops import project_back, projects_rows
 
 SCALE_TYPES = ("channel", "tensor")
 _RATIO_EPS = 1e-8  # keeps a zero-gradient channel's scale finite (APOLLO's and Fira's reference code use 1e-8)
 
 UpdateFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
-"""``apply(grad, low, low_update, basis, state, *, weight_shape, lr, scale_type, norm_growth_limit)
+"""``apply(grad, low, low_update, basis, state, *, weight_shape, lr, scale_type, norm_growth_limit[, reduce])
 -> (update (m x n), new state entries)``; see :func:`galore_update` for the arguments."""
+
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+"""``reduce(value, frame)``: ``value`` summed over the pieces of a sharded weight (frame "weight" or "projected")."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,8 @@ class UpdateRule:
         norm_growth_limit: default gamma of the norm-growth limiter (``None``: off) when the group's
             ``norm_growth_limit`` is ``None``.
         state_keys: the ``optimizer.state[p]`` entries the rule writes (all 0-dim fp32 tensors).
+        sharded: ``apply`` takes the ``reduce`` keyword and sums every quantity that spans more than one row of the
+            weight through it, so it runs on FSDP2 row shards; a rule without it is refused for a sharded weight.
     """
 
     name: str
@@ -63,6 +87,7 @@ class UpdateRule:
     needs_full_gradient: bool = False
     norm_growth_limit: float | None = None
     state_keys: tuple[str, ...] = ()
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -100,19 +125,30 @@ def get_update_rule(name: str) -> UpdateRule:
 
 
 # ----- pure pieces --------------------------------------------------------------------------------------------
-def norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, scale_type: str) -> torch.Tensor:
+def _sq_norm(tensor: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor.float(), dim=dim, keepdim=dim is not None).square()
+
+
+def norm_ratio(
+    numerator: torch.Tensor, denominator: torch.Tensor, scale_type: str, reduce: Reduce | None = None
+) -> torch.Tensor:
     """``||numerator_:,j|| / (||denominator_:,j|| + 1e-8)`` per column (``"channel"``), or of whole tensors.
 
     Args:
-        numerator: (r, k) tensor (the inner update R~).
-        denominator: (r, k) tensor (the projected gradient R).
+        numerator: (r, k) tensor (the inner update R~), or this process's columns of it.
+        denominator: (r, k) tensor (the projected gradient R), the same columns.
         scale_type: "channel" (one ratio per column) or "tensor".
+        reduce: sums the tensor-wise squared norms over the processes (``"projected"`` frame); ``None`` for a
+            whole tensor. A column is never split, so the channel-wise ratio needs no sum.
 
     Returns:
         fp32 (1, k) for "channel", 0-dim for "tensor".
     """
     if scale_type not in SCALE_TYPES:
         raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
+    if scale_type == "tensor" and reduce is not None:
+        top, bottom = reduce(torch.stack([_sq_norm(numerator), _sq_norm(denominator)]), "projected").sqrt()
+        return top / (bottom + _RATIO_EPS)
     dim = 0 if scale_type == "channel" else None
     top = torch.linalg.vector_norm(numerator.float(), dim=dim, keepdim=dim is not None)
     bottom = torch.linalg.vector_norm(denominator.float(), dim=dim, keepdim=dim is not None)
@@ -120,7 +156,11 @@ def norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, scale_type: s
 
 
 def limit_norm_growth(
-    update: torch.Tensor, previous: torch.Tensor | None, gamma: float, lr: float | torch.Tensor
+    update: torch.Tensor,
+    previous: torch.Tensor | None,
+    gamma: float,
+    lr: float | torch.Tensor,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's norm-growth limiter (arXiv 2410.01623 Sec. 3.3, also APOLLO Alg. 1).
 
@@ -133,11 +173,16 @@ def limit_norm_growth(
         previous: 0-dim fp32, the last limited ``||update / lr||``; ``None`` on the first step (nothing to limit).
         gamma: largest allowed growth factor (>= 1).
         lr: the learning rate that ``update`` includes (> 0).
+        reduce: sums ``||update||^2`` over the processes holding the other rows (``"weight"`` frame); ``None`` for
+            a whole weight.
 
     Returns:
         The (possibly rescaled) update and its 0-dim fp32 ``||update / lr||``, the next step's ``previous``.
     """
-    norm = torch.linalg.vector_norm(update.float()) / lr
+    if reduce is None:
+        norm = torch.linalg.vector_norm(update.float()) / lr
+    else:
+        norm = reduce(_sq_norm(update), "weight").sqrt() / lr
     if previous is None:
         return update, norm
     factor = (norm / (previous.to(norm.device) + _RATIO_EPS)).clamp(min=gamma) / gamma
@@ -145,16 +190,25 @@ def limit_norm_growth(
 
 
 def _limited(
-    update: torch.Tensor, state: Mapping[str, torch.Tensor], gamma: float | None, lr: float | torch.Tensor
+    update: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    gamma: float | None,
+    lr: float | torch.Tensor,
+    reduce: Reduce | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if gamma is None or (not torch.is_tensor(lr) and lr == 0):  # lr 0: a zero update, nothing to measure
         return update, {}
-    update, norm = limit_norm_growth(update, state.get("update_norm"), gamma, lr)
+    update, norm = limit_norm_growth(update, state.get("update_norm"), gamma, lr, reduce)
     return update, {"update_norm": norm}
 
 
 def _to_weight_frame(oriented: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
     return oriented if projects_rows(weight_shape) else oriented.mT
+
+
+def _oriented(grad: torch.Tensor, weight_shape: torch.Size) -> torch.Tensor:
+    # By the full weight's shape: a shard's own shape may orient the other way.
+    return grad if projects_rows(weight_shape) else grad.mT
 
 
 # ----- the rules ----------------------------------------------------------------------------------------------
@@ -169,26 +223,30 @@ def galore_update(
     lr: float | torch.Tensor,
     scale_type: str,
     norm_growth_limit: float | None,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GaLore: the inner update projected back, ``P R~`` (with an optional norm-growth limiter).
 
     Args:
-        grad: (m, n) raw gradient (unused here; may be ``None`` after projected accumulation).
-        low: (r, max(m, n)) projected gradient R.
+        grad: (m, n) raw gradient (unused here; may be ``None`` after projected accumulation); for a sharded
+            weight, this process's rows of it.
+        low: (r, max(m, n)) projected gradient R (for a sharded weight: the backend's ``projected_shape``).
         low_update: (r, max(m, n)) inner optimizer's update R~ (learning rate and sign included).
-        basis: (min(m, n), r) basis P.
+        basis: (min(m, n), r) basis P (for a sharded weight: the backend's ``local_basis``).
         state: the parameter's state (read only).
         weight_shape: (m, n).
         lr: the group's learning rate (for the limiter).
         scale_type: unused by this rule.
         norm_growth_limit: gamma, or ``None`` for no limiter (GaLore's default).
+        reduce: sums partial values over the pieces of a sharded weight (see the module docstring); ``None`` for
+            a whole weight.
 
     Returns:
-        The (m, n) update (before ``scale``) and the state entries to store.
+        The (m, n) update (before ``scale``; this process's rows of it) and the state entries to store.
     """
     del grad, low, scale_type
     update = project_back(low_update, basis, weight_shape)
-    return _limited(update, state, norm_growth_limit, lr)
+    return _limited(update, state, norm_growth_limit, lr, reduce)
 
 
 def apollo_update(
@@ -202,6 +260,7 @@ def apollo_update(
     lr: float | torch.Tensor,
     scale_type: str,
     norm_growth_limit: float | None,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """APOLLO (arXiv 2412.05270 Sec. 4, Alg. 1): the raw gradient scaled by ``||R~|| / ||R||`` per channel.
 
@@ -215,11 +274,11 @@ def apollo_update(
     """
     if grad is None:
         raise ValueError("the 'apollo' update rule needs the raw gradient at update time")
-    rows, rank = basis.shape
-    ratio = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type)
-    update = orient(grad).float() * ratio  # R~ carries -lr: ratio >= 0, so G * ratio points uphill
+    rows, rank = min(weight_shape), basis.shape[1]  # a shard's basis has fewer rows: the full count normalises
+    ratio = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type, reduce)
+    update = _oriented(grad, weight_shape).float() * ratio  # R~ carries -lr: ratio >= 0, so G * ratio points uphill
     update = _to_weight_frame(update.neg_(), weight_shape)
-    return _limited(update, state, norm_growth_limit, lr)
+    return _limited(update, state, norm_growth_limit, lr, reduce)
 
 
 def fira_update(
@@ -233,6 +292,7 @@ def fira_update(
     lr: float | torch.Tensor,
     scale_type: str,
     norm_growth_limit: float | None,
+    reduce: Reduce | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Fira (arXiv 2410.01623 Sec. 3.2-3.3): ``P R~`` plus the residual ``(I - P P^T) G`` scaled by ``phi``.
 
@@ -244,23 +304,39 @@ def fira_update(
     if grad is None:
         raise ValueError("the 'fira' update rule needs the raw gradient at update time")
     p = basis.float()
-    residual = orient(grad).float() - p @ low.float()  # (I - P P^T) G, since R = P^T G
-    residual.mul_(norm_ratio(low_update, low, scale_type)).neg_()  # R~ carries -lr: the residual step goes downhill
-    residual, new_state = _limited(_to_weight_frame(residual, weight_shape), state, norm_growth_limit, lr)
+    residual = _oriented(grad, weight_shape).float() - p @ low.float()  # (I - P P^T) G, since R = P^T G
+    # R~ carries -lr: the residual step goes downhill
+    residual.mul_(norm_ratio(low_update, low, scale_type, reduce)).neg_()
+    residual, new_state = _limited(_to_weight_frame(residual, weight_shape), state, norm_growth_limit, lr, reduce)
     return project_back(low_update, basis, weight_shape).float() + residual, new_state
 
 
-register_update_rule(UpdateRule("galore", galore_update, state_keys=("update_norm",)))
+register_update_rule(UpdateRule("galore", galore_update, state_keys=("update_norm",), sharded=True))
 register_update_rule(
-    UpdateRule("apollo", apollo_update, needs_full_gradient=True, norm_growth_limit=1.01, state_keys=("update_norm",))
+    UpdateRule(
+        "apollo",
+        apollo_update,
+        needs_full_gradient=True,
+        norm_growth_limit=1.01,
+        state_keys=("update_norm",),
+        sharded=True,
+    )
 )
 register_update_rule(
-    UpdateRule("fira", fira_update, needs_full_gradient=True, norm_growth_limit=1.01, state_keys=("update_norm",))
+    UpdateRule(
+        "fira",
+        fira_update,
+        needs_full_gradient=True,
+        norm_growth_limit=1.01,
+        state_keys=("update_norm",),
+        sharded=True,
+    )
 )
 
 __all__ = [
     "SCALE_TYPES",
     "UPDATE_RULES",
+    "Reduce",
     "UpdateRule",
     "apollo_update",
     "fira_update",

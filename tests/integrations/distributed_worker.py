@@ -1,8 +1,11 @@
 """torchrun worker: trains a small model with GaLore under FSDP2 or DDP and saves the final full parameters.
 
 Run as ``torchrun --standalone --nproc_per_node 2 distributed_worker.py OUT.pt CASE [CASE ...]``. A case is
-``ENGINE-MODEL-PROJECTOR-ACCUM``: ``fsdp2-mlp-svd-1``, ``ddp-mlp-svd-2``, ``fsdp2-llama-svd-1``...; rank 0 writes
-``{case: {name: full tensor}}``. The case ``placements`` checks that a column-sharded weight is refused; the case
+``ENGINE-MODEL-METHOD-ACCUM``: ``fsdp2-mlp-svd-1``, ``ddp-mlp-svd-2``, ``fsdp2-llama-svd-1``...; METHOD is a GaLore
+projector (``q<projector>`` adds the Q-GaLore options) or an update rule preset (``apollo``, ``apollomini``,
+``fira``); ENGINE ``fsdp2lw`` steps layer-wise under FSDP2 (``fsdp2lwclip``: with per-parameter clipping, and the
+gradient norms are saved under ``"norms"``); rank 0 writes ``{case: {name: full tensor}}``. The case
+``placements`` checks that a column-sharded weight is refused; the case
 ``nonfinite`` reloads a sharded optimizer state (the load-time checks on DTensors) and puts a NaN into one rank's
 gradient shard: every rank must skip (or refuse) the same step. The test
 imports :func:`build_model`, :func:`global_batches`, :func:`make_optimizer` and :func:`train` to compute the
@@ -62,18 +65,53 @@ def global_batches(kind: str, accum: int) -> list[list[tuple[torch.Tensor, torch
     return [[batch() for _ in range(accum)] for _ in range(STEPS)]
 
 
-def make_optimizer(model: nn.Module, projector: str, optimizer_cls: type) -> torch.optim.Optimizer:
-    """GaLore with AdamW; a projector named ``q<name>`` adds Q-GaLore's INT4 basis and adaptive refresh gap."""
+PRESETS = ("apollo", "apollomini", "fira")
+GAMMA = 1.001  # a tight norm-growth limiter bites on many steps: its all-reduced norm is exercised
+CLIP = 0.05  # fsdp2lwclip: per-parameter clip threshold (below most gradient norms here)
+
+
+def param_groups(model: nn.Module, method: str) -> list[dict]:
+    """Low-rank groups (rank 4, refresh every 3 steps); ``q<projector>`` adds Q-GaLore's INT4 basis, adaptive gap."""
     from lowrank_train.optim import lowrank_param_groups
 
     options = {}
-    if projector.startswith("q"):
-        projector = projector[1:]
+    if method in PRESETS:
+        method = "svd"  # the presets write their own projector
+    elif method.startswith("q"):
+        method = method[1:]
         options = dict(
             proj_bits=4, proj_group_size=16, adaptive_refresh=True, refresh_history=2, refresh_threshold=0.01
         )
-    groups = lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5, projector=projector, **options)
-    return optimizer_cls(groups, base="adamw", lr=1e-2, weight_decay=0.1)
+    return lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5, projector=method, **options)
+
+
+def optimizer_factory(method: str, sharded: bool):
+    """Builds the optimizer over given groups: GaLore with AdamW, or an APOLLO / APOLLO-Mini / Fira preset."""
+    from lowrank_train.integrations.fsdp import FSDP2Backend
+    from lowrank_train.optim import APOLLOAdamW, APOLLOMini, FiraAdamW, GaLore
+
+    backend = {"backend": FSDP2Backend()} if sharded else {}
+    if method in PRESETS:
+        cls = {"apollo": APOLLOAdamW, "apollomini": APOLLOMini, "fira": FiraAdamW}[method]
+        return lambda groups: cls(groups, lr=1e-2, weight_decay=0.1, norm_growth_limit=GAMMA, **backend)
+    return lambda groups: GaLore(groups, base="adamw", lr=1e-2, weight_decay=0.1, **backend)
+
+
+def make_optimizer(model: nn.Module, method: str, sharded: bool) -> torch.optim.Optimizer:
+    return optimizer_factory(method, sharded)(param_groups(model, method))
+
+
+def make_layerwise(model: nn.Module, method: str, sharded: bool, accum: int, clip: bool):
+    """The layer-wise engine over the same groups (``fsdp2_layerwise`` for a sharded model)."""
+    from lowrank_train.optim import LayerwiseOptimizer
+
+    options = dict(accumulation_steps=accum, max_grad_norm=CLIP if clip else None, clip_mode="per-param")
+    factory = optimizer_factory(method, sharded)
+    if sharded:
+        from lowrank_train.integrations.fsdp import fsdp2_layerwise
+
+        return fsdp2_layerwise(param_groups(model, method), factory, **options)
+    return LayerwiseOptimizer(param_groups(model, method), factory, **options)
 
 
 def loss_of(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,7 +122,7 @@ def loss_of(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches, shard: slice) -> None:
     """The loop both runs share: ``accum`` micro-batches per step, mean loss over this process's rows."""
-    lowrank = [p for group in optimizer.param_groups if "rank" in group for p in group["params"]]
+    lowrank = [p for group in optimizer.param_groups for p in group["params"] if optimizer.accumulates_projected(p)]
     for step in batches:
         for i, (inputs, targets) in enumerate(step):
             (loss_of(model, inputs[shard], targets[shard]) / len(step)).backward()
@@ -95,19 +133,30 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches, shard: sl
         optimizer.zero_grad()
 
 
+def train_layerwise(model: nn.Module, engine, batches, shard: slice) -> torch.Tensor:
+    """The same loop for the layer-wise engine (steps happen inside backward); returns the per-step grad norms."""
+    norms = []
+    for step in batches:
+        for inputs, targets in step:
+            (loss_of(model, inputs[shard], targets[shard]) / len(step)).backward()
+        assert engine.micro_step == 0 and all(p.grad is None for p in model.parameters())
+        norms.append(engine.last_grad_norm.detach().clone())
+    return torch.stack(norms)
+
+
 def run_case(case: str) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    from lowrank_train.integrations.fsdp import FSDP2GaLore
+    from lowrank_train.integrations.fsdp import FSDP2Backend
 
     engine, kind, projector, accum = case.split("-")
     rank, world = dist.get_rank(), dist.get_world_size()
     per_rank = GLOBAL_BATCH // world
     shard = slice(rank * per_rank, (rank + 1) * per_rank)
     model = build_model(kind)
-    if engine == "fsdp2":
+    if engine.startswith("fsdp2"):
         blocks = model.model.layers if kind == "llama" else [m for m in model if isinstance(m, nn.Linear)]
         for block in blocks:
             fully_shard(block)
@@ -117,12 +166,18 @@ def run_case(case: str) -> dict[str, torch.Tensor]:
         trained = DistributedDataParallel(model)
     else:
         raise ValueError(f"unknown engine {engine!r}")
-    optimizer = make_optimizer(model, projector, FSDP2GaLore)
-    train(trained, optimizer, global_batches(kind, int(accum)), shard)
-    return {
-        name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        for name, p in model.named_parameters()
-    }
+    found = {}
+    if engine.startswith("fsdp2lw"):
+        layerwise = make_layerwise(model, projector, True, int(accum), clip=engine == "fsdp2lwclip")
+        found["norms"] = train_layerwise(model, layerwise, global_batches(kind, int(accum)), shard)
+        layerwise.remove_hooks()
+    else:
+        optimizer = make_optimizer(model, projector, sharded=engine == "fsdp2")
+        assert isinstance(optimizer.backend, FSDP2Backend) == (engine == "fsdp2")
+        train(trained, optimizer, global_batches(kind, int(accum)), shard)
+    for name, p in model.named_parameters():
+        found[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    return found
 
 
 def check_placements() -> None:

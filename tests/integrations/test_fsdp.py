@@ -1,4 +1,5 @@
-"""GaLore under FSDP2 and DDP on 2 CPU processes (gloo) == single-process GaLore on the same global batches."""
+"""GaLore, APOLLO, APOLLO-Mini and Fira under FSDP2 and DDP, whole-model and layer-wise, on 2 CPU processes (gloo)
+== the single-process run on the same global batches."""
 
 from __future__ import annotations
 
@@ -28,6 +29,25 @@ CASES = {
     "fsdp2-mlp-qrsvd-1": 2e-6,  # Q-GaLore options: INT4 basis codes and the adaptive gap are broadcast state
     "ddp-mlp-svd-2": 2e-6,  # DDP all-reduces the full gradient: the plain GaLore path
 }
+# Update rules on shards (issue 21 item 2): 40x24 projects columns (m > n, the projection split by columns),
+# 13x40 and 13x13 project rows (m <= n, the projection all-reduced); 13 rows split 7 + 6. The limiter (gamma 1.001)
+# bites on most steps, so its norm must be the all-reduced one. Accumulation 2 sums sharded gradients in .grad.
+RULE_CASES = {
+    "fsdp2-mlp-apollo-1": 2e-6,  # channel-wise scales: no communication
+    "fsdp2-mlp-apollo-2": 2e-6,
+    "fsdp2-mlp-apollomini-1": 2e-6,  # tensor-wise scale: all-reduced norms where m > n
+    "fsdp2-mlp-apollomini-2": 2e-6,
+    "fsdp2-mlp-fira-1": 2e-4,  # an exact SVD basis, as fsdp2-mlp-svd-1
+}
+# Layer-wise under FSDP2 (issue 22 item 2), against the single-process layer-wise and whole-model runs: GaLore with
+# projected accumulation, APOLLO with .grad accumulation (the raw gradient is read at the step), per-param clipping.
+LAYERWISE_CASES = {
+    "fsdp2lw-mlp-rsvd-2": 2e-6,
+    "fsdp2lw-mlp-random-1": 2e-6,
+    "fsdp2lw-mlp-apollo-2": 2e-6,
+    "fsdp2lw-mlp-apollomini-1": 2e-6,
+    "fsdp2lwclip-mlp-rsvd-2": 2e-6,
+}
 
 
 def run_workers(tmp_path: pathlib.Path, cases: list[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -42,16 +62,34 @@ def run_workers(tmp_path: pathlib.Path, cases: list[str]) -> dict[str, dict[str,
 
 
 def single_process_reference(case: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    _, kind, projector, accum = case.split("-")
+    """(initial, final) parameters of the ordinary (whole-model ``step()``) single-process run of ``case``."""
+    _, kind, method, accum = case.split("-")
     model = worker.build_model(kind)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = worker.make_optimizer(model, projector, GaLore)
+    optimizer = worker.make_optimizer(model, method, sharded=False)
+    assert isinstance(optimizer, GaLore)
     worker.train(model, optimizer, worker.global_batches(kind, int(accum)), slice(None))
     return initial, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_two_process_runs_match_single_process(tmp_path):
-    results = run_workers(tmp_path, [*CASES, "placements", "nonfinite"])
+def single_process_layerwise(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Final parameters and per-step gradient norms of the single-process layer-wise run of ``case``."""
+    engine, kind, method, accum = case.split("-")
+    model = worker.build_model(kind)
+    layerwise = worker.make_layerwise(model, method, False, int(accum), clip=engine == "fsdp2lwclip")
+    norms = worker.train_layerwise(model, layerwise, worker.global_batches(kind, int(accum)), slice(None))
+    layerwise.remove_hooks()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One torchrun for every 2-process case of this file (the start-up dominates)."""
+    cases = [*CASES, *RULE_CASES, *LAYERWISE_CASES, "placements", "nonfinite"]
+    return run_workers(tmp_path_factory.mktemp("fsdp"), cases)
+
+
+def test_two_process_runs_match_single_process(results):
     # A NaN in rank 1's gradient shard only: both ranks skip (count 1, nothing moves), or both refuse.
     for r in (0, 1):
         assert results["nonfinite"][f"skip-rank{r}"].tolist() == [1, 0, 1], r
@@ -62,6 +100,34 @@ def test_two_process_runs_match_single_process(tmp_path):
             moved = (expected - initial[name]).abs().max().item()
             assert moved > 50 * atol, f"{case} {name}: the reference hardly moved ({moved:.1e})"
             torch.testing.assert_close(results[case][name], expected, rtol=0, atol=atol, msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_update_rules_under_fsdp2_match_single_process(results, case):
+    atol = RULE_CASES[case]
+    initial, reference = single_process_reference(case)
+    for name, expected in reference.items():
+        moved = (expected - initial[name]).abs().max().item()
+        assert moved > 50 * atol, f"{case} {name}: the reference hardly moved ({moved:.1e})"
+        torch.testing.assert_close(results[case][name], expected, rtol=0, atol=atol, msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", list(LAYERWISE_CASES))
+def test_layerwise_under_fsdp2_matches_single_process(results, case):
+    atol = LAYERWISE_CASES[case]
+    found = results[case]
+    layerwise, norms = single_process_layerwise(case)
+    torch.testing.assert_close(found["norms"], norms, rtol=1e-5, atol=1e-6, msg=f"{case}: gradient norms")
+    initial, whole_model = single_process_reference(case)
+    clipped = case.startswith("fsdp2lwclip")
+    for name, expected in layerwise.items():
+        moved = (expected - initial[name]).abs().max().item()
+        assert moved > 50 * atol, f"{case} {name}: the reference hardly moved ({moved:.1e})"
+        torch.testing.assert_close(found[name], expected, rtol=0, atol=atol, msg=f"{case} {name} (layer-wise)")
+        if not clipped:  # the whole-model loop has no in-flight clipping
+            torch.testing.assert_close(found[name], whole_model[name], rtol=0, atol=atol, msg=f"{case} {name}")
+    if clipped:
+        assert (norms > worker.CLIP).all(), "the clip threshold never bit"
 
 
 @pytest.mark.slow

@@ -49,6 +49,14 @@ class RecordingBackend:
         self._count("write_back")
         self.dense.write_back(param, update, lr=lr, weight_decay=weight_decay, scale=scale / 2, generator=generator)
 
+    def local(self, tensor):
+        self._count("local")
+        return self.dense.local(tensor)
+
+    def sum_over_shards(self, value, param, frame):
+        self._count(f"sum_over_shards:{frame}")
+        return self.dense.sum_over_shards(value, param, frame)
+
 
 def test_galore_runs_every_layout_operation_through_its_backend():
     torch.manual_seed(0)
@@ -71,8 +79,24 @@ def test_galore_runs_every_layout_operation_through_its_backend():
         "local_basis": 3,
         "project_gradient": 3,
         "write_back": 3,
+        "local": 3,  # the gradient handed to the update rule
     }
     torch.testing.assert_close(w, w_ref)  # scale 0.5 halved by the backend == scale 0.25
+
+
+def test_update_rules_take_their_cross_row_sums_from_the_backend():
+    """APOLLO-Mini (tensor-wise) with the limiter: two sums per step, one per frame; a channel-wise ratio none."""
+    from lowrank_train.optim import APOLLOAdamW, APOLLOMini
+
+    for cls, expected in ((APOLLOMini, {"projected": 2, "weight": 2}), (APOLLOAdamW, {"weight": 2})):
+        w = nn.Parameter(torch.randn(12, 20))
+        backend = RecordingBackend()
+        opt = cls([{"params": [w], "rank": 3, "update_gap": 5}], lr=1e-2, backend=backend)
+        for _ in range(2):
+            w.grad = torch.randn(12, 20)
+            opt.step()
+        sums = {k.split(":")[1]: v for k, v in backend.calls.items() if k.startswith("sum_over_shards")}
+        assert sums == expected, cls.__name__
 
 
 def test_backend_must_implement_the_protocol():

@@ -169,7 +169,18 @@ def run_case(case: str) -> dict[str, torch.Tensor]:
     found = {}
     if engine.startswith("fsdp2lw"):
         layerwise = make_layerwise(model, projector, True, int(accum), clip=engine == "fsdp2lwclip")
+        # Runs after the engine's hook, right after each reduce-scatter: counts the sharded gradients alive then.
+        # (Inside backward model.parameters() yields FSDP2's unsharded parameters: keep the sharded ones here.)
+        sharded, live = list(model.parameters()), [0]
+
+        def count_live(_param: torch.Tensor) -> None:
+            live[0] = max(live[0], sum(q.grad is not None for q in sharded))
+
+        handles = [p.register_post_accumulate_grad_hook(count_live) for p in sharded]
         found["norms"] = train_layerwise(model, layerwise, global_batches(kind, int(accum)), shard)
+        found["live_grads"] = torch.tensor(live[0])
+        for handle in handles:
+            handle.remove()
         layerwise.remove_hooks()
     else:
         optimizer = make_optimizer(model, projector, sharded=engine == "fsdp2")
@@ -234,6 +245,48 @@ def check_nonfinite() -> dict[str, torch.Tensor]:
     return results
 
 
+def check_layerwise_nonfinite() -> torch.Tensor:
+    """Layer-wise under FSDP2, a NaN in rank 1's shard of ``0.weight`` only: every rank skips that weight alone.
+
+    Returns:
+        [skipped_updates, 0.weight unchanged in the poisoned step, every other parameter moved] on this rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    model = build_model("mlp")
+    for block in [m for m in model if isinstance(m, nn.Linear)]:
+        fully_shard(block)
+    fully_shard(model)
+    poison = [False]
+
+    def poison_rank1(param: torch.Tensor) -> None:  # registered before the engine's hook: runs first
+        if poison[0] and rank == 1:
+            param.grad.to_local().view(-1)[0] = float("nan")
+
+    handle = model[0].weight.register_post_accumulate_grad_hook(poison_rank1)
+    from lowrank_train.integrations.fsdp import FSDP2Backend, fsdp2_layerwise
+    from lowrank_train.optim import GaLore
+
+    engine = fsdp2_layerwise(
+        param_groups(model, "rsvd"),
+        lambda groups: GaLore(groups, lr=1e-2, backend=FSDP2Backend()),
+        nonfinite="skip",
+    )
+    batches = global_batches("mlp", 1)
+    shard = slice(rank * 4, rank * 4 + 4)
+    train_layerwise(model, engine, batches[:1], shard)
+    before = [p.to_local().clone() for p in model.parameters()]
+    poison[0] = True
+    train_layerwise(model, engine, batches[1:2], shard)
+    after = [p.to_local() for p in model.parameters()]
+    handle.remove()
+    engine.remove_hooks()
+    moved = all(not torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
+    return torch.tensor([engine.skipped_updates, int(torch.equal(after[0], before[0])), int(moved)])
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -248,6 +301,10 @@ def main() -> None:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, check_nonfinite())
             results[case] = {f"{policy}-rank{r}": v for r, res in enumerate(gathered) for policy, v in res.items()}
+        elif case == "layerwise-nonfinite":
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, check_layerwise_nonfinite())
+            results[case] = {f"rank{r}": v for r, v in enumerate(gathered)}
         else:
             results[case] = run_case(case)
     if dist.get_rank() == 0:

@@ -85,7 +85,7 @@ def single_process_layerwise(case: str) -> tuple[dict[str, torch.Tensor], torch.
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """One torchrun for every 2-process case of this file (the start-up dominates)."""
-    cases = [*CASES, *RULE_CASES, *LAYERWISE_CASES, "placements", "nonfinite"]
+    cases = [*CASES, *RULE_CASES, *LAYERWISE_CASES, "placements", "nonfinite", "layerwise-nonfinite"]
     return run_workers(tmp_path_factory.mktemp("fsdp"), cases)
 
 
@@ -128,6 +128,14 @@ def test_layerwise_under_fsdp2_matches_single_process(results, case):
             torch.testing.assert_close(found[name], whole_model[name], rtol=0, atol=atol, msg=f"{case} {name}")
     if clipped:
         assert (norms > worker.CLIP).all(), "the clip threshold never bit"
+    if case.endswith("-1"):  # each shard was stepped and freed inside its reduce-scatter hook
+        assert int(found["live_grads"]) == 0
+
+
+def test_layerwise_nonfinite_shard_is_skipped_on_every_rank(results):
+    """A NaN in one rank's shard: the all-reduced check makes both ranks skip that weight (and only it)."""
+    for r in (0, 1):
+        assert results["layerwise-nonfinite"][f"rank{r}"].tolist() == [1, 1, 1], r
 
 
 @pytest.mark.slow

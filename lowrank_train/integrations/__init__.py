@@ -6,7 +6,8 @@ Each submodule imports its framework only when used:
   ``create_lowrank_optimizer_and_scheduler`` for ``Trainer(optimizers=...)``.
 * :mod:`lowrank_train.integrations.trainer_config`: ``LowRankOptimizerConfig`` and
   ``lowrank_config_from_training_args`` (transformers' ``optim="galore_*"`` settings), re-exported by the above.
-* :mod:`lowrank_train.integrations.fsdp`: ``FSDP2GaLore``, GaLore on ``fully_shard`` (DTensor) parameters.
+* :mod:`lowrank_train.integrations.fsdp`: ``FSDP2GaLore``, GaLore (and APOLLO, Fira) on ``fully_shard`` (DTensor)
+  parameters; ``fsdp2_layerwise``, layer-wise steps inside FSDP2's reduce-scatter hooks.
 * :mod:`lowrank_train.integrations.deepspeed`: ``deepspeed_initialize``, the ZeRO configurations that can
   carry a GaLore optimizer, and a clear error for the others.
 * :mod:`lowrank_train.integrations.peft`: ``peft_param_groups``, which keeps LoRA adapters out of projection.

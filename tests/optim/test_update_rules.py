@@ -281,9 +281,14 @@ def test_apollo_limiter_matches_apollo_torch(monkeypatch, shape):
     torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize("cls", [APOLLOAdamW, APOLLOMini, FiraAdamW])
-def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls):
-    """The engine's per-step sync of its groups must not undo what the preset wrote (projector, scale, rank)."""
+def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls, accumulation):
+    """The engine's per-step sync of its groups must not undo what the preset wrote (projector, scale, rank).
+
+    With accumulation the raw gradient the rule reads at the step is summed in ``.grad`` (no projected
+    accumulator), as in the whole-model loop; a refresh at step 2 (update_gap 2) is built from the summed gradient.
+    """
     from torch import nn
 
     from lowrank_train.optim import LayerwiseOptimizer, lowrank_param_groups
@@ -292,15 +297,25 @@ def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
-    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    data = [[torch.randn(4, 16, generator=g) for _ in range(accumulation)] for _ in range(3)]
     whole, layerwise = model(), model()
-    opt = cls(lowrank_param_groups(whole, rank=4), lr=LR)
-    engine = LayerwiseOptimizer(lowrank_param_groups(layerwise, rank=4), lambda groups: cls(groups, lr=LR))
-    for _ in range(3):
-        whole(x).square().sum().backward()
+    opt = cls(lowrank_param_groups(whole, rank=4, update_gap=2), lr=LR)
+    engine = LayerwiseOptimizer(
+        lowrank_param_groups(layerwise, rank=4, update_gap=2),
+        lambda groups: cls(groups, lr=LR),
+        accumulation_steps=accumulation,
+    )
+    assert not any(engine.is_lowrank(p) for p in layerwise.parameters())  # nothing accumulates projected
+    for step in data:
+        for x in step:
+            (whole(x).square().sum() / accumulation).backward()
         opt.step()
         opt.zero_grad()
-        layerwise(x).square().sum().backward()
+        for x in step:
+            (layerwise(x).square().sum() / accumulation).backward()
+        assert all(p.grad is None for p in layerwise.parameters())
+    assert engine.steps == 3
     for p, q in zip(whole.parameters(), layerwise.parameters(), strict=True):
         assert torch.equal(p, q)
     engine.remove_hooks()

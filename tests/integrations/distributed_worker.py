@@ -287,6 +287,60 @@ def check_layerwise_nonfinite() -> torch.Tensor:
     return torch.tensor([engine.skipped_updates, int(torch.equal(after[0], before[0])), int(moved)])
 
 
+def check_layerwise_resume() -> torch.Tensor:
+    """Layer-wise under FSDP2: 3 steps, state_dict through torch.save / torch.load(weights_only=True) into a fresh
+    engine on a fresh sharded model, 3 more steps == 6 uninterrupted steps, bit for bit on this rank.
+
+    Returns:
+        [resumed equals uninterrupted, the state held DTensor moments] on this rank.
+    """
+    import io
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    rank = dist.get_rank()
+    shard = slice(rank * 4, rank * 4 + 4)
+    batches = global_batches("mlp", 2)
+
+    def sharded_model() -> nn.Module:
+        model = build_model("mlp")
+        for block in [m for m in model if isinstance(m, nn.Linear)]:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+
+    def run(model, steps):
+        engine = make_layerwise(model, "rsvd", True, 2, clip=False)
+        train_layerwise(model, engine, steps, shard)
+        return engine
+
+    straight = sharded_model()
+    run(straight, batches).remove_hooks()
+    first = sharded_model()
+    engine = run(first, batches[:3])
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    engine.remove_hooks()
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    has_dtensor = any(
+        isinstance(v, DTensor) for inner in state["inner"] for s in inner["base"]["state"].values() for v in s.values()
+    )
+    second = sharded_model()
+    with torch.no_grad():
+        for p, q in zip(second.parameters(), first.parameters(), strict=True):
+            p.to_local().copy_(q.to_local())
+    resumed = make_layerwise(second, "rsvd", True, 2, clip=False)
+    resumed.load_state_dict(state)
+    train_layerwise(second, resumed, batches[3:], shard)
+    resumed.remove_hooks()
+    pairs = zip(second.parameters(), straight.parameters(), strict=True)
+    same = all(torch.equal(p.to_local(), q.to_local()) for p, q in pairs)
+    return torch.tensor([int(same), int(has_dtensor)])
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -301,6 +355,10 @@ def main() -> None:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, check_nonfinite())
             results[case] = {f"{policy}-rank{r}": v for r, res in enumerate(gathered) for policy, v in res.items()}
+        elif case == "layerwise-resume":
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, check_layerwise_resume())
+            results[case] = {f"rank{r}": v for r, v in enumerate(gathered)}
         elif case == "layerwise-nonfinite":
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, check_layerwise_nonfinite())

@@ -85,7 +85,8 @@ def single_process_layerwise(case: str) -> tuple[dict[str, torch.Tensor], torch.
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """One torchrun for every 2-process case of this file (the start-up dominates)."""
-    cases = [*CASES, *RULE_CASES, *LAYERWISE_CASES, "placements", "nonfinite", "layerwise-nonfinite"]
+    checks = ["placements", "nonfinite", "layerwise-nonfinite", "layerwise-resume"]
+    cases = [*CASES, *RULE_CASES, *LAYERWISE_CASES, *checks]
     return run_workers(tmp_path_factory.mktemp("fsdp"), cases)
 
 
@@ -130,6 +131,13 @@ def test_layerwise_under_fsdp2_matches_single_process(results, case):
         assert (norms > worker.CLIP).all(), "the clip threshold never bit"
     if case.endswith("-1"):  # each shard was stepped and freed inside its reduce-scatter hook
         assert int(found["live_grads"]) == 0
+
+
+def test_layerwise_under_fsdp2_resumes_bit_for_bit_through_weights_only(results):
+    """Per-rank engine state (DTensor moments of the plain shards included) survives torch.load(weights_only=True);
+    3 + 3 resumed steps (accumulation 2, a refresh after the resume) equal 6 straight ones exactly."""
+    for r in (0, 1):
+        assert results["layerwise-resume"][f"rank{r}"].tolist() == [1, 1], r
 
 
 def test_layerwise_nonfinite_shard_is_skipped_on_every_rank(results):

@@ -116,7 +116,7 @@ class DenseBackend:
         if is_dtensor(param):
             raise ValueError(
                 f"{label} is an FSDP2-sharded DTensor: use lowrank_train.integrations.fsdp.FSDP2GaLore "
-                "(same arguments) for sharded models"
+                "(same arguments) for sharded models, or give a preset backend=FSDP2Backend() (same module)"
             )
 
     def finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -173,3 +173,18 @@ def test_plain_galore_points_sharded_parameters_to_fsdp2galore(tmp_path):
             GaLoreAdamW([{"params": [weight], "param_names": ["w"], "rank": 2}])
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_layerwise_refuses_parameters_of_an_unsharded_model():
+    """Groups taken before fully_shard (plain tensors) are refused, naming the parameter; so is a process group."""
+    from torch import nn
+
+    from lowrank_train.integrations.fsdp import FSDP2GaLore, fsdp2_layerwise
+    from lowrank_train.optim import lowrank_param_groups
+
+    model = nn.Sequential(nn.Linear(8, 16))
+    groups = lowrank_param_groups(model, rank=2)
+    with pytest.raises(ValueError, match=r"0\.weight \(shape \(16, 8\)\) is not an FSDP2 \(DTensor\).*fully_shard"):
+        fsdp2_layerwise(groups, lambda g: FSDP2GaLore(g, lr=1e-3))
+    with pytest.raises(ValueError, match="process_group"):
+        fsdp2_layerwise(groups, lambda g: FSDP2GaLore(g, lr=1e-3), process_group=None)

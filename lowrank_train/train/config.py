@@ -21,7 +21,6 @@ from lowrank_train.optim.galore import NONFINITE_POLICIES
 from lowrank_train.optim.layerwise import LayerwiseConfig
 from lowrank_train.optim.options import GALORE_DEFAULTS, check_group_option
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
-from lowrank_train.optim.update_rules import get_update_rule
 from lowrank_train.projection import get_projector
 from lowrank_train.quant import DEFAULT_GROUP_SIZE, TRAINED_WEIGHT_BITS, check_bits
 from lowrank_train.train.config_schema import (
@@ -485,13 +484,6 @@ class TrainConfig:
                     f"optimizer.rank ({opt.rank}) must be below the smallest side of the projected weights "
                     f"({smallest}, from model.hidden_size and the key/value width): lower optimizer.rank"
                 )
-        update = get_update_rule(opt.method.method_options.get("update", GALORE_DEFAULTS["update"]))
-        if update.needs_full_gradient and opt.layerwise and self.data.grad_accum > 1:
-            raise ConfigError(
-                f"optimizer.name={opt.name!r} scales the raw full gradient at each step, which the layer-wise engine "
-                f"does not keep over data.grad_accum={self.data.grad_accum} micro-batches: set optimizer.layerwise="
-                "false (accumulates in .grad) or data.grad_accum=1"
-            )
         if self.finetune.trainable == "lrc+galore" and not self.optimizer.is_galore:
             raise ConfigError(
                 "finetune.trainable=lrc+galore needs a GaLore-family optimizer.name "

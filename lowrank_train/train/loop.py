@@ -266,9 +266,7 @@ class TrainingRecipe:
     def prepare_run_folder(self, resume: bool) -> tuple[Path, Path | None, dict[str, Any] | None]:
         """The run folder checked and ``config.yaml`` written; ``(folder, checkpoint to resume, saved summary)``."""
         run = self.config.run
-        output, resume_from = prepare_output_dir(
-            self.config, resume, log=self.log, world_size=self.ranks.world_size
-        )
+        output, resume_from = prepare_output_dir(self.config, resume, log=self.log, world_size=self.ranks.world_size)
         meta = read_meta(resume_from) if resume_from is not None else {}
         summary_file = output / SUMMARY_FILE
         if resume_from is not None and int(meta["step"]) >= run.max_steps and summary_file.is_file():

@@ -213,7 +213,10 @@ def optimizer_template(
             template[name] = torch.empty(shape, dtype=dtype)
         else:
             template[name] = dtensor_empty(
-                shape, dtype=dtype, device_mesh=param.device_mesh, placements=placements  # type: ignore[attr-defined]
+                shape,
+                dtype=dtype,
+                device_mesh=param.device_mesh,
+                placements=placements,  # type: ignore[attr-defined]
             )
     return template
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.checkpoint import read_meta
@@ -38,7 +39,14 @@ from lowrank_train.train.evaluation import perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
-from lowrank_train.train.parallel import Ranks, process_group
+from lowrank_train.train.parallel import (
+    RankLostError,
+    Ranks,
+    is_collective_failure,
+    kill_point,
+    process_group,
+    rank_lost,
+)
 from lowrank_train.train.plot import plot_run_if_possible
 from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
@@ -158,7 +166,12 @@ def train(
         )
         lock = run_folder_lock(Path(config.run.output_dir)) if ranks.is_main else contextlib.nullcontext()
         with lock, stop_on_signals() as stop:
-            return recipe.execute(resume=resume, stop=stop)
+            try:
+                return recipe.execute(resume=resume, stop=stop)
+            except (RuntimeError, dist.DistError) as error:
+                if not ranks.distributed or not is_collective_failure(error):
+                    raise
+                raise recipe.rank_lost(error) from error
 
 
 class TrainingRecipe:
@@ -407,6 +420,7 @@ class TrainingRecipe:
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (0-based ``step``) under the non-finite policy; its loss and seconds."""
+        kill_point(self.ranks.rank, step + 1)
         schedule = self.config.schedule
         set_learning_rate(
             self.optimizer,
@@ -534,6 +548,16 @@ class TrainingRecipe:
             skipped_steps=self.skips.total,
             consecutive_skips=self.skips.consecutive,
         )
+
+    def rank_lost(self, error: BaseException) -> RankLostError:
+        """What a surviving rank says when another one is gone: the last complete checkpoint and how to resume."""
+        done = [step for step, folder in self.saved.items() if folder is not None]
+        checkpoint = str(self.saved[max(done)]) if done else None
+        config_file = Path(self.config.run.output_dir) / CONFIG_FILE
+        resume = (
+            f"torchrun --nproc_per_node {self.ranks.world_size} -m lowrank_train {self.mode} {config_file} --resume"
+        )
+        return rank_lost(error, self.ranks, checkpoint, resume)
 
     def close(self) -> None:
         """Closes the progress bar and the metrics file."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -232,6 +233,49 @@ def process_group(config: TrainConfig, mode: str = "pretrain") -> Iterator[Ranks
 
 
 TIMEOUT_ENV_VAR = "LOWRANK_TRAIN_COLLECTIVE_TIMEOUT"
+KILL_ENV_VAR = "LOWRANK_TRAIN_KILL_RANK"
+
+
+class RankLostError(ConnectionError):
+    """A collective failed because another rank stopped (killed, out of memory, its machine gone) or timed out.
+
+    A ``ConnectionError`` (an ``OSError``), so the command line reports it in one line on every surviving rank.
+    """
+
+
+def rank_lost(error: BaseException, ranks: Ranks, checkpoint: str | None, resume: str) -> RankLostError:
+    """The error a surviving rank ends with: what failed, the last complete checkpoint, how to resume."""
+    cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    return RankLostError(
+        f"rank {ranks.rank} of {ranks.world_size}: a collective failed ({cause}): another rank has stopped (killed, "
+        f"out of memory, its machine gone) or did not answer within {collective_timeout():.0f} s "
+        f"({TIMEOUT_ENV_VAR}). The run stops; {where}. Resume with: {resume}"
+    )
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed or timed-out collective (gloo / NCCL), not a bug of the rank itself."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out", "Gloo")
+    )
+
+
+def kill_point(rank: int, step: int) -> None:
+    """The fault-injection hook of the killed-rank tests: ``LOWRANK_TRAIN_KILL_RANK=<rank>:<step>`` SIGKILLs that
+    rank as it starts step ``<step>`` (1-based), after the step's first collectives of the other ranks have begun.
+    Only those tests set it."""
+    spec = os.environ.get(KILL_ENV_VAR, "")
+    if not spec:
+        return
+    target, _, at = spec.partition(":")
+    if not (target.isdigit() and at.isdigit()):
+        raise ValueError(f"{KILL_ENV_VAR}={spec!r} must be <rank>:<step>")
+    if int(target) == rank and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def collective_timeout() -> float:

@@ -216,3 +216,33 @@ def test_auto_picks_fsdp2_for_several_processes(monkeypatch):
     with pytest.raises(ConfigError, match="runs under DDP only"):
         choose_engine(load_config(DEMO, [*GALORE, "run.parallel=fsdp2"]), "finetune")
     assert choose_engine(load_config(DEMO, GALORE), "finetune")[0] == "ddp"
+
+
+def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(
+    galore_runs, tmp_path, tiny_overrides, monkeypatch, train_cache
+):
+    # Rank 1 is SIGKILLed as step 3 starts (the test hook); rank 0, inside the step's collectives, ends with one
+    # line naming the last complete checkpoint. The subprocess timeout bounds the wait: a hang fails the test.
+    run = tmp_path / "run"
+    overrides = [*tiny_overrides, *GALORE, *STEPS, "run.parallel=fsdp2", f"run.output_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", CACHE_ENV_VAR: str(train_cache)}
+    env.update(LOWRANK_TRAIN_KILL_RANK="1:3", LOWRANK_TRAIN_COLLECTIVE_TIMEOUT="60")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*command, "-m", "lowrank_train", "pretrain", str(DEMO), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=REPO,
+    )
+    assert done.returncode != 0
+    step_2 = run / "checkpoints" / "step-00000002"
+    assert "rank 0 of 2: a collective failed (" in done.stderr, done.stderr[-3000:]
+    assert f"the last complete checkpoint is {step_2}. Resume with: torchrun --nproc_per_node 2" in done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")) == [step_2.name]
+    # The last complete checkpoint resumes (here in one process with the same global batch).
+    monkeypatch.setenv(CACHE_ENV_VAR, str(train_cache))
+    config = load_config(DEMO, [*tiny_overrides, *GALORE, *STEPS, "data.batch_size=4", f"run.output_dir={run}"])
+    train(config, resume=True, **QUIET)
+    _assert_same_run(run, galore_runs["single"])

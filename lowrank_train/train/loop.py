@@ -13,6 +13,9 @@ at the first NaN/Inf; ``skip`` skips the step in the loop and in the optimizer a
 
 Under ``torchrun`` (``run.parallel``, :mod:`lowrank_train.train.parallel`) every rank runs the recipe on its share
 of each global batch; rank 0 alone holds the lock and writes the run folder (metrics, checkpoints, summary, model).
+Under FSDP2 (:mod:`lowrank_train.train.sharded`) the model is sharded before the optimizer is built, every rank
+writes its shard of each checkpoint, and a resume reads any checkpoint on any number of ranks. A rank that dies
+ends the others with :class:`~lowrank_train.train.parallel.RankLostError`, naming the last complete checkpoint.
 """
 
 from __future__ import annotations

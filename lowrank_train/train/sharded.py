@@ -112,22 +112,13 @@ def _is_projected(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool
 def _global_layout(
     optimizer: torch.optim.Optimizer, section: str, param: torch.Tensor, shape: tuple[int, ...]
 ) -> list[Any] | None:
-    """The DTensor placements of a state tensor of global ``shape`` of ``param``, or ``None`` for a replicated one.
+    """The DTensor placements of a state tensor of global ``shape`` of ``param``, or ``None`` for a replicated one
+    (:func:`~lowrank_train.integrations.fsdp.state_placements`); only the moments section can be sharded."""
+    from lowrank_train.integrations.fsdp import state_placements
 
-    Only state of a sharded parameter in the moments section is sharded: shaped like the parameter, as the
-    parameter; the projected (r x m) moments of an m > n GaLore weight by their columns (``Shard(1)``).
-    """
-    from torch.distributed.tensor import DTensor, Shard
-
-    from lowrank_train.projection import projects_rows
-
-    if not isinstance(param, DTensor) or section != _moments_section(optimizer):
+    if section != _moments_section(optimizer):
         return None
-    if _is_projected(optimizer, param):
-        if len(shape) == 2 and not projects_rows(param.shape) and shape[1] == param.shape[0]:
-            return [Shard(1) if isinstance(p, Shard) else p for p in param.placements]
-        return None
-    return list(param.placements) if tuple(shape) == tuple(param.shape) else None
+    return state_placements(param, shape, projected=_is_projected(optimizer, param))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -138,6 +129,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
         ``({"optimizer.<section>.<i>.<key>": tensor}, rest)``.
     """
     from torch.distributed.tensor import DTensor
+
+    from lowrank_train.integrations.fsdp import projected_state_shape
 
     native = optimizer.state_dict()
     params = _params(optimizer)
@@ -156,8 +149,8 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                 elif isinstance(value, DTensor) or not isinstance(param, DTensor):
                     tensors[name] = value
                 else:
-                    layout = _global_layout(optimizer, section, param, _global_shape(value, param))
-                    tensors[name] = _to_global(value, layout, param)
+                    shape = projected_state_shape(value, param) if section == "base" else tuple(value.shape)
+                    tensors[name] = _to_global(value, _global_layout(optimizer, section, param, shape), shape, param)
     rest["plain_state"] = plain
     return tensors, rest
 
@@ -169,23 +162,13 @@ def _state_sections(native: Mapping[str, Any]) -> list[tuple[str, Mapping[int, M
     return sections
 
 
-def _global_shape(local: torch.Tensor, param: torch.Tensor) -> tuple[int, ...]:
-    """The global shape of a local state tensor of a sharded ``param``: (r, m_k) columns of an m > n weight are
-    (r, m); anything else is replicated (its local shape is global)."""
-    from lowrank_train.projection import projects_rows
-
-    local_rows = param.to_local().shape[0]  # type: ignore[attr-defined]
-    if local.dim() == 2 and param.dim() == 2 and not projects_rows(param.shape) and local.shape[1] == local_rows:
-        return (local.shape[0], param.shape[0])
-    return tuple(local.shape)
-
-
-def _to_global(local: torch.Tensor, placements: list[Any] | None, param: torch.Tensor) -> torch.Tensor:
+def _to_global(
+    local: torch.Tensor, placements: list[Any] | None, shape: tuple[int, ...], param: torch.Tensor
+) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     if placements is None:
         return local
-    shape = _global_shape(local, param)
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, param.device_mesh, placements, run_check=False, shape=shape, stride=stride)
 

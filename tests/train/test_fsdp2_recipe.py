@@ -112,7 +112,10 @@ def test_galore_under_fsdp2_trains_as_one_process(galore_runs):
 
 
 def test_adamw_under_fsdp2_trains_as_one_process(tiny, tmp_path):
+    # torch's AdamW on the DTensor shards, 2 micro-batches accumulated in the sharded gradients, clipped by the
+    # global norm (clip_grad_norm_ reduces over the shards).
     steps = [*tiny, "optimizer.name=adamw", "optimizer.weight_bits=null", "run.max_steps=3", "run.save_every=3"]
+    steps += ["data.grad_accum=2", "optimizer.max_grad_norm=0.5"]
     _torchrun([*steps, "run.parallel=fsdp2", f"run.output_dir={tmp_path / 'fsdp2'}"])
     train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={tmp_path / 'single'}"]), **QUIET)
     _assert_same_run(tmp_path / "fsdp2", tmp_path / "single")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from lowrank_train.data.cache import CACHE_ENV_VAR
@@ -109,6 +110,15 @@ def test_galore_under_fsdp2_trains_as_one_process(galore_runs):
     assert set(meta["files"]) == {"state.pt", "shards/.metadata", "shards/__0_0.distcp", "shards/__1_0.distcp"}
     assert "model" not in torch.load(folder / "state.pt", weights_only=True)
     assert (fsdp2 / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    # DCP holds global tensors: the projected (r x m) moments of the (64 x 32) gate/up weights in 2 column pieces,
+    # the (r x n) ones of the (32 x 64) down weights once (replicated), the embedding's moments in 2 row pieces.
+    metadata = dcp.FileSystemReader(folder / "shards").read_metadata().state_dict_metadata
+    layouts = {
+        (tuple(entry.size), len(entry.chunks))
+        for key, entry in metadata.items()
+        if key.startswith("optimizer.base.") and key.endswith(".exp_avg")
+    }
+    assert {((8, 64), 2), ((8, 64), 1), ((50257, 32), 2)} <= layouts, layouts
 
 
 def test_adamw_under_fsdp2_trains_as_one_process(tiny, tmp_path):

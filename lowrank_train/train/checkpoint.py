@@ -6,6 +6,11 @@ Layout of a run folder::
     checkpoints/step-00000040/meta.json    step, config fingerprint, the config, the sha256 of state.pt
     checkpoints/latest                     the name of the newest checkpoint folder (a hint, see below)
 
+An FSDP2 run's checkpoint (:mod:`lowrank_train.train.sharded`) adds ``shards/`` (one DCP file per rank and DCP's
+``.metadata``): every rank writes into the staging folder of :func:`stage_checkpoint` before rank 0 commits it,
+``meta.json`` records the sha256 of every file and the world size, and :func:`verify_checkpoint` rejects a folder
+holding fewer ranks' shards than that.
+
 What survives what (issue 12 items 2 and 3):
 
 * The commit point is one ``os.replace`` of the finished ``.tmp-step-*`` folder onto ``step-N``. A crash before it

@@ -330,3 +330,35 @@ def fsdp2_layerwise(
                     "fully_shard to the model first and take its parameters (param groups) afterwards"
                 )
     return LayerwiseOptimizer(groups, make_optimizer, **engine_options)
+
+
+def state_placements(param: torch.Tensor, shape: Sequence[int], *, projected: bool) -> list[Any] | None:
+    """How a tensor of the optimizer state of ``param`` is split over the ranks, in its *global* ``shape``, for
+    resharding checkpoints (``torch.distributed.checkpoint``); ``None`` when every rank holds the same whole tensor.
+
+    Args:
+        param: the (row-sharded DTensor, or ordinary) parameter the state belongs to.
+        shape: the state tensor's global shape.
+        projected: the state is the inner optimizer's state of ``param``'s projected gradient (GaLore's shadow).
+
+    Returns:
+        The placements of ``param`` for state shaped like it (plain moments); ``Shard(1)`` (over ``param``'s mesh)
+        for the (r x m) projected state of an m > n weight, whose r x m_k columns follow the weight's rows; ``None``
+        for the rest: counters, bases, and the (r x n) projected state of an m <= n weight, which every rank holds
+        whole after the projection's all-reduce.
+    """
+    if not is_sharded(param):
+        return None
+    if projected:
+        if len(shape) == 2 and not projects_rows(param.shape) and shape[1] == param.shape[0]:
+            return [Shard(1) if isinstance(p, Shard) else p for p in param.placements]
+        return None
+    return list(param.placements) if tuple(shape) == tuple(param.shape) else None
+
+
+def projected_state_shape(local: torch.Tensor, param: torch.Tensor) -> tuple[int, ...]:
+    """The global shape of this rank's ``local`` projected state of a sharded ``param``: its (r x m_k) columns of an
+    m > n weight are part of an (r x m) tensor; any other state is the same on every rank (local = global)."""
+    if not is_sharded(param) or local.dim() != 2 or projects_rows(param.shape):
+        return tuple(local.shape)
+    return (local.shape[0], param.shape[0]) if local.shape[1] == param.to_local().shape[0] else tuple(local.shape)

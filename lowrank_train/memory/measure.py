@@ -50,6 +50,8 @@ def measure_live_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None
     totals = {"weights": 0, "gradients": 0, "optimizer_states": 0, "projection_bases": 0}
 
     def add(component: str, tensor: Tensor) -> None:
+        if hasattr(tensor, "to_local"):  # a DTensor (FSDP2 parameter or gradient): this rank's shard
+            tensor = tensor.to_local()
         if tensor.device.type == "meta":
             return
         key = _storage_key(tensor)

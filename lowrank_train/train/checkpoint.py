@@ -6,6 +6,11 @@ Layout of a run folder::
     checkpoints/step-00000040/meta.json    step, config fingerprint, the config, the sha256 of state.pt
     checkpoints/latest                     the name of the newest checkpoint folder (a hint, see below)
 
+An FSDP2 run's checkpoint (:mod:`lowrank_train.train.sharded`) adds ``shards/`` (one DCP file per rank and DCP's
+``.metadata``): every rank writes into the staging folder of :func:`stage_checkpoint` before rank 0 commits it,
+``meta.json`` records the sha256 of every file and the world size, and :func:`verify_checkpoint` rejects a folder
+holding fewer ranks' shards than that.
+
 What survives what (issue 12 items 2 and 3):
 
 * The commit point is one ``os.replace`` of the finished ``.tmp-step-*`` folder onto ``step-N``. A crash before it
@@ -101,6 +106,21 @@ def step_folder_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def stage_checkpoint(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """A new private staging folder for the checkpoint of ``step`` (other writers, e.g. every rank's DCP shard,
+    fill it before :func:`save_checkpoint` commits it with ``staged=``).
+
+    Raises:
+        CheckpointError: the folder cannot be created (the message names the checkpoints folder).
+    """
+    root = checkpoint_root(output_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step:08d}-", dir=root))
+    except OSError as error:
+        raise CheckpointError(f"cannot create a checkpoint folder in {root}: {error}") from error
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike[str],
     step: int,
@@ -108,6 +128,8 @@ def save_checkpoint(
     meta: Mapping[str, Any],
     *,
     keep: int = 1,
+    staged: Path | None = None,
+    extra_files: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a checkpoint, commit it with one atomic rename, point ``latest`` at it, then keep the ``keep`` newest.
 
@@ -117,6 +139,10 @@ def save_checkpoint(
         state: tensors and plain containers (saved with ``torch.save``; must load with ``weights_only=True``).
         meta: JSON-serialisable description (step, config, fingerprint); the checksum of ``state.pt`` is added.
         keep: number of checkpoint folders to keep.
+        staged: a folder from :func:`stage_checkpoint` that other writers filled already (sharded checkpoints:
+            every rank's files are on disk before this call); ``None`` makes a new one.
+        extra_files: ``{path relative to the folder: {"sha256", "bytes"}}`` of the files in ``staged``, recorded
+            in ``meta.json`` next to ``state.pt``'s (each writer hashed its own).
 
     Returns:
         The final folder of this checkpoint.
@@ -133,11 +159,7 @@ def save_checkpoint(
 
     root = checkpoint_root(output_dir)
     final = root / step_folder_name(step)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{step:08d}-", dir=root))
-    except OSError as error:
-        raise CheckpointError(f"cannot create a checkpoint folder in {root}: {error}") from error
+    staging = staged if staged is not None else stage_checkpoint(output_dir, step)
     aside: Path | None = None
     try:
         try:
@@ -146,7 +168,10 @@ def save_checkpoint(
             written = staging / STATE_FILE
             full_meta = {
                 **dict(meta),
-                "files": {STATE_FILE: {"sha256": file_sha256(written), "bytes": written.stat().st_size}},
+                "files": {
+                    **dict(extra_files or {}),
+                    STATE_FILE: {"sha256": file_sha256(written), "bytes": written.stat().st_size},
+                },
             }
             (staging / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True), encoding="utf-8")
             fsync_tree(staging)  # the files and the folder's entries, before the rename can expose them
@@ -254,14 +279,43 @@ def verify_checkpoint(folder: str | os.PathLike[str], *, require_config: bool = 
     state = folder / STATE_FILE
     if not state.is_file():
         raise CheckpointError(f"{state} is missing")
-    recorded = meta.get("files", {}).get(STATE_FILE) if isinstance(meta.get("files"), dict) else None
-    if recorded is not None:
-        size = state.stat().st_size
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    if isinstance(meta.get("sharded"), dict):
+        _check_shard_writers(folder, meta["sharded"], files)
+    for name, recorded in sorted(files.items(), key=lambda item: item[0] != STATE_FILE):
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing ({META_FILE} records it)")
+        size = path.stat().st_size
         if size != recorded.get("bytes"):
-            raise CheckpointError(f"{state} has {size} bytes, {META_FILE} recorded {recorded.get('bytes')}: truncated")
-        if file_sha256(state) != recorded.get("sha256"):
-            raise CheckpointError(f"{state} does not match the sha256 recorded in {META_FILE}: the file is corrupt")
+            raise CheckpointError(f"{path} has {size} bytes, {META_FILE} recorded {recorded.get('bytes')}: truncated")
+        if file_sha256(path) != recorded.get("sha256"):
+            raise CheckpointError(f"{path} does not match the sha256 recorded in {META_FILE}: the file is corrupt")
     return meta
+
+
+_SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def _check_shard_writers(folder: Path, sharded: Mapping[str, Any], files: Mapping[str, Any]) -> None:
+    """A sharded checkpoint must hold a shard of every rank its meta names (issue 22 item 6).
+
+    Raises:
+        CheckpointError: fewer ranks' shard files (recorded in ``meta.json``, present on disk, named by DCP's
+            ``.metadata``) than ``sharded["world_size"]``; the message names the missing ones.
+    """
+    expected = int(sharded.get("world_size", 0))
+    shards = folder / "shards"
+    recorded = {Path(name).name for name in files if name.startswith("shards/")}
+    present = {p.name for p in shards.iterdir()} if shards.is_dir() else set()
+    writers = {int(m.group(1)) for name in recorded & present if (m := _SHARD_FILE.match(name))}
+    missing = sorted(set(range(expected)) - writers)
+    if missing or not (shards / ".metadata").is_file():
+        lost = ", ".join(f"rank {r}" for r in missing) or "the DCP .metadata"
+        raise CheckpointError(
+            f"{folder} was written by {len(writers)} of the {expected} ranks its {META_FILE} names (missing: "
+            f"{lost}): an incomplete sharded checkpoint, rejected"
+        )
 
 
 @dataclass(frozen=True)

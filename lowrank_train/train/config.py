@@ -37,7 +37,7 @@ from lowrank_train.welore.compress import WeLoreConfig
 
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
-PARALLEL_MODES = ("auto", "none", "ddp")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp2")
 AUTOCAST_DTYPES = ("bfloat16",)
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")
 SCHEDULES = ("cosine", "constant")
@@ -96,8 +96,11 @@ class RunConfig:
             ``seq_len``, held-out split) differs from the checkpoint's; the batch order then restarts from the
             resumed step's position in the new data. Without it such a resume is refused.
         parallel: several processes under ``torchrun`` (:mod:`lowrank_train.train.parallel`): ``auto`` (default)
-            is ``ddp`` when ``WORLD_SIZE > 1``, else ``none``; ``ddp`` replicates the model and averages gradients,
-            each rank reading ``data.batch_size`` rows of every global batch; ``none`` is one process.
+            is ``fsdp2`` when ``WORLD_SIZE > 1`` and the run is one FSDP2 supports (:func:`fsdp2_refusals`),
+            ``ddp`` for the others, ``none`` in one process; ``ddp`` replicates the model and averages gradients;
+            ``fsdp2`` shards parameters, gradients and optimizer states over the ranks (``fully_shard`` per
+            decoder block, sharded checkpoints); each rank reads ``data.batch_size`` rows of every global batch;
+            ``none`` is one process.
     """
 
     output_dir: str = "runs/default"
@@ -131,11 +134,6 @@ class RunConfig:
                 raise ConfigError(f"run.{key} must be >= 0, got {getattr(self, key)}")
         check_choice("run.dtype", self.dtype, DTYPES)
         check_choice("run.device", self.device, DEVICES)
-        if self.parallel == "fsdp2":
-            raise ConfigError(
-                "run.parallel=fsdp2 is not supported by the training loop yet (sharded checkpoints come next): "
-                "use run.parallel=ddp"
-            )
         check_choice("run.parallel", self.parallel, PARALLEL_MODES)
         if self.autocast is not None:
             # float16 would need a gradient scaler, which the loop does not have.
@@ -453,6 +451,39 @@ class FinetuneConfig:
         check_choice("finetune.trainable", self.trainable, TRAINABLE)
 
 
+def fsdp2_refusals(config: TrainConfig) -> list[str]:
+    """Why the training recipe cannot run ``config`` under FSDP2 (empty when it can): one sentence per reason,
+    naming the keys and the engine to use instead. ``run.parallel: auto`` picks DDP for such runs.
+
+    The one list of what FSDP2 refuses; lifting a refusal is deleting its entry here (and testing the run).
+    """
+    opt = config.optimizer
+    method = opt.method
+    refusals = []
+    if opt.layerwise:
+        refusals.append(
+            "optimizer.layerwise=true is not supported under FSDP2 yet (its hooks step unsharded parameters): use "
+            "run.parallel=ddp"
+        )
+    if opt.resolved_weight_bits is not None:
+        refusals.append(
+            f"INT8 weights (optimizer.name={opt.name!r}, optimizer.weight_bits={opt.resolved_weight_bits}) cannot be "
+            "sharded by fully_shard (codes and scales are buffers): use run.parallel=ddp, or set "
+            "optimizer.weight_bits=null"
+        )
+    if method.moment_bits != 32:
+        refusals.append(
+            f"optimizer.name={opt.name!r} keeps {method.moment_bits}-bit moments (bitsandbytes / torchao), which do "
+            "not step DTensor shards here: use run.parallel=ddp, or a 32-bit method (adamw, galore)"
+        )
+    elif method.lowrank and not method.any_base:
+        refusals.append(
+            f"optimizer.name={opt.name!r} is not the plain GaLore wrapper that FSDP2GaLore shards (its update scales "
+            "the full gradient or fixes its own options): use run.parallel=ddp, or optimizer.name=galore"
+        )
+    return refusals
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole run: one dataclass per YAML section."""
@@ -489,6 +520,9 @@ class TrainConfig:
                 "finetune.trainable=lrc+galore needs a GaLore-family optimizer.name "
                 f"({', '.join(optimizer_names(lowrank=True))}), got {self.optimizer.name!r}"
             )
+        refusals = fsdp2_refusals(self) if self.run.parallel == "fsdp2" else []
+        if refusals:
+            raise ConfigError(f"run.parallel=fsdp2: {'; '.join(refusals)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), ready for YAML/JSON."""

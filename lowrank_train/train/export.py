@@ -5,7 +5,8 @@
 dequantized to the run's dtype on the way, one layer at a time on the CPU, so the trained model is left untouched
 and no second device copy of it exists. ``finetune`` writes a WeLore folder instead (``save_compressed``: its
 low-rank layers are not a transformers class). ``lowrank-train export RUN_DIR [--step N] [--out DIR]`` rebuilds the
-model of any checkpoint from the config saved next to it and writes the same folder.
+model of any checkpoint from the config saved next to it and writes the same folder; a sharded (FSDP2, DCP)
+checkpoint of any number of ranks is assembled in the one process that exports it.
 
 What it refuses (issue 20 items 2 and 8): ``--out`` may not be the run folder, a folder holding the run, or anything
 inside the run other than its ``model/`` / ``model-step-N/`` (even with ``--overwrite``: that would replace the
@@ -86,6 +87,7 @@ def save_hf_model(
     *,
     overwrite: bool = True,
     provenance: Mapping[str, Any] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes ``folder`` (replacing it whole, atomically) with ``save_pretrained`` of the dense model + tokenizer.
 
@@ -96,6 +98,8 @@ def save_hf_model(
         dtype: dtype of the saved weights.
         overwrite: replace an existing, non-empty ``folder``.
         provenance: what the folder was made from, recorded in :data:`EXPORT_MARKER`.
+        state: the whole model's float state when ``model`` cannot give it itself (an FSDP2 model holds shards:
+            :func:`lowrank_train.train.sharded.full_model_state`); ``None`` reads ``model``.
 
     Raises:
         ValueError: ``model`` is not a transformers model (it has no ``config`` to rebuild it from).
@@ -105,7 +109,10 @@ def save_hf_model(
 
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise ValueError(f"export needs a transformers model with a config, got {type(model).__name__}")
-    state = dense_state_dict(model, dtype)
+    if state is None:
+        state = dense_state_dict(model, dtype)
+    else:
+        state = {k: v.detach().to("cpu", dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     config = type(model.config).from_dict(model.config.to_dict())
     # Built on the meta device and given the CPU tensors: no initialisation and no second copy of the weights.
     with torch.device("meta"):
@@ -139,12 +146,14 @@ def save_run_model(
     dtype: torch.dtype,
     overwrite: bool = True,
     provenance: Mapping[str, Any] | None = None,
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """The model folder a run leaves: a Hugging Face folder (``pretrain``) or a WeLore one (``finetune``).
 
     Args:
         overwrite: replace an existing, non-empty ``folder`` (a run replaces its own ``model/``).
         provenance: what the folder was made from, recorded in :data:`EXPORT_MARKER`.
+        state: the whole model's state for a sharded ``model`` (``pretrain`` only; see :func:`save_hf_model`).
     """
     if mode == "finetune":
         from lowrank_train.welore.io import write_compressed_files
@@ -155,7 +164,7 @@ def save_run_model(
                 tokenizer.save_pretrained(staging)
             _write_marker(staging, mode, provenance)
         return Path(folder)
-    return save_hf_model(model, tokenizer, folder, dtype, overwrite=overwrite, provenance=provenance)
+    return save_hf_model(model, tokenizer, folder, dtype, overwrite=overwrite, provenance=provenance, state=state)
 
 
 def is_earlier_export(folder: str | os.PathLike[str], *, run_model_folder: bool = False) -> bool:
@@ -287,6 +296,7 @@ def export_checkpoint(
     """
     from lowrank_train.train.model import build_model
     from lowrank_train.train.setup import load_run_tokenizer, prepare_model, resolve_dtype
+    from lowrank_train.train.sharded import is_sharded_checkpoint, load_sharded_model
 
     say = log or (lambda line: None)
     if out is None:
@@ -310,7 +320,10 @@ def export_checkpoint(
     )
     if mode == "pretrain":  # INT8 weights of a pretrained model are made here, as in the run
         model = prepare_model(model, config, torch.device("cpu"))
-    model.load_state_dict(load_state(folder)["model"])
+    if is_sharded_checkpoint(meta):  # DCP shards of any number of ranks, assembled in this one process
+        load_sharded_model(folder, model)
+    else:
+        model.load_state_dict(load_state(folder)["model"])
     model.eval()
     tokenizer = load_run_tokenizer(config.data.tokenizer, model_tokenizer)
     provenance = {"run": str(Path(run_dir).resolve()), "checkpoint": folder.name, "step": int(meta["step"])}

@@ -13,6 +13,9 @@ at the first NaN/Inf; ``skip`` skips the step in the loop and in the optimizer a
 
 Under ``torchrun`` (``run.parallel``, :mod:`lowrank_train.train.parallel`) every rank runs the recipe on its share
 of each global batch; rank 0 alone holds the lock and writes the run folder (metrics, checkpoints, summary, model).
+Under FSDP2 (:mod:`lowrank_train.train.sharded`) the model is sharded before the optimizer is built, every rank
+writes its shard of each checkpoint, and a resume reads any checkpoint on any number of ranks. A rank that dies
+ends the others with :class:`~lowrank_train.train.parallel.RankLostError`, naming the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.train.checkpoint import read_meta
@@ -38,7 +42,14 @@ from lowrank_train.train.evaluation import perplexity
 from lowrank_train.train.export import MODEL_FOLDER, save_run_model
 from lowrank_train.train.metrics import MetricsWriter, format_bytes, peak_memory_bytes, read_metrics
 from lowrank_train.train.model import build_model, count_parameters
-from lowrank_train.train.parallel import Ranks, process_group
+from lowrank_train.train.parallel import (
+    RankLostError,
+    Ranks,
+    is_collective_failure,
+    kill_point,
+    process_group,
+    rank_lost,
+)
 from lowrank_train.train.plot import plot_run_if_possible
 from lowrank_train.train.progress import RunProgress, StepStats
 from lowrank_train.train.report import memory_table, optimizer_state_bytes
@@ -49,6 +60,7 @@ from lowrank_train.train.run_dir import (
     checkpoint_state,
     prepare_output_dir,
     restore_checkpoint,
+    resume_point,
     run_folder_lock,
     save_run_checkpoint,
     write_json,
@@ -63,6 +75,14 @@ from lowrank_train.train.setup import (
     pretrain_param_groups,
     resolve_device,
     resolve_dtype,
+)
+from lowrank_train.train.sharded import (
+    build_sharded_optimizer,
+    full_model_state,
+    is_sharded_checkpoint,
+    restore_sharded,
+    save_sharded_checkpoint,
+    shard_model,
 )
 from lowrank_train.train.signals import RunInterrupted, StopRequest, stop_on_signals
 
@@ -143,13 +163,18 @@ def train(
             bounds allow under ``skip``.
         RunLockedError: another process is using ``run.output_dir``.
     """
-    with process_group(config) as ranks:
+    with process_group(config, mode) as ranks:
         recipe = TrainingRecipe(
             config, mode=mode, log=log if ranks.is_main else logger.debug, stop_after=stop_after, ranks=ranks
         )
         lock = run_folder_lock(Path(config.run.output_dir)) if ranks.is_main else contextlib.nullcontext()
         with lock, stop_on_signals() as stop:
-            return recipe.execute(resume=resume, stop=stop)
+            try:
+                return recipe.execute(resume=resume, stop=stop)
+            except (RuntimeError, dist.DistError) as error:
+                if not ranks.distributed or not is_collective_failure(error):
+                    raise
+                raise recipe.rank_lost(error) from error
 
 
 class TrainingRecipe:
@@ -257,7 +282,7 @@ class TrainingRecipe:
     def prepare_run_folder(self, resume: bool) -> tuple[Path, Path | None, dict[str, Any] | None]:
         """The run folder checked and ``config.yaml`` written; ``(folder, checkpoint to resume, saved summary)``."""
         run = self.config.run
-        output, resume_from = prepare_output_dir(self.config, resume, log=self.log)
+        output, resume_from = prepare_output_dir(self.config, resume, log=self.log, world_size=self.ranks.world_size)
         meta = read_meta(resume_from) if resume_from is not None else {}
         summary_file = output / SUMMARY_FILE
         if resume_from is not None and int(meta["step"]) >= run.max_steps and summary_file.is_file():
@@ -292,11 +317,14 @@ class TrainingRecipe:
             self.training_data = open_run_data(config, self.tokenizer, vocab_size, world_size=self.ranks.world_size)
         self.check_data_fingerprint()
         self.model = prepare_model(model, config, self.device)
+        if self.ranks.sharded:  # before the groups are made: fully_shard replaces the parameters with DTensors
+            shard_model(self.model)
         if self.mode == "finetune":
             groups = finetune_param_groups(self.model, config)
         else:
             groups = pretrain_param_groups(self.model, config.optimizer)
-        self.optimizer = build_optimizer(groups, config)
+        build = build_sharded_optimizer if self.ranks.sharded else build_optimizer
+        self.optimizer = build(groups, config)
         self.trainable = [p for g in groups for p in g["params"]]
         self.train_model = self.ranks.wrap(self.model, layerwise=config.optimizer.layerwise)
 
@@ -317,7 +345,12 @@ class TrainingRecipe:
     def resume(self, folder: Path) -> None:
         """Restores model, optimizer, RNG, data position, counters and schedule from the checkpoint ``folder``."""
         config, saved_meta = self.config, self.saved_meta
-        point = restore_checkpoint(folder, self.model, self.optimizer, self.device)
+        if self.ranks.sharded or is_sharded_checkpoint(saved_meta):  # any layout, any number of ranks
+            point = resume_point(
+                restore_sharded(folder, saved_meta, self.model, self.optimizer, self.device, self.ranks)
+            )
+        else:
+            point = restore_checkpoint(folder, self.model, self.optimizer, self.device)
         step = self.start_step = point.step
         self.tokens_done, self.train_seconds = point.tokens, point.train_seconds
         # Checkpoints written before the losses were stored: unknown steps are NaN, left out of their window.
@@ -350,6 +383,8 @@ class TrainingRecipe:
             )
         self.num_params = count_parameters(self.model)
         self.num_trainable = sum(p.numel() for p in self.trainable)
+        if self.ranks.distributed or self.ranks.sharded:
+            self.log(f"engine: {self.ranks.engine} on {self.ranks.world_size} processes ({self.ranks.reason})")
         self.log(
             f"{self.mode}: {type(self.model).__name__} with {self.num_params / 1e6:.2f}M parameters "
             f"({self.num_trainable / 1e6:.2f}M trainable), optimizer {config.optimizer.name}"
@@ -388,6 +423,7 @@ class TrainingRecipe:
 
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step (0-based ``step``) under the non-finite policy; its loss and seconds."""
+        kill_point(self.ranks.rank, step + 1)
         schedule = self.config.schedule
         set_learning_rate(
             self.optimizer,
@@ -466,8 +502,22 @@ class TrainingRecipe:
     def save_checkpoint(self, step: int) -> Path:
         """Writes the checkpoint after ``step`` steps (one atomic commit) and returns its folder.
 
-        Data-parallel, rank 0 writes its state (the replicas are identical) and the others wait for it.
+        Data-parallel, rank 0 writes its state (the replicas are identical) and the others wait for it; under
+        FSDP2 every rank writes its shard (:func:`~lowrank_train.train.sharded.save_sharded_checkpoint`).
         """
+        if self.ranks.sharded:
+            self.saved[step] = save_sharded_checkpoint(
+                self.output,
+                self.config,
+                self.mode,
+                self.model,
+                self.optimizer,
+                self.device,
+                self.ranks,
+                self.resume_state(step, with_model=False),
+                data_fingerprint=self.training_data.fingerprint,
+            )
+            return self.saved[step]
         if self.is_main_process():
             self.write_checkpoint(step)
         self.saved[step] = self.ranks.broadcast(self.saved.get(step))
@@ -475,9 +525,22 @@ class TrainingRecipe:
 
     def write_checkpoint(self, step: int) -> None:
         """Writes this process's checkpoint after ``step`` steps into ``self.saved[step]``."""
-        state = checkpoint_state(
-            self.model,
-            self.optimizer,
+        state = self.resume_state(step, with_model=True)
+        fingerprint = self.training_data.fingerprint
+        self.saved[step] = save_run_checkpoint(
+            self.output,
+            self.config,
+            self.mode,
+            state,
+            data_fingerprint=fingerprint,
+            world_size=self.ranks.world_size,
+        )
+
+    def resume_state(self, step: int, *, with_model: bool) -> dict[str, Any]:
+        """What ``state.pt`` holds after ``step`` steps; model, optimizer and RNG only ``with_model``."""
+        return checkpoint_state(
+            self.model if with_model else None,
+            self.optimizer if with_model else None,
             self.device,
             step=step,
             tokens=self.tokens_done,
@@ -488,10 +551,16 @@ class TrainingRecipe:
             skipped_steps=self.skips.total,
             consecutive_skips=self.skips.consecutive,
         )
-        fingerprint = self.training_data.fingerprint
-        self.saved[step] = save_run_checkpoint(
-            self.output, self.config, self.mode, state, data_fingerprint=fingerprint
+
+    def rank_lost(self, error: BaseException) -> RankLostError:
+        """What a surviving rank says when another one is gone: the last complete checkpoint and how to resume."""
+        done = [step for step, folder in self.saved.items() if folder is not None]
+        checkpoint = str(self.saved[max(done)]) if done else None
+        config_file = Path(self.config.run.output_dir) / CONFIG_FILE
+        resume = (
+            f"torchrun --nproc_per_node {self.ranks.world_size} -m lowrank_train {self.mode} {config_file} --resume"
         )
+        return rank_lost(error, self.ranks, checkpoint, resume)
 
     def close(self) -> None:
         """Closes the progress bar and the metrics file."""
@@ -518,10 +587,12 @@ class TrainingRecipe:
         table = memory_table(self.model, self.optimizer, self.config.optimizer.name, self.dtype)
         summary = self.summary(last_step, eval_loss, table.to_dict())
         self.metrics.close()
+        # FSDP2: every rank sends its shards; rank 0 writes the whole model.
+        full_state = full_model_state(self.model) if self.ranks.sharded else None
         if self.is_main_process():
             # After the summary's peak is read: the export's CPU copy of the weights is not part of training.
             model_folder = save_run_model(
-                self.model, self.tokenizer, output / MODEL_FOLDER, mode=self.mode, dtype=self.dtype
+                self.model, self.tokenizer, output / MODEL_FOLDER, mode=self.mode, dtype=self.dtype, state=full_state
             )
             summary["model_folder"] = str(model_folder)
             write_json(output / SUMMARY_FILE, summary)

@@ -6,6 +6,8 @@ CUDA, ``cuda:LOCAL_RANK`` per rank), reads its share of every global batch
 (:class:`~lowrank_train.data.sharding.RankShare`) and averages gradients: through
 ``torch.nn.parallel.DistributedDataParallel``, or, layer-wise, inside the engine's own backward hooks
 (:class:`~lowrank_train.optim.layerwise.LayerwiseOptimizer`). Rank 0 alone writes the run folder.
+``run.parallel: fsdp2`` (and ``auto`` where :func:`~lowrank_train.train.config.fsdp2_refusals` allows it) shards the
+model with FSDP2 instead and checkpoints with DCP (:mod:`lowrank_train.train.sharded`).
 
 :class:`Ranks` is what :class:`~lowrank_train.train.loop.TrainingRecipe` asks; a single process gets one whose
 collectives are no-ops.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -25,7 +28,7 @@ from torch import nn
 
 from lowrank_train.data.sharding import RankShare
 from lowrank_train.nn.quant_linear import is_quantized_weight
-from lowrank_train.train.config import ConfigError, TrainConfig
+from lowrank_train.train.config import ConfigError, TrainConfig, fsdp2_refusals
 from lowrank_train.train.setup import resolve_device
 
 
@@ -36,10 +39,21 @@ class Ranks:
         rank: this process's rank (0 in a single process).
         world_size: the number of processes.
         local_rank: the rank on this machine (picks ``cuda:LOCAL_RANK``).
+        engine: ``none``, ``ddp`` or ``fsdp2`` (default: ``ddp`` for several processes).
+        reason: why that engine (the run log says it).
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, local_rank: int = 0, *, engine: str = "", reason: str = ""
+    ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.engine = engine or ("ddp" if world_size > 1 else "none")
+        self.reason = reason
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded over the ranks (FSDP2): collectives in every forward, sharded checkpoints."""
+        return self.engine == "fsdp2"
 
     @property
     def distributed(self) -> bool:
@@ -112,7 +126,7 @@ class Ranks:
         then only averages gradients (the carrier's ``.grad`` is dense). Buffers are not re-broadcast every forward:
         that would hide drift; the (seed, step)-seeded rounding keeps the codes equal (see :meth:`check_replicas`).
         """
-        if not self.distributed or layerwise:
+        if not self.distributed or layerwise or self.sharded:  # FSDP2: the model is sharded in place already
             return model
         device = next(model.parameters()).device
         device_ids = [device.index] if device.type == "cuda" else None
@@ -127,8 +141,8 @@ class Ranks:
 
     def check_replicas(self, model: nn.Module) -> None:
         """Raises ``RuntimeError`` naming the tensors (parameters, buffers: INT codes and scales) not bit-identical
-        on every rank; a single process passes."""
-        if not self.distributed:
+        on every rank; a single process (and FSDP2, which holds no replicas) passes."""
+        if not self.distributed or self.sharded:
             return
         named = [
             (name, t) for name, t in [*model.named_parameters(), *model.named_buffers()] if not is_quantized_weight(t)
@@ -159,40 +173,119 @@ def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
 _CHUNK = 1 << 24
 
 
-def wants_ddp(config: TrainConfig) -> bool:
-    """Whether ``run.parallel`` (with ``WORLD_SIZE`` for ``auto``) asks for a data-parallel run.
+def choose_engine(config: TrainConfig, mode: str = "pretrain") -> tuple[str, str]:
+    """The engine of this process's run, ``none``, ``ddp`` or ``fsdp2``, and why (for the run log).
+
+    ``auto`` is ``fsdp2`` under ``torchrun`` with ``WORLD_SIZE > 1`` when :func:`fsdp2_refusals` has nothing to say,
+    else ``ddp`` (the reason names what FSDP2 refused); one process is ``none``.
 
     Raises:
-        ConfigError: ``ddp`` outside ``torchrun`` (no ``WORLD_SIZE`` / ``RANK`` in the environment).
+        ConfigError: ``ddp`` / ``fsdp2`` outside ``torchrun`` (no ``WORLD_SIZE`` / ``RANK`` in the environment), or
+            ``fsdp2`` for a run it does not support (the keys, and the engine to use instead).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    mode = config.run.parallel
-    if mode == "none":
-        return False
-    if mode == "ddp" and "RANK" not in os.environ:
+    wanted = config.run.parallel
+    if wanted == "none" or (wanted == "auto" and world_size == 1):
+        return "none", f"run.parallel={wanted}, one process"
+    if "RANK" not in os.environ:
         raise ConfigError(
-            "run.parallel=ddp needs the torchrun environment (RANK, WORLD_SIZE): start the run with "
+            f"run.parallel={wanted} needs the torchrun environment (RANK, WORLD_SIZE): start the run with "
             "`torchrun --nproc_per_node N -m lowrank_train pretrain ...`, or set run.parallel=auto"
         )
-    return mode == "ddp" or world_size > 1
+    refusals = fsdp2_refusals(config)
+    if mode != "pretrain":
+        refusals.append(f"`lowrank-train {mode}` (WeLore low-rank layers) runs under DDP only: use run.parallel=ddp")
+    if wanted == "fsdp2" and refusals:
+        raise ConfigError(f"run.parallel=fsdp2: {'; '.join(refusals)}")
+    if wanted == "ddp":
+        return "ddp", "run.parallel=ddp"
+    if wanted == "auto" and refusals:
+        return "ddp", f"run.parallel=auto picked DDP, as FSDP2 does not support this run ({'; '.join(refusals)})"
+    return "fsdp2", f"run.parallel={wanted}" + (f", WORLD_SIZE={world_size}" if wanted == "auto" else "")
 
 
 @contextlib.contextmanager
-def process_group(config: TrainConfig) -> Iterator[Ranks]:
-    """This process's :class:`Ranks`; under ``run.parallel`` a process group for the block, destroyed after it.
+def process_group(config: TrainConfig, mode: str = "pretrain") -> Iterator[Ranks]:
+    """This process's :class:`Ranks`; under ``torchrun`` a process group for the block, destroyed after it.
 
     The backend is nccl when the run's device is CUDA, else gloo.
     """
-    if not wants_ddp(config):
-        yield Ranks()
+    engine, reason = choose_engine(config, mode)
+    if engine == "none":
+        yield Ranks(reason=reason)
         return
-    ranks = Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    ranks = Ranks(
+        int(os.environ["RANK"]),
+        int(os.environ["WORLD_SIZE"]),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        engine=engine,
+        reason=reason,
+    )
     device = ranks.device(resolve_device(config.run.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout()))
     try:
         yield ranks
     finally:
         dist.destroy_process_group()
+
+
+TIMEOUT_ENV_VAR = "LOWRANK_TRAIN_COLLECTIVE_TIMEOUT"
+KILL_ENV_VAR = "LOWRANK_TRAIN_KILL_RANK"
+
+
+class RankLostError(ConnectionError):
+    """A collective failed because another rank stopped (killed, out of memory, its machine gone) or timed out.
+
+    A ``ConnectionError`` (an ``OSError``), so the command line reports it in one line on every surviving rank.
+    """
+
+
+def rank_lost(error: BaseException, ranks: Ranks, checkpoint: str | None, resume: str) -> RankLostError:
+    """The error a surviving rank ends with: what failed, the last complete checkpoint, how to resume."""
+    cause = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+    return RankLostError(
+        f"rank {ranks.rank} of {ranks.world_size}: a collective failed ({cause}): another rank has stopped (killed, "
+        f"out of memory, its machine gone) or did not answer within {collective_timeout():.0f} s "
+        f"({TIMEOUT_ENV_VAR}). The run stops; {where}. Resume with: {resume}"
+    )
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a failed or timed-out collective (gloo / NCCL), not a bug of the rank itself."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Timed out", "Gloo")
+    )
+
+
+def kill_point(rank: int, step: int) -> None:
+    """The fault-injection hook of the killed-rank tests: ``LOWRANK_TRAIN_KILL_RANK=<rank>:<step>`` SIGKILLs that
+    rank as it starts step ``<step>`` (1-based), after the step's first collectives of the other ranks have begun.
+    Only those tests set it."""
+    spec = os.environ.get(KILL_ENV_VAR, "")
+    if not spec:
+        return
+    target, _, at = spec.partition(":")
+    if not (target.isdigit() and at.isdigit()):
+        raise ValueError(f"{KILL_ENV_VAR}={spec!r} must be <rank>:<step>")
+    if int(target) == rank and int(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def collective_timeout() -> float:
+    """Seconds a collective waits for a missing rank before the survivors fail (``LOWRANK_TRAIN_COLLECTIVE_TIMEOUT``,
+    default 30 minutes: a checkpoint or a first step of a large model may keep the others waiting that long)."""
+    value = os.environ.get(TIMEOUT_ENV_VAR, "1800")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{TIMEOUT_ENV_VAR}={value!r} must be a number of seconds") from None
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV_VAR}={value!r} must be > 0")
+    return seconds

@@ -35,7 +35,8 @@ def adamw_reference_bytes(model: nn.Module, dtype: torch.dtype) -> dict[str, int
     torch's AdamW keeps ``exp_avg`` and ``exp_avg_sq`` in the parameter's dtype, and a scalar fp32 ``step``
     per parameter.
     """
-    params = list(model.parameters())
+    # FSDP2 parameters are DTensors: this rank's shards, as the measured side counts them.
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     numel = sum(p.numel() for p in params)
     element = torch.empty((), dtype=dtype).element_size()
     buffers = sum(b.numel() * b.element_size() for b in model.buffers() if not _is_quant_buffer(model, b))

@@ -232,13 +232,16 @@ def check_output_dir(path: Path) -> None:
 
 
 def prepare_output_dir(
-    config: TrainConfig, resume: bool, *, log: Callable[[str], None] | None = None
+    config: TrainConfig, resume: bool, *, log: Callable[[str], None] | None = None, world_size: int = 1
 ) -> tuple[Path, Path | None]:
     """Checks the run folder against ``resume`` / ``run.overwrite`` and writes ``config.yaml`` into it.
 
     A resume takes the newest checkpoint that verifies (:func:`~lowrank_train.train.checkpoint.resolve_checkpoints`):
     a missing or stale ``latest``, or a corrupt newest checkpoint with an older one kept, is passed over and said
     in ``log``.
+
+    A resume on another number of processes (``world_size``) keeps the global batch: ``data.batch_size`` may
+    change so that ``data.batch_size * world_size`` stays what the checkpoint's run had.
 
     Returns:
         ``(run folder, checkpoint folder to resume from or None)``.
@@ -268,6 +271,7 @@ def prepare_output_dir(
             )
         resume_from = resolved.folder
         differences = config_differences(resolved.meta["config"], config.to_dict())
+        _check_global_batch(resolved.meta, config, world_size, differences, log or print)
         if differences:
             listed = "; ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in differences.items())
             raise ResumeError(
@@ -298,6 +302,43 @@ def prepare_output_dir(
     return output, resume_from
 
 
+def _check_global_batch(
+    meta: Mapping[str, Any],
+    config: TrainConfig,
+    world_size: int,
+    differences: dict[str, tuple[Any, Any]],
+    log: Callable[[str], None],
+) -> None:
+    """Accepts a ``data.batch_size`` change (drops it from ``differences``) when it keeps the checkpoint's global
+    batch on ``world_size`` processes; refuses a resume whose global batch would change.
+
+    Raises:
+        ResumeError: the global batch (``data.batch_size`` times the processes) differs from the checkpoint's.
+    """
+    saved_world = meta.get("world_size")
+    if saved_world is None:  # checkpoints that did not record it: data.batch_size must match, as before
+        return
+    saved_batch = int(meta["config"]["data"]["batch_size"])
+    saved_global, batch = saved_batch * int(saved_world), config.data.batch_size
+    if saved_global != batch * world_size:
+        advice = (
+            f"set data.batch_size={saved_global // world_size}"
+            if saved_global % world_size == 0
+            else f"use a number of processes that divides {saved_global}"
+        )
+        raise ResumeError(
+            f"--resume: the checkpoint's global batch is {saved_global} rows ({saved_world} processes x "
+            f"data.batch_size={saved_batch}); {world_size} x {batch} = {batch * world_size} would change the batches: "
+            f"{advice}"
+        )
+    if saved_world != world_size:
+        differences.pop("data.batch_size", None)
+        log(
+            f"resume: {saved_world} -> {world_size} processes, data.batch_size {saved_batch} -> {batch}: the same "
+            f"global batch of {saved_global} rows"
+        )
+
+
 def capture_rng(device: torch.device) -> dict[str, torch.Tensor]:
     """The global RNG states a run depends on: the CPU generator's, and the device's on CUDA (CPU ByteTensors)."""
     state = {"cpu": torch.get_rng_state()}
@@ -319,8 +360,8 @@ def _cpu_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def checkpoint_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
     device: torch.device,
     *,
     step: int,
@@ -335,6 +376,7 @@ def checkpoint_state(
     """Everything a resume needs, as tensors and plain containers (loads with ``weights_only=True``).
 
     Args:
+        model: the model (``None`` with ``optimizer``: a sharded checkpoint, whose shards hold both and the RNG).
         data: the training batches' ``state_dict()`` (their position in the data).
         step_losses: the train loss of every step so far (see :class:`ResumePoint`).
         schedule: the learning-rate segment in force (see :func:`lowrank_train.train.schedule.segment_lr_factor`).
@@ -342,15 +384,14 @@ def checkpoint_state(
         consecutive_skips: the length of the current run of skipped steps.
     """
     state: dict[str, Any] = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": capture_rng(device),
         "step": torch.tensor(step),
         "tokens": torch.tensor(tokens),
         "train_seconds": torch.tensor(train_seconds, dtype=torch.float64),
         "skipped_steps": torch.tensor(skipped_steps),
         "consecutive_skips": torch.tensor(consecutive_skips),
     }
+    if model is not None and optimizer is not None:  # a sharded checkpoint keeps these in its DCP shards
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(), rng=capture_rng(device))
     if data is not None:
         state["data"] = data
     if step_losses is not None:
@@ -361,14 +402,32 @@ def checkpoint_state(
 
 
 def save_run_checkpoint(
-    output: Path, config: TrainConfig, mode: str, state: dict[str, Any], *, data_fingerprint: str | None = None
+    output: Path,
+    config: TrainConfig,
+    mode: str,
+    state: dict[str, Any],
+    *,
+    data_fingerprint: str | None = None,
+    world_size: int = 1,
+    staged: Path | None = None,
+    extra_files: Mapping[str, Mapping[str, Any]] | None = None,
+    extra_meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``state`` (from :func:`checkpoint_state`) with the meta a resume checks: step, config, fingerprints."""
+    """Writes ``state`` (from :func:`checkpoint_state`) with the meta a resume checks: step, config, fingerprints.
+
+    ``staged``, ``extra_files`` and ``extra_meta`` are a sharded checkpoint's (:mod:`lowrank_train.train.sharded`):
+    the staging folder the ranks wrote their shards into, those files' checksums, and the ``sharded`` entry.
+    ``world_size`` is the number of processes whose rows make up a global batch.
+    """
     step = int(state["step"])
     meta = {"step": step, "mode": mode, "fingerprint": config_fingerprint(config), "config": config.to_dict()}
+    meta["world_size"] = world_size  # a resume keeps the global batch (data.batch_size x processes)
     if data_fingerprint is not None:
         meta["data_fingerprint"] = data_fingerprint
-    return save_checkpoint(output, step, state, meta, keep=config.run.keep_checkpoints)
+    meta.update(extra_meta or {})
+    return save_checkpoint(
+        output, step, state, meta, keep=config.run.keep_checkpoints, staged=staged, extra_files=extra_files
+    )
 
 
 def restore_checkpoint(
@@ -383,6 +442,11 @@ def restore_checkpoint(
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"], device)
+    return resume_point(state)
+
+
+def resume_point(state: Mapping[str, Any]) -> ResumePoint:
+    """The :class:`ResumePoint` of a loaded ``state.pt`` (a single-process or a sharded checkpoint's)."""
     losses = state.get("step_losses")
     schedule = state.get("schedule")
     return ResumePoint(

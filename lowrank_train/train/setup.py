@@ -177,8 +177,11 @@ def finetune_param_groups(model: nn.Module, config: TrainConfig) -> list[dict[st
         ) from error
 
 
-def optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
-    """A function from param groups to the optimizer named by ``config.name`` (its registry entry's builder)."""
+def optimizer_factory(
+    config: OptimizerConfig, *, build: Callable[..., torch.optim.Optimizer] | None = None
+) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
+    """A function from param groups to the optimizer named by ``config.name`` (its registry entry's builder, or
+    ``build`` with the same hyperparameters: the FSDP2 variant, :mod:`lowrank_train.train.sharded`)."""
     kwargs: dict[str, Any] = {
         "lr": config.lr,
         "weight_decay": config.weight_decay,
@@ -189,8 +192,8 @@ def optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]
     # default is "raise" already. Layer-wise, the engine around the inner optimizers applies the policy.
     if config.nonfinite != "raise" and config.is_galore and not config.layerwise:
         kwargs["nonfinite"] = config.nonfinite
-    build = config.method.build
-    return lambda groups: build(groups, **kwargs)
+    builder = build or config.method.build
+    return lambda groups: builder(groups, **kwargs)
 
 
 def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:

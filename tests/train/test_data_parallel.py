@@ -98,18 +98,22 @@ def test_a_torchrun_run_resumes_under_torchrun(tiny, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [("fsdp2", "use run.parallel=ddp"), ("zero", "run.parallel must be one of auto, none, ddp")],
+    ("overrides", "message"),
+    [
+        (["run.parallel=fsdp2"], r"run.parallel=fsdp2: INT8 weights .* use run.parallel=ddp"),  # the demo is Q-GaLore
+        (["run.parallel=zero"], "run.parallel must be one of auto, none, ddp, fsdp2"),
+    ],
 )
-def test_run_parallel_is_validated(value, message):
+def test_run_parallel_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(DEMO, [f"run.parallel={value}"])
+        load_config(DEMO, overrides)
 
 
-def test_ddp_outside_torchrun_is_refused(tiny, monkeypatch):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_ddp_outside_torchrun_is_refused(tiny, monkeypatch, engine):
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(ConfigError, match="needs the torchrun environment"):
-        train(load_config(DEMO, [*tiny, "run.parallel=ddp"]), **QUIET)
+    with pytest.raises(ConfigError, match=f"run.parallel={engine} needs the torchrun environment"):
+        train(load_config(DEMO, [*tiny, *COMMON, f"run.parallel={engine}"]), **QUIET)
 
 
 def _checkpoint_model(output: Path, step: int) -> dict[str, torch.Tensor]:

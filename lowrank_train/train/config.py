@@ -462,8 +462,8 @@ def fsdp2_refusals(config: TrainConfig) -> list[str]:
     refusals = []
     if opt.layerwise:
         refusals.append(
-            "optimizer.layerwise=true is not supported under FSDP2 yet (its hooks step unsharded parameters): use "
-            "run.parallel=ddp"
+            "optimizer.layerwise=true under FSDP2 exists in the library (integrations.fsdp.fsdp2_layerwise) but the "
+            "recipe's sharded checkpoints do not hold the layer-wise engine's state yet: use run.parallel=ddp"
         )
     if opt.resolved_weight_bits is not None:
         refusals.append(
@@ -475,11 +475,6 @@ def fsdp2_refusals(config: TrainConfig) -> list[str]:
         refusals.append(
             f"optimizer.name={opt.name!r} keeps {method.moment_bits}-bit moments (bitsandbytes / torchao), which do "
             "not step DTensor shards here: use run.parallel=ddp, or a 32-bit method (adamw, galore)"
-        )
-    elif method.lowrank and not method.any_base:
-        refusals.append(
-            f"optimizer.name={opt.name!r} is not the plain GaLore wrapper that FSDP2GaLore shards (its update scales "
-            "the full gradient or fixes its own options): use run.parallel=ddp, or optimizer.name=galore"
         )
     return refusals
 

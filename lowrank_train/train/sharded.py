@@ -77,8 +77,9 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 
 def build_sharded_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimizer over the sharded model's ``groups``: FSDP2GaLore for the GaLore wrapper (its base from
-    the registry entry), the registered torch optimizer itself otherwise."""
-    from lowrank_train.integrations.fsdp import FSDP2GaLore
+    the registry entry), a preset (APOLLO, Fira) on :class:`FSDP2Backend`, the registered torch optimizer itself
+    otherwise."""
+    from lowrank_train.integrations.fsdp import FSDP2Backend, FSDP2GaLore
     from lowrank_train.train.setup import optimizer_factory
 
     method = config.optimizer.method
@@ -86,7 +87,10 @@ def build_sharded_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -
         return optimizer_factory(config.optimizer)(groups)
 
     def build(param_groups: list[dict[str, Any]], **hyperparameters: Any) -> torch.optim.Optimizer:
-        return FSDP2GaLore(param_groups, base=method.base, **hyperparameters)
+        if method.any_base:
+            return FSDP2GaLore(param_groups, base=method.base, **hyperparameters)
+        # The presets (APOLLO, APOLLO-Mini, Fira) fix their own rule options; they take the sharded backend as is.
+        return method.build(param_groups, backend=FSDP2Backend(), **hyperparameters)
 
     return optimizer_factory(config.optimizer, build=build)(groups)
 

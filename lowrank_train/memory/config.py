@@ -154,6 +154,9 @@ class TrainingSetup:
             default).
         moment_bits: overrides the width of the projected (GaLore) or full moments: 32, 8 or 4 (4: the plain
             group's too, as with ``QGaLoreAdamW4bit``). None: the method's own.
+        dense_state_bits: moments of the parameters that are not projected (embedding, head, norms) from their
+            own optimizer (:mod:`lowrank_train.optim.dense_states`): 32, 8 (bitsandbytes) or 4 (torchao); None:
+            the method's inner optimizer holds them (GaLore kinds only).
         layerwise: parameters are stepped inside backward and their gradients freed at once (issue 4).
         activation_checkpointing: only block inputs are kept; one block is recomputed during its backward.
         chunked_loss: cross-entropy by chunks (:func:`lowrank_train.nn.chunked_cross_entropy`).
@@ -176,6 +179,7 @@ class TrainingSetup:
     weight_group_size: int = DEFAULT_GROUP_SIZE
     adaptive_refresh: bool | None = None
     moment_bits: int | None = None
+    dense_state_bits: int | None = None
     layerwise: bool = False
     activation_checkpointing: bool = False
     chunked_loss: bool = False
@@ -215,8 +219,18 @@ class TrainingSetup:
         for name in ("proj_bits", "weight_bits", "adaptive_refresh"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(method, name))
-        for name, allowed in (("proj_bits", BASIS_BITS), ("weight_bits", WEIGHT_BITS), ("moment_bits", MOMENT_BITS)):
+        for name, allowed in (
+            ("proj_bits", BASIS_BITS),
+            ("weight_bits", WEIGHT_BITS),
+            ("moment_bits", MOMENT_BITS),
+            ("dense_state_bits", MOMENT_BITS),
+        ):
             object.__setattr__(self, name, check_bits(getattr(self, name), allowed, name=name))
+        if self.dense_state_bits is not None and not method.lowrank:
+            raise ValueError(
+                f"dense_state_bits={self.dense_state_bits} needs a GaLore-family optimizer (its projected groups "
+                f"apart); {optimizer!r} holds every parameter's moments itself"
+            )
         if self.weight_bits is not None and not method.lowrank:
             family = ", ".join(optimizer_names(lowrank=True))
             raise ValueError(

@@ -37,6 +37,14 @@ from lowrank_train.optim.update_rules import get_update_rule
 _BNB_BLOCK = 256
 _BNB_MIN_8BIT = 4096
 _QMAP_BYTES = 2 * 256 * 4
+_TORCHAO_QMAP_BYTES = 16 * 4
+# Counters beside the moments: GaLore's skipped_steps and DenseSplitOptimizer's (int64 each), the layer-wise
+# engine's steps / skipped_steps / skipped_updates (int64) and last_grad_norm (fp32); torchao's low-bit optimizers
+# keep lr as an fp32 tensor in their param groups.
+_GALORE_COUNTER_BYTES = 8
+_SPLIT_COUNTER_BYTES = 8
+_LAYERWISE_COUNTER_BYTES = 3 * 8 + 4
+_TORCHAO_LR_BYTES = 4
 # bitsandbytes' CPU 8-bit step dequantizes moments, gradient and parameter to fp32 for the whole tensor: measured
 # ~26 bytes per element of process peak on the first step (2 of them the 8-bit moments), see llama7b_memory.md.
 # torchao's 4-bit AdamW step on the CPU grows the peak about as much (~27 bytes per element, 1 of them its states).
@@ -101,6 +109,7 @@ class MemoryEstimate:
                 + f", {s.dtype}, batch {s.batch_size} x {s.seq_len}"
                 + (f", INT{s.weight_bits} weights" if s.weight_bits else "")
                 + (f", INT{s.proj_bits} basis" if s.proj_bits else "")
+                + (f", {s.dense_state_bits}-bit dense moments" if s.dense_state_bits else "")
                 + (", layer-wise" if s.layerwise else "")
                 + (", checkpointing" if s.activation_checkpointing else "")
                 + (", chunked loss" if s.chunked_loss else "")
@@ -136,16 +145,19 @@ def quantized_bytes(numel: int, bits: int, group_size: int) -> int:
 def adam_state_bytes(numel: int, dtype_bytes: int, moment_bits: int) -> int:
     """Two moments of ``numel`` values: torch AdamW (param dtype, + fp32 step), bitsandbytes 8-bit, or 4-bit.
 
-    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values;
-    like bitsandbytes it keeps tensors under 4096 values in 32 bits.
+    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values
+    and a 16-entry fp32 code map per moment, an fp32 step; it keeps tensors under 4096 values in the parameter dtype
+    (bitsandbytes keeps them in fp32).
     """
     if moment_bits == 32:
         return 2 * numel * dtype_bytes + 4
+    if moment_bits == 4:
+        if numel < _BNB_MIN_8BIT:
+            return 2 * numel * dtype_bytes + 4
+        return 2 * (-(-numel // 2) + -(-numel // 128) * 4 + _TORCHAO_QMAP_BYTES) + 4
     if numel < _BNB_MIN_8BIT:  # bitsandbytes keeps small tensors in 32 bits
         return 2 * numel * 4
-    if moment_bits == 8:
-        return 2 * (numel + -(-numel // _BNB_BLOCK) * 4)
-    return 2 * (-(-numel // 2) + -(-numel // 128) * 4)
+    return 2 * (numel + -(-numel // _BNB_BLOCK) * 4)
 
 
 def block_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
@@ -248,8 +260,13 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     weights = sum(details[k] for k in ("embedding + head", "norms", "rope buffers", "block linears"))
 
     # Optimizer states.
-    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
-    plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
+    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups, unless the dense groups
+    # have their own (dense_state_bits: lowrank_train.optim.dense_states).
+    split = setup.dense_state_bits is not None
+    if split:
+        plain_moment_bits = setup.dense_state_bits
+    else:
+        plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
     if lowrank:
@@ -274,16 +291,38 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     details["states: embedding/head/norms"] = states_plain
     details["states: block linears"] = states_linear
     # bitsandbytes' two code maps exist once per optimizer: once in all, or once per parameter in layer-wise mode.
+    # With dense_state_bits the dense groups' optimizer is another one (its maps counted apart).
+    linear_state_numels = (
+        [r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True)] * layers
+        if lowrank
+        else linear_numels
+    )
+    quantized_parts = []  # state numels of each blockwise-quantized optimizer
     if eight_bit:
-        state_numels = plain_shapes + (
-            [r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True)] * layers
-            if lowrank
-            else linear_numels
+        quantized_parts.append(linear_state_numels + ([] if split else plain_shapes))
+    if split and plain_moment_bits == 8:
+        quantized_parts.append(plain_shapes)
+    state_numels = [n for part in quantized_parts for n in part]
+    if quantized_parts:
+        details["states: 8-bit code maps"] = sum(
+            _QMAP_BYTES * (sum(n >= _BNB_MIN_8BIT for n in part) if setup.layerwise else 1) for part in quantized_parts
         )
-        eight_bit_tensors = sum(n >= _BNB_MIN_8BIT for n in state_numels)
-        details["states: 8-bit code maps"] = _QMAP_BYTES * (eight_bit_tensors if setup.layerwise else 1)
         states_plain += details["states: 8-bit code maps"]
-    optimizer_states = states_plain + states_linear
+    if split and plain_moment_bits == 4:
+        state_numels += plain_shapes  # torchao's CPU step: whole-tensor fp32 temporaries as bitsandbytes'
+    # Counters: how many optimizers hold them (one per parameter inside the layer-wise engine).
+    num_plain, num_linear = len(plain_shapes), len(linear_numels)
+    galore_optimizers = (num_linear + (0 if split else num_plain) if setup.layerwise else 1) if lowrank else 0
+    torchao_optimizers = 0
+    if moment_bits == 4:
+        torchao_optimizers += (num_linear + (0 if split else num_plain)) if setup.layerwise else 1
+    if split and plain_moment_bits == 4:
+        # Layer-wise, the engine's group of the dense parameters hands all of them one lr tensor.
+        torchao_optimizers += 1
+    counters = galore_optimizers * _GALORE_COUNTER_BYTES + torchao_optimizers * _TORCHAO_LR_BYTES
+    counters += _LAYERWISE_COUNTER_BYTES if setup.layerwise else (_SPLIT_COUNTER_BYTES if split else 0)
+    details["states: counters"] = counters
+    optimizer_states = states_plain + states_linear + counters
 
     # Gradients: in the parameter dtype (a quantized weight's gradient too).
     all_numels = plain_shapes + linear_numels
@@ -324,8 +363,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     else:
         # torch's single-tensor AdamW: one temporary of the largest parameter.
         transient = max(all_numels) * (4 if eight_bit else dtype_bytes)
-    if eight_bit and setup.device == "cpu":
-        largest_8bit = max(n for n in state_numels if n >= _BNB_MIN_8BIT)
+    if state_numels and setup.device == "cpu":
+        largest_8bit = max((n for n in state_numels if n >= _BNB_MIN_8BIT), default=0)
         transient = max(transient, _BNB_CPU_TEMP_BYTES * largest_8bit)
     details["transient: step"] = transient
 

@@ -140,6 +140,7 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
             weight_bits=opt.weight_bits,
             weight_group_size=opt.weight_group_size,
             adaptive_refresh=opt.adaptive_refresh,
+            dense_state_bits=opt.dense_state_bits,
         )
     return setup
 

@@ -33,6 +33,7 @@ _TRAIN_ALIASES = {
     "activation_checkpointing": ("activation_checkpointing", "gradient_checkpointing"),
     "optimizer": ("optimizer", "optim"),
     "loss_chunk_size": ("loss_chunk_size", "chunk_size"),
+    "world_size": ("world_size", "nproc"),
 }
 
 
@@ -163,6 +164,9 @@ class TrainingSetup:
         loss_chunk_size: tokens per chunk of the chunked loss.
         accumulation_steps: micro-batches per step; > 1 keeps gradient accumulators (projected ones in GaLore).
         oversample: extra sketch columns of the "rsvd" projector.
+        world_size: data-parallel ranks under FSDP2 (``estimate --nproc N``): the estimate is one rank's, with
+            weights, gradients and most optimizer states divided and activations not
+            (:func:`lowrank_train.memory.estimate._fsdp2_per_rank`); 1: one process.
         device: "cuda" or "cpu"; on "cpu" bitsandbytes' 8-bit optimizer step runs through fp32 temporaries of the
             whole tensor (measured ~24 bytes per element), which becomes the largest transient.
     """
@@ -186,12 +190,13 @@ class TrainingSetup:
     loss_chunk_size: int = 1024
     accumulation_steps: int = 1
     oversample: int = GALORE_DEFAULTS["oversample"]
+    world_size: int = 1
     device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        for name in ("batch_size", "seq_len", "proj_group_size", "weight_group_size", "loss_chunk_size"):
+        for name in ("batch_size", "seq_len", "proj_group_size", "weight_group_size", "loss_chunk_size", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -12,11 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lowrank_train import lowrank_param_groups
 from lowrank_train.memory import estimate_memory, measure_live_bytes
 from lowrank_train.nn.chunked_loss import causal_lm_loss
+from lowrank_train.nn.meta_init import materialize_llama
 from lowrank_train.optim import QAPOLLOMini
 from lowrank_train.optim.dense_states import DenseSplitOptimizer, dense_states
 from lowrank_train.train.config import ConfigError, load_config
 from lowrank_train.train.estimate import training_setup
-from lowrank_train.train.setup import build_optimizer, pretrain_param_groups, prepare_model
+from lowrank_train.train.setup import build_optimizer, prepare_model, pretrain_param_groups
 
 DEMO = "recipes/configs/demo.yaml"
 # Embedding and head of 512 x 128 = 65536 values: above bitsandbytes' 4096-value floor for 8-bit states.
@@ -36,9 +37,12 @@ def _config(*overrides):
 
 
 def _model(config=None):
+    """A bf16 LLaMA; with a run config, built as the run builds it from shapes (INT8 straight from the meta device)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(torch.bfloat16)
-    return model if config is None else prepare_model(model, config, torch.device("cpu"))
+    if config is None:
+        return LlamaForCausalLM(LlamaConfig(**CONFIG)).to(torch.bfloat16)
+    model = materialize_llama(LlamaConfig(**CONFIG), dtype=torch.bfloat16, weight_bits=8, seed=0)
+    return prepare_model(model, config, torch.device("cpu"))
 
 
 def _state_bytes(optimizer):

@@ -9,6 +9,7 @@ Examples::
     lowrank-train finetune recipes/configs/welore_finetune.yaml
     lowrank-train estimate recipes/configs/llama_7b_qgalore_16gb.yaml
     lowrank-train estimate recipes/configs/llama_1b.yaml --fit 12GiB
+    lowrank-train estimate recipes/configs/llama_7b_qapollo_mini.yaml --nproc 8     # one rank's peak under FSDP2
     lowrank-train export runs/demo --step 40
     lowrank-train plot runs/demo
 

@@ -271,3 +271,23 @@ def test_per_rank_static_bytes_equal_a_two_process_fsdp2_run(tmp_path):
         measured = json.loads(out.with_suffix(f".rank{rank}.json").read_text())
         assert measured["weights"] == predicted.weights, rank
         assert measured["optimizer_states"] == predicted.optimizer_states, rank
+
+
+def test_cli_estimate_nproc_prints_one_ranks_share(capsys, tmp_path):
+    from lowrank_train.cli import main
+    from lowrank_train.train.config import load_config
+    from lowrank_train.train.estimate import estimate_run
+
+    recipe = REPO / "recipes/configs/llama_7b_qapollo_mini.yaml"
+    assert main(["estimate", str(recipe), "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    per_rank = estimate_run(load_config(recipe), nproc=8)
+    assert "per rank of 8 (FSDP2)" in out and "kept whole on every rank" in out
+    assert f"{per_rank.peak / 2**30:.3f}" in out
+    assert per_rank.peak < estimate_run(load_config(recipe)).peak / 1.9
+    plan = tmp_path / "fit.yaml"
+    assert main(["estimate", str(recipe), "--fit", "6GiB", "--nproc", "8", "--plan-out", str(plan)]) == 0
+    assert "--nproc 8" in plan.read_text() and "per rank" in plan.read_text()
+    with pytest.raises(SystemExit):
+        main(["estimate", str(recipe), "--nproc", "0"])
+    assert "--nproc must be an integer >= 1, got '0'" in capsys.readouterr().err

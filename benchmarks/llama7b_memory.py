@@ -382,8 +382,8 @@ def qapollo_report(args: argparse.Namespace) -> None:
         "",
         f"Dense moments: torch AdamW, bf16 moments (no `dense_state_bits`) peak {_gib(dense32.peak)} GiB "
         f"(optimizer states {_gib(dense32.optimizer_states)} GiB); 8-bit {_gib(gpu.peak)} GiB "
-        f"(states {_gib(gpu.optimizer_states)} GiB); 4-bit (torchao, `dense_state_bits: 4`) {_gib(dense4.peak)} GiB (states "
-        f"{_gib(dense4.optimizer_states)} GiB).",
+        f"(states {_gib(gpu.optimizer_states)} GiB); 4-bit (torchao, `dense_state_bits: 4`) {_gib(dense4.peak)} GiB "
+        f"(states {_gib(dense4.optimizer_states)} GiB).",
     ]
     output = args.output or QAPOLLO_RESULTS
     output.parent.mkdir(parents=True, exist_ok=True)

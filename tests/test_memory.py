@@ -1,5 +1,8 @@
 """The memory estimator against measurement: live tensor bytes after a real step, saved activations."""
 
+import importlib.util
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -19,6 +22,7 @@ from lowrank_train.nn import quantize_model
 from lowrank_train.nn.chunked_loss import causal_lm_loss
 from lowrank_train.optim import GaLore, QGaLoreAdamW4bit, QGaLoreAdamW8bit
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(
     vocab_size=512,
     hidden_size=128,
@@ -182,3 +186,108 @@ def test_method_facts_come_from_the_registry_entry():
     assert (defaults.setup.proj_bits, defaults.setup.weight_bits, defaults.setup.adaptive_refresh) == (4, 8, True)
     galore = estimate_memory(shape, {**setup, "optimizer": "galore"}).setup
     assert (galore.proj_bits, galore.weight_bits, galore.adaptive_refresh) == (None, None, False)
+
+
+def test_qapollo_mini_7b_recipe_estimates_under_10_gib():
+    from lowrank_train.train.config import load_config
+    from lowrank_train.train.estimate import estimate_run
+
+    recipe = load_config(REPO / "recipes/configs/llama_7b_qapollo_mini.yaml")
+    assert recipe.optimizer.dense_state_bits == 8 and recipe.optimizer.layerwise
+    estimate = estimate_run(recipe)
+    assert estimate.peak <= 10 * 2**30
+    fp32_dense = estimate_run(
+        load_config(REPO / "recipes/configs/llama_7b_qapollo_mini.yaml", ["optimizer.dense_state_bits=null"])
+    )
+    # 8-bit moments of the 2 x 32000 x 4096 embedding and head: ~1 byte + 1/64 instead of 2 bytes per moment.
+    saved = fp32_dense.optimizer_states - estimate.optimizer_states
+    assert saved == pytest.approx(2 * 2 * 32000 * 4096 * (1 - 1 / 64), rel=0.01)
+
+
+def _replicated_and_sharded_states(shape, setup):
+    """An independent count of GaLore's state under FSDP2: the moments of weights with m <= n are replicated."""
+    from lowrank_train.memory import adam_state_bytes
+
+    dtype_bytes = 2
+    h, vocab, layers = shape.hidden_size, shape.vocab_size, shape.num_layers
+    plain = [vocab * h, vocab * h] + [h] * (2 * layers + 1)
+    # Moments are sharded with their parameter; each 0-d fp32 step tensor stays whole.
+    sharded = sum(adam_state_bytes(n, dtype_bytes, 32) - 4 for n in plain)
+    replicated = 8 + 4 * len(plain)  # GaLore's skipped_steps, the steps
+    for m, n in shape.block_linear_shapes():
+        moments = adam_state_bytes(setup["rank"] * max(m, n), dtype_bytes, 32) - 4
+        replicated += layers * (5 * 8 + 4 + (moments if m <= n else 0))
+        sharded += layers * (0 if m <= n else moments)
+    return sharded, replicated
+
+
+def test_per_rank_estimate_divides_what_fsdp2_shards():
+    shape = ModelShape.from_config(CONFIG)
+    setup = {"batch_size": 2, "seq_len": 16, "dtype": "bfloat16", "optimizer": "galore", "rank": 16}
+    one = estimate_memory(shape, setup)
+    assert one.as_dict() == estimate_memory(shape, {**setup, "nproc": 1}).as_dict()
+    for world in (2, 4):
+        per_rank = estimate_memory(shape, {**setup, "world_size": world})
+        rope = one.details["rope buffers"]
+        assert per_rank.weights == -(-(one.weights - rope) // world) + rope
+        sharded, replicated = _replicated_and_sharded_states(shape, setup)
+        assert one.optimizer_states == sharded + replicated
+        assert per_rank.optimizer_states == -(-sharded // world) + replicated
+        assert per_rank.gradients == -(-one.gradients // world)
+        # Activations, logits and bases are each rank's own; FSDP2's unsharded buffers are added.
+        for kept in ("activations", "logits", "projection_bases"):
+            assert getattr(per_rank, kept) == getattr(one, kept), kept
+        assert per_rank.communication > 0 and "FSDP2 unsharded buffers" in per_rank.table()
+    # At 7B the shards outweigh FSDP2's unsharded buffers (at this tiny size they do not).
+    seven = {**setup, "rank": 1024, "batch_size": 16, "seq_len": 256}
+    assert (
+        estimate_memory(llama_shape("7b"), {**seven, "nproc": 8}).peak < estimate_memory(llama_shape("7b"), seven).peak
+    )
+    with pytest.raises(ValueError, match="world_size must be a positive integer"):
+        estimate_memory(shape, {**setup, "world_size": 0})
+
+
+def test_per_rank_static_bytes_equal_a_two_process_fsdp2_run(tmp_path):
+    """benchmarks/fsdp2_memory.py --tiny on 2 gloo processes: each rank's local weight shards and optimizer tensors
+    are what the estimator gives one rank of 2."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    bench = REPO / "benchmarks" / "fsdp2_memory.py"
+    spec = importlib.util.spec_from_file_location("fsdp2_memory", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "tiny"
+    done = subprocess.run(
+        [*command, str(bench), "--worker", str(out), "--tiny"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    predicted = estimate_memory(module.TINY, module.setup(2, tiny=True))
+    for rank in (0, 1):
+        measured = json.loads(out.with_suffix(f".rank{rank}.json").read_text())
+        assert measured["weights"] == predicted.weights, rank
+        assert measured["optimizer_states"] == predicted.optimizer_states, rank
+
+
+def test_cli_estimate_nproc_prints_one_ranks_share(capsys, tmp_path):
+    from lowrank_train.cli import main
+    from lowrank_train.train.config import load_config
+    from lowrank_train.train.estimate import estimate_run
+
+    recipe = REPO / "recipes/configs/llama_7b_qapollo_mini.yaml"
+    assert main(["estimate", str(recipe), "--nproc", "8"]) == 0
+    out = capsys.readouterr().out
+    per_rank = estimate_run(load_config(recipe), nproc=8)
+    assert "per rank of 8 (FSDP2)" in out and "kept whole on every rank" in out
+    assert f"{per_rank.peak / 2**30:.3f}" in out
+    assert per_rank.peak < estimate_run(load_config(recipe)).peak / 1.9
+    plan = tmp_path / "fit.yaml"
+    assert main(["estimate", str(recipe), "--fit", "6GiB", "--nproc", "8", "--plan-out", str(plan)]) == 0
+    assert "--nproc 8" in plan.read_text() and "per rank" in plan.read_text()
+    with pytest.raises(SystemExit):
+        main(["estimate", str(recipe), "--nproc", "0"])
+    assert "--nproc must be an integer >= 1, got '0'" in capsys.readouterr().err

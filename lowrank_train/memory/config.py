@@ -33,6 +33,7 @@ _TRAIN_ALIASES = {
     "activation_checkpointing": ("activation_checkpointing", "gradient_checkpointing"),
     "optimizer": ("optimizer", "optim"),
     "loss_chunk_size": ("loss_chunk_size", "chunk_size"),
+    "world_size": ("world_size", "nproc"),
 }
 
 
@@ -154,12 +155,18 @@ class TrainingSetup:
             default).
         moment_bits: overrides the width of the projected (GaLore) or full moments: 32, 8 or 4 (4: the plain
             group's too, as with ``QGaLoreAdamW4bit``). None: the method's own.
+        dense_state_bits: moments of the parameters that are not projected (embedding, head, norms) from their
+            own optimizer (:mod:`lowrank_train.optim.dense_states`): 32, 8 (bitsandbytes) or 4 (torchao); None:
+            the method's inner optimizer holds them (GaLore kinds only).
         layerwise: parameters are stepped inside backward and their gradients freed at once (issue 4).
         activation_checkpointing: only block inputs are kept; one block is recomputed during its backward.
         chunked_loss: cross-entropy by chunks (:func:`lowrank_train.nn.chunked_cross_entropy`).
         loss_chunk_size: tokens per chunk of the chunked loss.
         accumulation_steps: micro-batches per step; > 1 keeps gradient accumulators (projected ones in GaLore).
         oversample: extra sketch columns of the "rsvd" projector.
+        world_size: data-parallel ranks under FSDP2 (``estimate --nproc N``): the estimate is one rank's, with
+            weights, gradients and most optimizer states divided and activations not
+            (:func:`lowrank_train.memory.estimate._fsdp2_per_rank`); 1: one process.
         device: "cuda" or "cpu"; on "cpu" bitsandbytes' 8-bit optimizer step runs through fp32 temporaries of the
             whole tensor (measured ~24 bytes per element), which becomes the largest transient.
     """
@@ -176,18 +183,20 @@ class TrainingSetup:
     weight_group_size: int = DEFAULT_GROUP_SIZE
     adaptive_refresh: bool | None = None
     moment_bits: int | None = None
+    dense_state_bits: int | None = None
     layerwise: bool = False
     activation_checkpointing: bool = False
     chunked_loss: bool = False
     loss_chunk_size: int = 1024
     accumulation_steps: int = 1
     oversample: int = GALORE_DEFAULTS["oversample"]
+    world_size: int = 1
     device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
-        for name in ("batch_size", "seq_len", "proj_group_size", "weight_group_size", "loss_chunk_size"):
+        for name in ("batch_size", "seq_len", "proj_group_size", "weight_group_size", "loss_chunk_size", "world_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -215,8 +224,18 @@ class TrainingSetup:
         for name in ("proj_bits", "weight_bits", "adaptive_refresh"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, getattr(method, name))
-        for name, allowed in (("proj_bits", BASIS_BITS), ("weight_bits", WEIGHT_BITS), ("moment_bits", MOMENT_BITS)):
+        for name, allowed in (
+            ("proj_bits", BASIS_BITS),
+            ("weight_bits", WEIGHT_BITS),
+            ("moment_bits", MOMENT_BITS),
+            ("dense_state_bits", MOMENT_BITS),
+        ):
             object.__setattr__(self, name, check_bits(getattr(self, name), allowed, name=name))
+        if self.dense_state_bits is not None and not method.lowrank:
+            raise ValueError(
+                f"dense_state_bits={self.dense_state_bits} needs a GaLore-family optimizer (its projected groups "
+                f"apart); {optimizer!r} holds every parameter's moments itself"
+            )
         if self.weight_bits is not None and not method.lowrank:
             family = ", ".join(optimizer_names(lowrank=True))
             raise ValueError(

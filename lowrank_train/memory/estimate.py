@@ -37,6 +37,14 @@ from lowrank_train.optim.update_rules import get_update_rule
 _BNB_BLOCK = 256
 _BNB_MIN_8BIT = 4096
 _QMAP_BYTES = 2 * 256 * 4
+_TORCHAO_QMAP_BYTES = 16 * 4
+# Counters beside the moments: GaLore's skipped_steps and DenseSplitOptimizer's (int64 each), the layer-wise
+# engine's steps / skipped_steps / skipped_updates (int64) and last_grad_norm (fp32); torchao's low-bit optimizers
+# keep lr as an fp32 tensor in their param groups.
+_GALORE_COUNTER_BYTES = 8
+_SPLIT_COUNTER_BYTES = 8
+_LAYERWISE_COUNTER_BYTES = 3 * 8 + 4
+_TORCHAO_LR_BYTES = 4
 # bitsandbytes' CPU 8-bit step dequantizes moments, gradient and parameter to fp32 for the whole tensor: measured
 # ~26 bytes per element of process peak on the first step (2 of them the 8-bit moments), see llama7b_memory.md.
 # torchao's 4-bit AdamW step on the CPU grows the peak about as much (~27 bytes per element, 1 of them its states).
@@ -57,6 +65,9 @@ class MemoryEstimate:
         logits: the loss's own peak (fp32 log-probabilities and gradients, or chunks of them).
         transient: the largest temporary of the optimizer step or a basis refresh.
         peak: static + max(start of backward, end of backward, optimizer step).
+        communication: per rank under FSDP2 (``world_size`` > 1), the unsharded parameters and gradients it
+            all-gathers / reduce-scatters (see :func:`_fsdp2_per_rank`); 0 in one process. Shown in the table
+            and in :meth:`as_dict` only when non-zero.
         details: named sub-items (bytes) behind the components, for the table.
         model: the model shape used.
         setup: the training setup used.
@@ -70,6 +81,7 @@ class MemoryEstimate:
     logits: int
     transient: int
     peak: int
+    communication: int = 0
     details: dict[str, int] = field(default_factory=dict)
     model: ModelShape | None = None
     setup: TrainingSetup | None = None
@@ -89,6 +101,7 @@ class MemoryEstimate:
             ("activations", self.activations),
             ("logits / loss", self.logits),
             ("step / refresh transient", self.transient),
+            *([("FSDP2 unsharded buffers", self.communication)] if self.communication else []),
             ("peak", self.peak),
         ]
         lines = []
@@ -101,9 +114,11 @@ class MemoryEstimate:
                 + f", {s.dtype}, batch {s.batch_size} x {s.seq_len}"
                 + (f", INT{s.weight_bits} weights" if s.weight_bits else "")
                 + (f", INT{s.proj_bits} basis" if s.proj_bits else "")
+                + (f", {s.dense_state_bits}-bit dense moments" if s.dense_state_bits else "")
                 + (", layer-wise" if s.layerwise else "")
                 + (", checkpointing" if s.activation_checkpointing else "")
                 + (", chunked loss" if s.chunked_loss else "")
+                + (f"; per rank of {s.world_size} (FSDP2)" if s.world_size > 1 else "")
             )
         lines.append(f"{'component':<26}{'GiB':>10}{'MiB':>12}")
         for name, value in rows:
@@ -122,6 +137,7 @@ class MemoryEstimate:
             "activations": self.activations,
             "logits": self.logits,
             "transient": self.transient,
+            **({"communication": self.communication} if self.communication else {}),
             "peak": self.peak,
         }
 
@@ -136,16 +152,24 @@ def quantized_bytes(numel: int, bits: int, group_size: int) -> int:
 def adam_state_bytes(numel: int, dtype_bytes: int, moment_bits: int) -> int:
     """Two moments of ``numel`` values: torch AdamW (param dtype, + fp32 step), bitsandbytes 8-bit, or 4-bit.
 
-    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values;
-    like bitsandbytes it keeps tensors under 4096 values in 32 bits.
+    The 4-bit case is torchao's ``AdamW4bit`` (``QGaLoreAdamW4bit``): packed codes, one fp32 scale per 128 values
+    and a 16-entry fp32 code map per moment, an fp32 step; it keeps tensors under 4096 values in the parameter dtype
+    (bitsandbytes keeps them in fp32).
     """
     if moment_bits == 32:
         return 2 * numel * dtype_bytes + 4
+    if moment_bits == 4:
+        if numel < _BNB_MIN_8BIT:
+            return 2 * numel * dtype_bytes + 4
+        return 2 * (-(-numel // 2) + -(-numel // 128) * 4 + _TORCHAO_QMAP_BYTES) + 4
     if numel < _BNB_MIN_8BIT:  # bitsandbytes keeps small tensors in 32 bits
         return 2 * numel * 4
-    if moment_bits == 8:
-        return 2 * (numel + -(-numel // _BNB_BLOCK) * 4)
-    return 2 * (-(-numel // 2) + -(-numel // 128) * 4)
+    return 2 * (numel + -(-numel // _BNB_BLOCK) * 4)
+
+
+def _step_bytes(moment_bits: int) -> int:
+    """The 0-d fp32 ``step`` torch's AdamW and torchao keep per parameter (bitsandbytes keeps a Python int)."""
+    return 0 if moment_bits == 8 else 4
 
 
 def block_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
@@ -236,7 +260,10 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     plain_shapes = [vocab * h] + ([] if shape.tie_embeddings else [vocab * h]) + [h] * (2 * layers + 1)
     details["embedding + head"] = sum(plain_shapes[: 1 if shape.tie_embeddings else 2]) * dtype_bytes
     details["norms"] = (2 * layers + 1) * h * dtype_bytes
-    details["rope buffers"] = 2 * (shape.head_dim // 2) * dtype_bytes  # inv_freq and its copy, cast with the model
+    # inv_freq and its copy: cast with a float model; a model built straight as INT8 from shapes (the run's
+    # materialize_llama) keeps Hugging Face's fp32 ones.
+    rope_bytes = 4 if setup.weight_bits is not None else dtype_bytes
+    details["rope buffers"] = 2 * (shape.head_dim // 2) * rope_bytes
     linear_numels = [m * n for m, n in shape.block_linear_shapes()] * layers
     if setup.weight_bits is None:
         details["block linears"] = sum(linear_numels) * dtype_bytes
@@ -248,10 +275,16 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     weights = sum(details[k] for k in ("embedding + head", "norms", "rope buffers", "block linears"))
 
     # Optimizer states.
-    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
-    plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
+    # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups, unless the dense groups
+    # have their own (dense_state_bits: lowrank_train.optim.dense_states).
+    split = setup.dense_state_bits is not None
+    if split:
+        plain_moment_bits = setup.dense_state_bits
+    else:
+        plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
     bases = 0
+    replicated_linear_states = 0
     if lowrank:
         # Five int64 counters; adaptive refresh adds its fp32 similarity history (the schema's refresh_history).
         per_weight_counters = 5 * 8 + (GALORE_DEFAULTS["refresh_history"] * 4 if setup.adaptive_refresh else 0)
@@ -259,7 +292,11 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
         per_weight_counters += 4 if rule.growth_limit(method.method_options) is not None else 0
         states_linear = 0
         for (m, n), rank in zip(shape.block_linear_shapes(), ranks, strict=True):
-            states_linear += adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits) + per_weight_counters
+            weight_states = adam_state_bytes(rank * max(m, n), dtype_bytes, moment_bits)
+            states_linear += weight_states + per_weight_counters
+            # Under FSDP2 (rows sharded) a basis on the row side (m <= n) makes R = P^T G an all-reduced r x n
+            # matrix: its moments are the same on every rank; the counters are per rank anyway.
+            replicated_linear_states += (weight_states if m <= n else 0) + per_weight_counters
             if kind.stores_basis:
                 basis = min(m, n) * rank
                 bases += (
@@ -268,22 +305,52 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
                     else quantized_bytes(basis, setup.proj_bits, setup.proj_group_size)
                 )
         states_linear *= layers
+        replicated_linear_states *= layers
         bases *= layers
     else:
         states_linear = sum(adam_state_bytes(n, dtype_bytes, moment_bits) for n in linear_numels)
     details["states: embedding/head/norms"] = states_plain
     details["states: block linears"] = states_linear
     # bitsandbytes' two code maps exist once per optimizer: once in all, or once per parameter in layer-wise mode.
+    # With dense_state_bits the dense groups' optimizer is another one (its maps counted apart).
+    linear_state_numels = (
+        [r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True)] * layers
+        if lowrank
+        else linear_numels
+    )
+    quantized_parts = []  # state numels of each blockwise-quantized optimizer
     if eight_bit:
-        state_numels = plain_shapes + (
-            [r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True)] * layers
-            if lowrank
-            else linear_numels
+        quantized_parts.append(linear_state_numels + ([] if split else plain_shapes))
+    if split and plain_moment_bits == 8:
+        quantized_parts.append(plain_shapes)
+    state_numels = [n for part in quantized_parts for n in part]
+    if quantized_parts:
+        details["states: 8-bit code maps"] = sum(
+            _QMAP_BYTES * (sum(n >= _BNB_MIN_8BIT for n in part) if setup.layerwise else 1) for part in quantized_parts
         )
-        eight_bit_tensors = sum(n >= _BNB_MIN_8BIT for n in state_numels)
-        details["states: 8-bit code maps"] = _QMAP_BYTES * (eight_bit_tensors if setup.layerwise else 1)
         states_plain += details["states: 8-bit code maps"]
-    optimizer_states = states_plain + states_linear
+    if split and plain_moment_bits == 4:
+        state_numels += plain_shapes  # torchao's CPU step: whole-tensor fp32 temporaries as bitsandbytes'
+    # What FSDP2 shards (before code maps and counters): the moments, not their 0-d step tensors.
+    steps = sum(_step_bytes(plain_moment_bits) for _ in plain_shapes)
+    if lowrank:
+        steps += layers * sum(_step_bytes(moment_bits) for m, n in shape.block_linear_shapes() if m > n)
+    else:
+        steps += len(linear_numels) * _step_bytes(moment_bits)
+    sharded_states = states_plain + states_linear - replicated_linear_states - steps
+    # Counters: how many optimizers hold them (one per parameter inside the layer-wise engine).
+    num_plain, num_linear = len(plain_shapes), len(linear_numels)
+    galore_optimizers = (num_linear + (0 if split else num_plain) if setup.layerwise else 1) if lowrank else 0
+    torchao_optimizers = 0
+    if moment_bits == 4:
+        torchao_optimizers += (num_linear + (0 if split else num_plain)) if setup.layerwise else 1
+    if split and plain_moment_bits == 4:
+        # Layer-wise, the engine's group of the dense parameters hands all of them one lr tensor.
+        torchao_optimizers += 1
+    counters = galore_optimizers * _GALORE_COUNTER_BYTES + torchao_optimizers * _TORCHAO_LR_BYTES
+    counters += _LAYERWISE_COUNTER_BYTES if setup.layerwise else (_SPLIT_COUNTER_BYTES if split else 0)
+    details["states: counters"] = counters
+    optimizer_states = states_plain + states_linear + counters
 
     # Gradients: in the parameter dtype (a quantized weight's gradient too).
     all_numels = plain_shapes + linear_numels
@@ -320,17 +387,38 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
         cast = big * 4 if dtype_bytes != 4 and kind.uses_gradient else 0
         options = kind.build_options({**GALORE_DEFAULTS, "oversample": setup.oversample})
         refresh_tmp = cast + 4 * kind.workspace(big_m, big_n, kind.basis_rank((big_m, big_n), setup.rank), **options)
-        transient = max(step_tmp, refresh_tmp)
     else:
         # torch's single-tensor AdamW: one temporary of the largest parameter.
-        transient = max(all_numels) * (4 if eight_bit else dtype_bytes)
-    if eight_bit and setup.device == "cpu":
-        largest_8bit = max(n for n in state_numels if n >= _BNB_MIN_8BIT)
-        transient = max(transient, _BNB_CPU_TEMP_BYTES * largest_8bit)
+        step_tmp, refresh_tmp = max(all_numels) * (4 if eight_bit else dtype_bytes), 0
+    cpu_tmp = 0
+    if state_numels and setup.device == "cpu":
+        cpu_tmp = _BNB_CPU_TEMP_BYTES * max((n for n in state_numels if n >= _BNB_MIN_8BIT), default=0)
+
+    head_grad = vocab * h * dtype_bytes
+    communication = 0
+    world = setup.world_size
+    if world > 1:
+        weights, optimizer_states, gradients, largest_grad, head_grad, step_tmp, cpu_tmp, communication = (
+            _fsdp2_per_rank(
+                shape,
+                setup,
+                details,
+                sharded_states=sharded_states,
+                optimizer_states=optimizer_states,
+                gradients=gradients - accumulators,
+                accumulators=accumulators,
+                largest_grad=largest_grad,
+                head_grad=head_grad,
+                step_tmp=step_tmp,
+                full_gradient_step=rule.needs_full_gradient,
+                cpu_tmp=cpu_tmp,
+            )
+        )
+        details["fsdp2: unsharded buffers"] = communication
+    transient = max(step_tmp, refresh_tmp, cpu_tmp)
     details["transient: step"] = transient
 
     static = weights + optimizer_states + bases
-    head_grad = vocab * h * dtype_bytes
     start_of_backward = activations + logits + (head_grad if not setup.layerwise else largest_grad)
     if setup.layerwise:
         # Steps happen inside backward: a transient can meet the activations still alive.
@@ -340,6 +428,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     else:
         end_of_backward = gradients + recompute + (activations if setup.activation_checkpointing else 0)
         step = gradients + transient
+    # FSDP2's unsharded parameters and gradients exist during forward and backward, not at the step.
+    start_of_backward += communication
+    end_of_backward += communication
     details["moment: start of backward"] = start_of_backward
     details["moment: end of backward"] = end_of_backward
     details["moment: optimizer step"] = step
@@ -353,9 +444,83 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
         logits=logits,
         transient=transient,
         peak=peak,
+        communication=communication,
         details=details,
         model=shape,
         setup=setup,
+    )
+
+
+FSDP2_REPLICATED = (
+    "activations and logits (each rank's own micro-batch)",
+    "projection bases (every rank builds the full basis)",
+    "projected moments of the weights with m <= n (basis on the sharded row side: R = P^T G is all-reduced, "
+    "r x n on every rank)",
+    "a basis refresh's all-gathered full gradient and its workspace",
+    "APOLLO-type updates: the full gradient they scale",
+    "optimizer counters and bitsandbytes' code maps",
+    "the rotary buffers",
+)
+"""What :func:`estimate_memory` keeps whole on every rank under FSDP2 (``world_size`` > 1)."""
+
+
+def _fsdp2_per_rank(
+    shape: ModelShape,
+    setup: TrainingSetup,
+    details: dict[str, int],
+    *,
+    sharded_states: int,
+    optimizer_states: int,
+    gradients: int,
+    accumulators: int,
+    largest_grad: int,
+    head_grad: int,
+    step_tmp: int,
+    full_gradient_step: bool,
+    cpu_tmp: int,
+) -> tuple[int, int, int, int, int, int, int, int]:
+    """One rank's share under FSDP2 over ``setup.world_size`` ranks (``fully_shard`` per block and on the root).
+
+    Divided (rows sharded on dim 0, ``ceil(bytes / N)``): the weights (INT8 codes and scales like float weights),
+    the gradients (reduce-scattered), the dense moments and the projected moments on the unsharded column side
+    (m > n), the step's projected-back update (not an APOLLO-type one, which scales the full gradient) and the
+    CPU 8-bit step's temporaries (local rows). Kept whole: see
+    :data:`FSDP2_REPLICATED`. Added: FSDP2's unsharded buffers during forward and backward -- the root's embedding,
+    head and final norm (the root is not resharded after forward), two blocks' parameters (the current one and the
+    prefetched next), one block's unsharded gradients before their reduce-scatter and the root's (the embedding's
+    gradient is the last one, so the head's waits for it).
+
+    Returns:
+        (weights, optimizer states, gradients, largest gradient, head gradient, step temporary, CPU step
+        temporary, unsharded buffers) in bytes, per rank.
+    """
+    world = setup.world_size
+
+    def shard(nbytes: int) -> int:
+        return -(-nbytes // world)
+
+    h, dtype_bytes, layers = shape.hidden_size, setup.dtype_bytes, shape.num_layers
+    weights = shard(details["embedding + head"] + details["norms"] + details["block linears"])
+    weights += details["rope buffers"]
+    states = shard(sharded_states) + optimizer_states - sharded_states
+    if setup.layerwise:
+        grads = shard(largest_grad) + accumulators
+    else:
+        grads = shard(gradients) + accumulators
+    block_numel = sum(m * n for m, n in shape.block_linear_shapes()) + 2 * h
+    block_params = details["block linears"] // layers + 2 * h * dtype_bytes
+    root_params = details["embedding + head"] + h * dtype_bytes
+    root_grads = details["embedding + head"]  # gradients in the parameter dtype
+    communication = root_params + 2 * block_params + block_numel * dtype_bytes + root_grads
+    return (
+        weights,
+        states,
+        grads,
+        shard(largest_grad),
+        shard(head_grad),
+        step_tmp if full_gradient_step else shard(step_tmp),
+        shard(cpu_tmp),
+        communication,
     )
 
 

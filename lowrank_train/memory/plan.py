@@ -174,9 +174,14 @@ def plan_memory(model_config: Any, train_config: Any, budget: int | str) -> list
     base = TrainingSetup.from_config(base_fields)
     base_time = time_per_token(base)
     global_batch = base.batch_size * base.accumulation_steps
+    # The setup's own rank always (APOLLO-Mini's is 1, below MIN_RANK), lower ones only down to MIN_RANK.
     ranks = (
-        [base.rank] if base.rank is None else [r for r in (base.rank, base.rank // 2, base.rank // 4) if r >= MIN_RANK]
+        [base.rank]
+        if base.rank is None
+        else [base.rank, *(r for r in (base.rank // 2, base.rank // 4) if r >= MIN_RANK)]
     )
+    if "rank" in base.method.method_options:  # the method fixes its rank: nothing to lower
+        ranks = [base.rank]
     plans: list[MemoryPlan] = []
     for method in _candidate_methods(base.optimizer):
         for rank in ranks if get_optimizer_method(method).lowrank else [base.rank]:

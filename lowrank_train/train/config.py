@@ -22,7 +22,7 @@ from lowrank_train.optim.layerwise import LayerwiseConfig
 from lowrank_train.optim.options import GALORE_DEFAULTS, check_group_option
 from lowrank_train.optim.registry import OptimizerMethod, get_optimizer_method, optimizer_names
 from lowrank_train.projection import get_projector
-from lowrank_train.quant import DEFAULT_GROUP_SIZE, TRAINED_WEIGHT_BITS, check_bits
+from lowrank_train.quant import DEFAULT_GROUP_SIZE, MOMENT_BITS, TRAINED_WEIGHT_BITS, check_bits
 from lowrank_train.train.config_schema import (
     ConfigError,
     build_dataclass,
@@ -274,6 +274,9 @@ class OptimizerConfig:
         weight_bits: store the block linear weights as INT8 codes (8) or keep them float (``None``: the method's
             default, 8 for Q-GaLore).
         weight_group_size: elements per quantization group of INT8 weights.
+        dense_state_bits: moments of the groups the method does not project (embeddings, head, norms; GaLore
+            family): 32 (torch AdamW), 8 (bitsandbytes' blockwise) or 4 (torchao); ``None``: the method's own
+            inner optimizer, as before (:mod:`lowrank_train.optim.dense_states`).
         layerwise: step each parameter inside the backward pass and free its gradient right away.
         nonfinite: what a step does with a NaN/Inf gradient (GaLore family and ``layerwise``): ``raise`` (stop
             with an error naming the parameters) or ``skip`` (skip the step and count it; the count is the
@@ -300,6 +303,7 @@ class OptimizerConfig:
     adaptive_refresh: bool | None = None
     weight_bits: int | None = None
     weight_group_size: int = DEFAULT_GROUP_SIZE
+    dense_state_bits: int | None = None
     layerwise: bool = False
     nonfinite: str = library_default(LayerwiseConfig, "nonfinite")
     max_skipped_steps: int = 100
@@ -334,6 +338,7 @@ class OptimizerConfig:
             for key in GALORE_KEYS:
                 check_group_option(key, getattr(self, key))
             check_bits(self.weight_bits, TRAINED_WEIGHT_BITS, name="weight_bits")
+            check_bits(self.dense_state_bits, MOMENT_BITS, name="dense_state_bits")
         except ValueError as error:
             raise ConfigError(f"optimizer.{error}") from None
         # A basis option needs a method whose groups take it; INT8 weights need a projecting write-back.
@@ -341,6 +346,7 @@ class OptimizerConfig:
             ("proj_bits", method.accepts("proj_bits")),
             ("adaptive_refresh", method.accepts("adaptive_refresh")),
             ("weight_bits", method.lowrank),
+            ("dense_state_bits", method.lowrank),
         ):
             if getattr(self, key) not in (None, False) and not accepted:
                 raise ConfigError(

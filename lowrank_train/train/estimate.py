@@ -112,8 +112,9 @@ def _smollm2_shapes() -> dict[str, Any]:
     }
 
 
-def training_setup(config: TrainConfig) -> dict[str, Any]:
-    """The run's settings under the estimator's names (:class:`lowrank_train.memory.TrainingSetup`).
+def training_setup(config: TrainConfig, nproc: int = 1) -> dict[str, Any]:
+    """The run's settings under the estimator's names (:class:`lowrank_train.memory.TrainingSetup`); ``nproc`` > 1
+    asks for one rank's share under FSDP2 (``world_size``).
 
     Method options left unset (``proj_bits``, ``weight_bits``, ``adaptive_refresh``: ``None``) stay unset: the
     estimator fills in the same registry defaults the run uses, also for another method tried by the planner.
@@ -129,6 +130,7 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
         "chunked_loss": config.run.loss_chunk_size > 0,
         "loss_chunk_size": config.run.loss_chunk_size or 1024,
         "accumulation_steps": config.data.grad_accum,
+        "world_size": nproc,
         # The CPU's 8-bit step holds fp32 temporaries of a whole tensor (see TrainingSetup.device).
         "device": "cpu" if estimate_device(config.run.device) == torch.device("cpu") else "cuda",
     }
@@ -140,12 +142,14 @@ def training_setup(config: TrainConfig) -> dict[str, Any]:
             weight_bits=opt.weight_bits,
             weight_group_size=opt.weight_group_size,
             adaptive_refresh=opt.adaptive_refresh,
+            dense_state_bits=opt.dense_state_bits,
         )
     return setup
 
 
-def estimate_run(config: TrainConfig) -> Any:
-    """The estimator's :class:`lowrank_train.memory.MemoryEstimate` for this run.
+def estimate_run(config: TrainConfig, nproc: int = 1) -> Any:
+    """The estimator's :class:`lowrank_train.memory.MemoryEstimate` for this run (one rank's under FSDP2 over
+    ``nproc`` processes).
 
     Raises:
         ModuleNotFoundError: the estimator is not part of this install.
@@ -156,7 +160,7 @@ def estimate_run(config: TrainConfig) -> Any:
         raise ModuleNotFoundError(
             f"the memory estimator (lowrank_train.memory) cannot be imported: {error}"
         ) from error
-    return estimate_memory(model_shape_source(config), training_setup(config))
+    return estimate_memory(model_shape_source(config), training_setup(config, nproc))
 
 
 def estimate_device(name: str) -> torch.device | None:
@@ -201,8 +205,9 @@ _PLAN_KEYS = {
 }
 
 
-def plan_run(config: TrainConfig, budget: int | str) -> tuple[TrainConfig, Any]:
-    """The fastest run that the estimator says fits ``budget`` (:func:`lowrank_train.memory.plan.plan_memory`).
+def plan_run(config: TrainConfig, budget: int | str, nproc: int = 1) -> tuple[TrainConfig, Any]:
+    """The fastest run that the estimator says fits ``budget`` (:func:`lowrank_train.memory.plan.plan_memory`);
+    with ``nproc`` > 1 the budget is one rank's under FSDP2.
 
     Returns:
         ``(the planned config, its MemoryPlan)``; the config is validated like a loaded one, so ``pretrain`` runs
@@ -216,7 +221,7 @@ def plan_run(config: TrainConfig, budget: int | str) -> tuple[TrainConfig, Any]:
     from lowrank_train.train.config import config_from_dict
     from lowrank_train.train.config_schema import merge_dicts
 
-    for plan in plan_memory(model_shape_source(config), training_setup(config), budget):
+    for plan in plan_memory(model_shape_source(config), training_setup(config, nproc), budget):
         setup = plan.setup
         values = {key: getattr(setup, field) for field, key in _PLAN_KEYS.items() if field in plan.changes}
         if "chunked_loss" in plan.changes:

@@ -177,17 +177,16 @@ def finetune_param_groups(model: nn.Module, config: TrainConfig) -> list[dict[st
         ) from error
 
 
+def _hyperparameters(config: OptimizerConfig) -> dict[str, Any]:
+    return {"lr": config.lr, "weight_decay": config.weight_decay, "betas": config.betas, "eps": config.eps}
+
+
 def optimizer_factory(
     config: OptimizerConfig, *, build: Callable[..., torch.optim.Optimizer] | None = None
 ) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer]:
     """A function from param groups to the optimizer named by ``config.name`` (its registry entry's builder, or
     ``build`` with the same hyperparameters: the FSDP2 variant, :mod:`lowrank_train.train.sharded`)."""
-    kwargs: dict[str, Any] = {
-        "lr": config.lr,
-        "weight_decay": config.weight_decay,
-        "betas": config.betas,
-        "eps": config.eps,
-    }
+    kwargs = _hyperparameters(config)
     # Only when asked: a registered builder's contract is lr / weight_decay / betas / eps, and the GaLore family's
     # default is "raise" already. Layer-wise, the engine around the inner optimizers applies the policy.
     if config.nonfinite != "raise" and config.is_galore and not config.layerwise:
@@ -196,12 +195,43 @@ def optimizer_factory(
     return lambda groups: builder(groups, **kwargs)
 
 
+def dense_optimizer_factory(config: OptimizerConfig) -> Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None:
+    """The optimizer of the groups without ``rank`` that ``optimizer.dense_state_bits`` picks (its entry in
+    :mod:`lowrank_train.optim.dense_states`); ``None`` when unset (the method's own inner optimizer steps them)."""
+    if config.dense_state_bits is None:
+        return None
+    from lowrank_train.optim.dense_states import dense_states
+
+    entry = dense_states(config.dense_state_bits)
+    kwargs = _hyperparameters(config)
+    return lambda groups: entry.build(groups, **kwargs)
+
+
 def build_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
-    """The run's optimizer over ``groups``; with ``optimizer.layerwise`` a :class:`LayerwiseOptimizer` around it."""
+    """The run's optimizer over ``groups``; with ``optimizer.layerwise`` a :class:`LayerwiseOptimizer` around it.
+
+    With ``optimizer.dense_state_bits`` the groups without ``rank`` get their own optimizer: per parameter inside
+    the layer-wise engine, else a :class:`~lowrank_train.optim.dense_states.DenseSplitOptimizer` of both parts.
+    """
     factory = optimizer_factory(config.optimizer)
+    dense = dense_optimizer_factory(config.optimizer)
     if not config.optimizer.layerwise:
-        return factory(groups)
+        if dense is None:
+            return factory(groups)
+        from lowrank_train.optim.dense_states import DenseSplitOptimizer, is_dense_group
+
+        projected = [g for g in groups if not is_dense_group(g)]
+        plain = [g for g in groups if is_dense_group(g)]
+        if not plain:
+            return factory(groups)
+        return DenseSplitOptimizer(
+            factory(projected) if projected else None, dense(plain), nonfinite=config.optimizer.nonfinite
+        )
+    from lowrank_train.optim.dense_states import dense_split_factory
     from lowrank_train.optim.layerwise import LayerwiseOptimizer
+
+    if dense is not None:
+        factory = dense_split_factory(factory, dense)
 
     max_norm = config.optimizer.max_grad_norm or None
     return LayerwiseOptimizer(

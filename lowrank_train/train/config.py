@@ -482,6 +482,11 @@ def fsdp2_refusals(config: TrainConfig) -> list[str]:
             f"optimizer.name={opt.name!r} keeps {method.moment_bits}-bit moments (bitsandbytes / torchao), which do "
             "not step DTensor shards here: use run.parallel=ddp, or a 32-bit method (adamw, galore)"
         )
+    if opt.dense_state_bits is not None:
+        refusals.append(
+            f"optimizer.dense_state_bits={opt.dense_state_bits} gives the embeddings / head their own optimizer, "
+            "which the sharded run does not build: use run.parallel=ddp, or optimizer.dense_state_bits=null"
+        )
     return refusals
 
 

@@ -219,6 +219,7 @@ def test_a_checkpoint_missing_a_rank_is_rejected(galore_runs, tmp_path):
         (["optimizer.name=qgalore"], "optimizer.weight_bits=8"),
         ([*GALORE, "optimizer.layerwise=true"], "optimizer.layerwise=true"),
         (["optimizer.name=galore8bit", "optimizer.weight_bits=null"], "optimizer.name='galore8bit'"),
+        ([*GALORE, "optimizer.dense_state_bits=8"], "optimizer.dense_state_bits=8"),
     ],
 )
 def test_combinations_fsdp2_does_not_support_are_refused(overrides, keys, monkeypatch):

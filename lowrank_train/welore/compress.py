@@ -290,7 +290,8 @@ class CompressionReport:
         ]
         rows = [header]
         for kind, entry in self.by_type().items():
-            ranks, full = entry["ranks"], sorted(set(entry["full_ranks"]))
+            ranks, full = entry["ranks"], entry["full_ranks"]
+            full_text = str(min(full)) if min(full) == max(full) else f"{min(full)}-{max(full)}"
             energy = entry["calibration_energy"]
             rows.append(
                 [
@@ -298,7 +299,7 @@ class CompressionReport:
                     str(entry["matrices"]),
                     str(entry["lrc"]),
                     str(entry["dense"]),
-                    f"{entry['mean_rank']:.0f} ({min(ranks)}-{max(ranks)}) / {'-'.join(map(str, full))}",
+                    f"{entry['mean_rank']:.0f} ({min(ranks)}-{max(ranks)}) / {full_text}",
                     f"{entry['params_after'] / entry['params_before']:.1%}",
                     "-" if energy is None else f"{energy['min']:.3f} / {energy['mean']:.3f}",
                 ]

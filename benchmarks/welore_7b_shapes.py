@@ -204,7 +204,11 @@ def run_case(strategy: str, layers: int, args: argparse.Namespace) -> dict:
     per_block: dict[str, dict[str, float]] = {}
     for phase, name, block_seconds in times.records:
         per_block.setdefault(name, {})[phase] = block_seconds
+    commit = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     return {
+        "commit": commit,  # the tree measured, if uncommitted edits are absent
         "family": args.family,
         "shapes": {key: getattr(args, key) for key in SHAPE_KEYS},
         "layer_types": layer_types,
@@ -307,11 +311,11 @@ def _family_section(family: str, results: list[dict]) -> list[str]:
             f", layer types {' / '.join(types)} (sliding window {shapes['sliding_window']}), each block "
             "calibrated with its own mask"
         )
-    packages = sorted({r["package"] for r in results})
+    sources = sorted({f"commit {r['commit']}" if r.get("commit") else r["package"] for r in results})
     lines = [
         f"## {FAMILIES.get(family, {}).get('title', family)}",
         "",
-        f"`python benchmarks/welore_7b_shapes.py --family {family}` (package: `{', '.join(packages)}`): hidden "
+        f"`python benchmarks/welore_7b_shapes.py --family {family}` (run from `{', '.join(sources)}`): hidden "
         f"{shapes['hidden']}, intermediate {shapes['intermediate']}, {shapes['heads']} heads, {shapes['kv_heads']} "
         f"key/value heads of {shapes['head_dim']}{attention}, vocabulary 1024, bf16 random weights; calibration "
         f"{shapes['sequences']} x {shapes['seq_len']} tokens; target {target}, min_ratio 0.5, {threads} threads, "
@@ -365,6 +369,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.2)
     parser.add_argument("--staging-dir", default=None)
     parser.add_argument("--out", default=str(HERE / "results" / "welore_7b_shapes.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the report from the .json, run nothing")
     parser.add_argument("--case", nargs=2, metavar=("STRATEGY", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     for key in SHAPE_KEYS:
@@ -393,7 +398,7 @@ def main() -> None:
     raw = Path(args.out).with_suffix(".json")
     previous = json.loads(raw.read_text()) if raw.is_file() else []
     results = []
-    for strategy in strategies:
+    for strategy in strategies if not args.render_only else []:
         for layers in args.layers:
             command = [sys.executable, __file__, *passthrough, "--case", strategy, str(layers)]
             print(f"running {args.family} {strategy} with {layers} layer(s) ...", flush=True)

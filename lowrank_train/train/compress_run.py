@@ -9,18 +9,21 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lowrank_train.folders import FolderExistsError, is_empty_folder
 from lowrank_train.progress_bar import PhaseProgress
 from lowrank_train.train.config import ConfigError, TrainConfig
-from lowrank_train.train.evaluation import evaluate, perplexity
+from lowrank_train.train.evaluation import evaluate, num_batches, perplexity
 from lowrank_train.train.metrics import peak_memory_bytes
 from lowrank_train.train.model import build_model, count_parameters
 from lowrank_train.train.run_dir import SUMMARY_FILE, write_json
 from lowrank_train.train.setup import load_run_data, load_run_tokenizer, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from lowrank_train.welore import CompressionReport
 
 logger = logging.getLogger(__name__)
 MODEL_FOLDER = "model"
@@ -47,7 +50,7 @@ def compress(
 
     Args:
         config: the run's config (``model.pretrained``, ``compress.*``, ``data.*``, ``run.*``).
-        log: receives the progress lines.
+        log: receives the progress lines and the closing report (:func:`closing_report`).
         overwrite: replace an existing, non-empty ``<run.output_dir>/model``.
         progress: show each phase (:mod:`lowrank_train.progress_bar`): a tqdm bar in a terminal, plain lines with
             an ETA through ``log`` otherwise.
@@ -86,18 +89,13 @@ def compress(
     model.to(device)
     batch, eval_batches = config.data.batch_size, config.run.eval_batches
     params_before = count_parameters(model)
-    with phases.phase("evaluation"):
-        loss_before = evaluate(model, packed.heldout, batch, eval_batches, device)
+    heldout = packed.heldout
+    loss_before = evaluate_with_progress(phases, model, heldout, batch, eval_batches, device, "before compression")
     log(f"before: eval loss {loss_before:.4f}, perplexity {perplexity(loss_before):.2f}, {params_before:,} parameters")
     calibration = packed.train[: spec.calibration_sequences].to(device)
     report = compress_model(model, welore_config, calibration=calibration, progress=phases)
-    log(report.summary())
-    if report.guard is not None:
-        log(report.guard.summary())
     params_after = count_parameters(model)
-    with phases.phase("evaluation"):
-        loss_after = evaluate(model, packed.heldout, batch, eval_batches, device)
-    log(f"after: eval loss {loss_after:.4f}, perplexity {perplexity(loss_after):.2f}, {params_after:,} parameters")
+    loss_after = evaluate_with_progress(phases, model, heldout, batch, eval_batches, device, "after compression")
     save_compressed(model, folder, tokenizer=tokenizer, overwrite=overwrite)
     summary = {
         "mode": "compress",
@@ -117,5 +115,65 @@ def compress(
     }
     write_json(output / REPORT_FILE, {**report.to_dict(), **timing})
     write_json(output / SUMMARY_FILE, summary)
-    log(f"compressed model saved to {folder}")
+    for line in closing_report(report, summary, timing, device):
+        log(line)
+    log(f"compressed model saved to {folder}; the report above is in {output / REPORT_FILE}")
     return summary
+
+
+def evaluate_with_progress(
+    phases: PhaseProgress,
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    when: str,
+) -> float:
+    """:func:`~lowrank_train.train.evaluation.evaluate` as an ``"evaluation"`` phase of ``phases``, one step per batch.
+
+    A tqdm bar in a terminal, plain lines with an ETA elsewhere; the seconds of every evaluation add up under
+    ``phases.seconds["evaluation"]``.
+
+    Args:
+        phases: the job's progress.
+        model, blocks, batch_size, max_batches, device: as for ``evaluate``.
+        when: the note naming this evaluation (``"before compression"``).
+
+    Returns:
+        The mean held-out token loss.
+    """
+    total = num_batches(blocks, batch_size, max_batches)
+    with phases.phase("evaluation", total, "batches", note=when) as advance:
+        return evaluate(model, blocks, batch_size, max_batches, device, on_batch=advance)
+
+
+def closing_report(
+    report: CompressionReport, summary: dict[str, Any], timing: dict[str, Any], device: torch.device
+) -> list[str]:
+    """The lines ``compress`` ends with: perplexity after, the table per matrix type, the totals, the guard, time
+    per phase and peak memory (every number is also in ``compress_report.json``).
+
+    Args:
+        report: the :class:`~lowrank_train.welore.CompressionReport`.
+        summary: ``compress``'s summary (perplexities, parameter counts).
+        timing: ``phase_seconds``, ``seconds`` and ``peak_memory_bytes``.
+        device: the model's device (the peak is GPU memory allocated on a GPU, the process's peak RSS on the CPU).
+    """
+    loss, params = summary["eval_loss_after"], summary["parameters_after"]
+    removed = 1.0 - params / summary["parameters_before"]
+    lines = [
+        f"after: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f} (before {summary['perplexity_before']:.2f}),"
+        f" {params:,} parameters ({removed:.1%} of the model removed)",
+        report.table(),
+        report.summary(),
+    ]
+    if report.guard is not None:
+        lines.append(report.guard.summary())
+    phases = ", ".join(f"{name} {seconds:.1f}" for name, seconds in timing["phase_seconds"].items() if seconds > 0)
+    memory = "GPU memory allocated" if device.type == "cuda" else "RSS"
+    lines.append(
+        f"seconds: {phases}; total {timing['seconds']:.1f} s; peak {memory} {timing['peak_memory_bytes'] / 2**30:.2f}"
+        " GiB"
+    )
+    return lines

@@ -240,16 +240,78 @@ class CompressionReport:
         return {**asdict(self), "totals": totals, "by_type": self.by_type()}
 
     def by_type(self) -> dict[str, dict[str, Any]]:
-        """Per matrix type (the last part of the name, e.g. ``"q_proj"``): count, LRC and dense counts, ranks kept."""
+        """Per matrix type (the last part of the name, e.g. ``"q_proj"``), in module order.
+
+        Returns:
+            Per type: ``matrices``, ``lrc`` and ``dense`` counts, ``ranks`` kept and ``full_ranks`` (one per
+            matrix), ``mean_rank``, ``params_before`` / ``params_after``, and ``calibration_energy``, the smallest
+            and the mean share of output energy kept (``{"min": ..., "mean": ...}``; ``None`` without calibration).
+        """
         types: dict[str, dict[str, Any]] = {}
+        energies: dict[str, list[float]] = {}
         for m in self.matrices:
-            entry = types.setdefault(m.name.rsplit(".", 1)[-1], {"matrices": 0, "lrc": 0, "dense": 0, "ranks": []})
+            kind = m.name.rsplit(".", 1)[-1]
+            entry = types.setdefault(
+                kind,
+                {
+                    "matrices": 0,
+                    "lrc": 0,
+                    "dense": 0,
+                    "ranks": [],
+                    "full_ranks": [],
+                    "params_before": 0,
+                    "params_after": 0,
+                },
+            )
             entry["matrices"] += 1
             entry["lrc" if m.lrc else "dense"] += 1
             entry["ranks"].append(m.rank)
-        for entry in types.values():
+            entry["full_ranks"].append(m.full_rank)
+            entry["params_before"] += m.params_before
+            entry["params_after"] += m.params_after
+            if m.calibration_energy is not None:
+                energies.setdefault(kind, []).append(m.calibration_energy)
+        for kind, entry in types.items():
             entry["mean_rank"] = sum(entry["ranks"]) / len(entry["ranks"])
+            kept = energies.get(kind)
+            entry["calibration_energy"] = {"min": min(kept), "mean": sum(kept) / len(kept)} if kept else None
         return types
+
+    def table(self) -> str:
+        """A table per matrix type: LRC and dense counts, ranks kept, parameters kept, calibration energy kept."""
+        header = [
+            "type",
+            "matrices",
+            "LRC",
+            "dense",
+            "rank kept: mean (min-max) / full",
+            "params kept",
+            "calibration energy: min / mean",
+        ]
+        rows = [header]
+        for kind, entry in self.by_type().items():
+            ranks, full = entry["ranks"], entry["full_ranks"]
+            full_text = str(min(full)) if min(full) == max(full) else f"{min(full)}-{max(full)}"
+            energy = entry["calibration_energy"]
+            rows.append(
+                [
+                    kind,
+                    str(entry["matrices"]),
+                    str(entry["lrc"]),
+                    str(entry["dense"]),
+                    f"{entry['mean_rank']:.0f} ({min(ranks)}-{max(ranks)}) / {full_text}",
+                    f"{entry['params_after'] / entry['params_before']:.1%}",
+                    "-" if energy is None else f"{energy['min']:.3f} / {energy['mean']:.3f}",
+                ]
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        # Names left-aligned, numbers right-aligned.
+        return "\n".join(
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        )
 
     def summary(self) -> str:
         """One line: strategy, target, achieved parameter and rank reduction, number of LRCs."""

@@ -55,3 +55,33 @@ def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
     assert set(report["phase_seconds"]) == {*PHASES, "evaluation"}
     assert sum(report["phase_seconds"].values()) <= report["seconds"]
     assert report["peak_memory_bytes"] > 0
+
+    # Evaluation progress (issue 24): per batch, before and after, nothing per matrix.
+    batches = min(-(-heldout.shape[0] // batch), batches)
+    for when in ("before", "after"):
+        assert f"evaluation: {batches} batches ({when} compression)" in lines
+    assert sum(line.startswith("evaluation 1/") and " | ETA " in line for line in lines) == 2 * (batches > 1)
+    assert not any("layers.0" in line for line in lines)
+
+    # The closing report: every number it prints is in compress_report.json.
+    closing = lines[[n for n, line in enumerate(lines) if line.startswith("after: ")][0] :]
+    table = closing[1].splitlines()
+    assert table[0].split()[:4] == ["type", "matrices", "LRC", "dense"]
+    assert sorted(row.split()[0] for row in table[1:]) == sorted(by_type)
+    for row in table[1:]:
+        cells = row.split()
+        entry = by_type[cells[0]]
+        assert cells[1:4] == [str(entry["matrices"]), str(entry["lrc"]), str(entry["dense"])]
+        assert f"{entry['mean_rank']:.0f} ({min(entry['ranks'])}-{max(entry['ranks'])})" in row
+        energy = entry["calibration_energy"]
+        assert f"{energy['min']:.3f} / {energy['mean']:.3f}" in row
+        of_type = [m["calibration_energy"] for m in report["matrices"] if m["name"].rsplit(".", 1)[-1] == cells[0]]
+        assert energy["min"] == min(of_type) and len(of_type) == entry["matrices"]
+    assert closing[2] == f"{report['strategy']}: target 0.30" + closing[2].split(": target 0.30", 1)[1]
+    assert closing[3].startswith(f"guard: {guard['winner']!r} won by {guard['margin']:.4f} nats")
+    assert all(f"{name} {loss:.4f}" in closing[3] for name, loss in guard["losses"].items())
+    timing = closing[4]
+    assert timing.startswith("seconds: ") and f"total {report['seconds']:.1f} s" in timing
+    assert all(f"{name} {seconds:.1f}" in timing for name, seconds in report["phase_seconds"].items() if seconds)
+    assert f"peak RSS {report['peak_memory_bytes'] / 2**30:.2f} GiB" in timing
+    assert closing[-1].startswith("compressed model saved to ") and "compress_report.json" in closing[-1]

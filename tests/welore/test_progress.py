@@ -4,6 +4,7 @@ import io
 import time
 
 import pytest
+import torch
 
 from lowrank_train.progress_bar import PhaseProgress
 from lowrank_train.welore import STRATEGIES, WeLoreConfig, compress_model, guard_candidates
@@ -73,3 +74,56 @@ def test_phase_progress_lines_every_tenth_with_eta_and_a_terminal_bar():
     assert PhaseProgress(file=io.StringIO()).interactive is False  # not a terminal: plain lines
     with pytest.raises(RuntimeError), PhaseProgress(enabled=False).phase("x"):
         raise RuntimeError("a failing phase still ends its timing")
+
+
+@pytest.mark.parametrize("max_batches", [0, 7])
+def test_evaluation_progress_steps_once_per_batch(llama, calibration, max_batches, capsys):
+    # compress's held-out evaluations (issue 24): plain lines with an ETA per tenth of the batches off a terminal,
+    # a bar in one, the same loss as the silent evaluation, and both evaluations' seconds under "evaluation".
+    from lowrank_train.train.compress_run import evaluate_with_progress
+    from lowrank_train.train.evaluation import evaluate, num_batches
+
+    cpu = torch.device("cpu")
+    batches = num_batches(calibration, 2, max_batches)
+    assert batches == (max_batches or 12)
+    calls = []
+    silent = evaluate(llama, calibration, 2, max_batches, cpu, on_batch=lambda: calls.append(1))
+    assert len(calls) == batches and silent == evaluate(llama, calibration, 2, max_batches, cpu)
+
+    lines: list[str] = []
+    plain = PhaseProgress(log=lines.append, interactive=False)
+    assert evaluate_with_progress(plain, llama, calibration, 2, max_batches, cpu, "before compression") == silent
+    assert lines[0] == f"evaluation: {batches} batches (before compression)"
+    assert lines[-1].startswith("evaluation done in ")
+    ticks = [line.split(" |")[0] for line in lines[1:-1]]
+    tenths = [n for n in range(1, batches) if 10 * n // batches > 10 * (n - 1) // batches]  # each, under 10
+    assert ticks == [f"evaluation {n}/{batches} batches" for n in tenths] and len(tenths) >= min(batches - 1, 9)
+    assert all(" | ETA " in line for line in lines[1:-1])
+    first = plain.seconds["evaluation"]
+    evaluate_with_progress(plain, llama, calibration, 2, max_batches, cpu, "after compression")
+    assert plain.seconds["evaluation"] > first and f"evaluation: {batches} batches (after compression)" in lines
+
+    stream = io.StringIO()
+    evaluate_with_progress(PhaseProgress(file=stream, interactive=True), llama, calibration, 2, max_batches, cpu, "x")
+    assert "evaluation (x)" in stream.getvalue() and f"{batches}/{batches}" in stream.getvalue()
+    assert capsys.readouterr() == ("", "")  # nothing printed besides the given log and stream
+
+
+def test_closing_report_of_a_forced_data_free_strategy(llama):
+    # No calibration: the energy column says so, there is no guard line, and phases that did not run are left out.
+    from lowrank_train.train.compress_run import closing_report
+
+    report = compress_model(llama, WeLoreConfig(0.3, "welore"))
+    by_type = report.by_type()
+    assert all(entry["calibration_energy"] is None for entry in by_type.values())
+    assert sum(entry["params_after"] for entry in by_type.values()) == report.params_after
+    summary = {"eval_loss_after": 2.0, "parameters_after": 75, "parameters_before": 100, "perplexity_before": 5.0}
+    timing = {"phase_seconds": {**report.phase_seconds, "evaluation": 0.5}, "seconds": 3.0, "peak_memory_bytes": 2**30}
+    lines = closing_report(report, summary, timing, torch.device("cpu"))
+    after = "after: eval loss 2.0000, perplexity 7.39 (before 5.00), 75 parameters (25.0% of the model removed)"
+    assert lines[0] == after
+    rows = lines[1].splitlines()[1:]
+    assert [row.split()[0] for row in rows] == list(by_type) and all(row.endswith(" -") for row in rows)
+    assert lines[2] == report.summary() and len(lines) == 4
+    assert "generation" not in lines[3] and "guard" not in lines[3] and "evaluation 0.5" in lines[3]
+    assert lines[3].endswith("; total 3.0 s; peak RSS 1.00 GiB")

@@ -251,6 +251,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     # 4-bit moments come from one inner optimizer (torchao's AdamW4bit) for both groups.
     plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
+    if method.state_bytes is not None:  # the entry's own state layout (SCALE: the head's momentum only)
+        roles = ["embedding"] + ([] if shape.tie_embeddings else ["head"]) + ["norm"] * (2 * layers + 1)
+        states_plain = sum(method.state_bytes(r, n, dtype_bytes) for r, n in zip(roles, plain_shapes, strict=True))
     bases = 0
     if lowrank:
         # Five int64 counters; adaptive refresh adds its fp32 similarity history (the schema's refresh_history).
@@ -269,6 +272,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
                 )
         states_linear *= layers
         bases *= layers
+    elif method.state_bytes is not None:
+        states_linear = sum(method.state_bytes("linear", n, dtype_bytes) for n in linear_numels)
     else:
         states_linear = sum(adam_state_bytes(n, dtype_bytes, moment_bits) for n in linear_numels)
     details["states: embedding/head/norms"] = states_plain

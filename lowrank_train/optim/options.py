@@ -346,10 +346,10 @@ def _check_rule_has_a_projection(group: Mapping[str, Any], where: str) -> None:
     params = [params] if torch.is_tensor(params) else list(params) if not isinstance(params, set) else []
     shapes = ", ".join(str(tuple(p.shape)) for p in params[:4]) + (", ..." if len(params) > 4 else "")
     one_d = any(torch.is_tensor(p) and p.dim() != 2 for p in params)
+    fix = ": a rule cannot act on a 1-D parameter, remove update from it" if one_d else "; add rank or drop update"
     raise ValueError(
         f"{where}: update={rule!r} is a rule of low-rank groups (a 'rank' key, 2-D weights only), but this group "
-        f"has no rank (parameter shapes {shapes})"
-        + (": a rule cannot act on a 1-D parameter, drop update from this group" if one_d else "; add rank or drop update")
+        f"has no rank (parameter shapes {shapes}){fix}"
     )
 
 

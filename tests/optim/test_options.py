@@ -173,7 +173,7 @@ def test_an_update_rule_on_a_1d_parameter_is_refused(rule):
     weight, bias = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
     with pytest.raises(ValueError, match=rf"update='{rule}' is a rule of low-rank groups .*1-D parameter"):
         GaLore([{"params": [weight], "rank": 2}, {"params": [bias], "update": rule}])
-    with pytest.raises(ValueError, match=r"low-rank groups take only 2-D weights; params\[0\] \(shape \(16,\)\) is 1-D"):
+    with pytest.raises(ValueError, match=r"take only 2-D weights; params\[0\] \(shape \(16,\)\) is 1-D"):
         GaLore([{"params": [bias], "rank": 2, "update": rule}])
     # The preset's default rule reaches only low-rank groups: a plain 1-D group is fine.
     from lowrank_train.optim import APOLLOAdamW

@@ -270,6 +270,8 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
                     if setup.proj_bits is None
                     else quantized_bytes(basis, setup.proj_bits, setup.proj_group_size)
                 )
+            elif not kind.full_rank:  # a seeded basis, kept in fp32 between refreshes (GaLore._seeded_bases)
+                bases += min(m, n) * rank * 4
         states_linear *= layers
         bases *= layers
     elif method.state_bytes is not None:

@@ -113,10 +113,12 @@ def norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, scale_type: s
     """
     if scale_type not in SCALE_TYPES:
         raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
-    dim = 0 if scale_type == "channel" else None
-    top = torch.linalg.vector_norm(numerator.float(), dim=dim, keepdim=dim is not None)
-    bottom = torch.linalg.vector_norm(denominator.float(), dim=dim, keepdim=dim is not None)
-    return top / (bottom + _RATIO_EPS)
+    if scale_type == "tensor":
+        return torch.linalg.vector_norm(numerator.float()) / (torch.linalg.vector_norm(denominator.float()) + _RATIO_EPS)
+    # Column norms as sqrt(sum of squares): ~8x faster on the CPU than vector_norm(dim=0) (issue 21 item 4).
+    top = numerator.float().square().sum(dim=0, keepdim=True).sqrt_()
+    bottom = denominator.float().square().sum(dim=0, keepdim=True).sqrt_()
+    return top.div_(bottom.add_(_RATIO_EPS))
 
 
 def limit_norm_growth(
@@ -216,10 +218,24 @@ def apollo_update(
     if grad is None:
         raise ValueError("the 'apollo' update rule needs the raw gradient at update time")
     rows, rank = basis.shape
-    ratio = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type)
-    update = orient(grad).float() * ratio  # R~ carries -lr: ratio >= 0, so G * ratio points uphill
-    update = _to_weight_frame(update.neg_(), weight_shape)
-    return _limited(update, state, norm_growth_limit, lr)
+    # R~ carries -lr: the ratio is >= 0, so the negated scales point downhill (folded in: no extra pass).
+    scales = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type).neg_()
+    update = orient(grad).float() * scales
+    return _limited_in_place(_to_weight_frame(update, weight_shape), state, norm_growth_limit, lr)
+
+
+def _limited_in_place(
+    update: torch.Tensor, state: Mapping[str, torch.Tensor], gamma: float | None, lr: float | torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`_limited` for an update this rule owns: the limiter's factor divides it in place (no copy)."""
+    if gamma is None or (not torch.is_tensor(lr) and lr == 0):
+        return update, {}
+    norm = torch.linalg.vector_norm(update) / lr
+    previous = state.get("update_norm")
+    if previous is None:
+        return update, {"update_norm": norm}
+    factor = (norm / (previous.to(norm.device) + _RATIO_EPS)).clamp(min=gamma) / gamma
+    return update.div_(factor), {"update_norm": norm / factor}
 
 
 def fira_update(

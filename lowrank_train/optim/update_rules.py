@@ -34,14 +34,15 @@ from typing import Any
 import torch
 
 from lowrank_train._registry import Registry
+from lowrank_train.optim.functional import ScaledGradient
 from lowrank_train.projection.ops import orient, project_back, projects_rows
 
 SCALE_TYPES = ("channel", "tensor")
 _RATIO_EPS = 1e-8  # keeps a zero-gradient channel's scale finite (APOLLO's and Fira's reference code use 1e-8)
 
-UpdateFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+UpdateFn = Callable[..., "tuple[torch.Tensor | ScaledGradient, dict[str, torch.Tensor]]"]
 """``apply(grad, low, low_update, basis, state, *, weight_shape, lr, scale_type, norm_growth_limit)
--> (update (m x n), new state entries)``; see :func:`galore_update` for the arguments."""
+-> (update (m x n) or a ScaledGradient, new state entries)``; see :func:`galore_update` for the arguments."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,10 @@ def norm_ratio(numerator: torch.Tensor, denominator: torch.Tensor, scale_type: s
     if scale_type not in SCALE_TYPES:
         raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {scale_type!r}")
     if scale_type == "tensor":
-        return torch.linalg.vector_norm(numerator.float()) / (torch.linalg.vector_norm(denominator.float()) + _RATIO_EPS)
-    # Column norms as sqrt(sum of squares): ~8x faster on the CPU than vector_norm(dim=0) (issue 21 item 4).
+        return torch.linalg.vector_norm(numerator.float()) / (
+            torch.linalg.vector_norm(denominator.float()) + _RATIO_EPS
+        )
+    # Column norms as sqrt(sum of squares): several times faster on the CPU than vector_norm(dim=0) (issue 21).
     top = numerator.float().square().sum(dim=0, keepdim=True).sqrt_()
     bottom = denominator.float().square().sum(dim=0, keepdim=True).sqrt_()
     return top.div_(bottom.add_(_RATIO_EPS))
@@ -220,22 +223,54 @@ def apollo_update(
     rows, rank = basis.shape
     # R~ carries -lr: the ratio is >= 0, so the negated scales point downhill (folded in: no extra pass).
     scales = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type).neg_()
-    update = orient(grad).float() * scales
-    return _limited_in_place(_to_weight_frame(update, weight_shape), state, norm_growth_limit, lr)
+    # The limiter's norm comes from G's norms (||G diag(s)||^2 = sum_j s_j^2 ||G_:,j||^2) and its factor divides the
+    # scales, so G s is never formed here: the write-back fuses it (ScaledGradient, issue 21 item 4).
+    if scales.dim() == 0:
+        scales, new_state = _limited_scalar(grad, scales, state, norm_growth_limit, lr)
+        return ScaledGradient(grad, scales.reshape(1, 1)), new_state
+    scales, new_state = _limited_scales(grad, scales, state, norm_growth_limit, lr)
+    return ScaledGradient(grad, _to_weight_frame(scales, weight_shape)), new_state
 
 
-def _limited_in_place(
-    update: torch.Tensor, state: Mapping[str, torch.Tensor], gamma: float | None, lr: float | torch.Tensor
+def _limited_scales(
+    grad: torch.Tensor,
+    scales: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    gamma: float | None,
+    lr: float | torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`_limited` for an update this rule owns: the limiter's factor divides it in place (no copy)."""
+    """:func:`limit_norm_growth` of ``orient(grad) * scales`` ((1, k) ``scales``) without forming it."""
     if gamma is None or (not torch.is_tensor(lr) and lr == 0):
-        return update, {}
-    norm = torch.linalg.vector_norm(update) / lr
+        return scales, {}
+    # The channels' norms, each the fastest way on the CPU: down the rows as a sum of squares, along a row by norm.
+    if projects_rows(grad.shape):
+        columns = grad.float().square().sum(dim=0).sqrt_()
+    else:
+        columns = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(columns * scales.squeeze(0)) / lr
     previous = state.get("update_norm")
     if previous is None:
-        return update, {"update_norm": norm}
+        return scales, {"update_norm": norm}
     factor = (norm / (previous.to(norm.device) + _RATIO_EPS)).clamp(min=gamma) / gamma
-    return update.div_(factor), {"update_norm": norm / factor}
+    return scales / factor, {"update_norm": norm / factor}
+
+
+def _limited_scalar(
+    grad: torch.Tensor,
+    scale: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    gamma: float | None,
+    lr: float | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`limit_norm_growth` of ``grad * scale`` (0-dim ``scale``) without forming it: the factor divides it."""
+    if gamma is None or (not torch.is_tensor(lr) and lr == 0):
+        return scale, {}
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float32) * scale.abs() / lr
+    previous = state.get("update_norm")
+    if previous is None:
+        return scale, {"update_norm": norm}
+    factor = (norm / (previous.to(norm.device) + _RATIO_EPS)).clamp(min=gamma) / gamma
+    return scale / factor, {"update_norm": norm / factor}
 
 
 def fira_update(

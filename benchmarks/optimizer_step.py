@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from common import llama_weight_shapes, markdown_table, mib, set_threads, tensor_bytes  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lowrank_train import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
+from lowrank_train import APOLLOAdamW, APOLLOMini, GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
 from lowrank_train.optim.functional import finite_flags  # noqa: E402
 from lowrank_train.projection import (  # noqa: E402
     build_bases_batched,
@@ -255,6 +255,124 @@ def step_table(args: argparse.Namespace) -> list[str]:
     return out
 
 
+# ----- APOLLO vs apollo-torch (issue 21) ----------------------------------------------------------------------
+def apollo_optimizers(setting: str, lowrank: list[nn.Parameter], rank: int) -> tuple[object, object]:
+    """(ours, apollo-torch's) for the projected group only; a gap no run reaches, so every timed step is a
+    non-refresh step. apollo-torch's ``scale`` multiplies by its square root: 128 there is alpha sqrt(128) here."""
+    import apollo_torch
+
+    ours_params = [nn.Parameter(p.detach().clone()) for p in lowrank]
+    theirs_params = [nn.Parameter(p.detach().clone()) for p in lowrank]
+    gap = 10**6
+    if setting == "APOLLO":
+        ours = APOLLOAdamW([{"params": ours_params, "rank": rank, "update_gap": gap}], lr=1e-3, weight_decay=0.0)
+        theirs_group = {"rank": rank, "scale_type": "channel", "scale": 1.0}
+    else:
+        ours = APOLLOMini([{"params": ours_params, "rank": 1, "update_gap": gap}], lr=1e-3, weight_decay=0.0)
+        theirs_group = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+    group = {"params": theirs_params, "proj": "random", "proj_type": "std", "update_proj_gap": gap, **theirs_group}
+    theirs = apollo_torch.APOLLOAdamW([group], lr=1e-3, weight_decay=0.0)  # both without decay: no extra pass
+    return (ours, ours_params), (theirs, theirs_params)
+
+
+def interleaved_steps(runs: dict[str, tuple[Callable[[], object], list[nn.Parameter]]], grads, pairs: int):
+    """Per run (a step function and its parameters), (wall, CPU) seconds of ``pairs`` steps taken alternately (after
+    2 untimed: the first builds the projection), so all see the same machine load."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for i in range(pairs + 2):
+        for name, (step, params) in runs.items():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            wall, cpu, _ = timed(step)
+            if i >= 2:
+                times[name].append((wall, cpu))
+    return times
+
+
+def projected_state_bytes(opt, params) -> int:
+    """Every tensor the optimizer keeps for ``params``: ours also holds the inner moments under the shadows and the
+    random basis it keeps between refreshes (not state); apollo-torch's projector object (its stored random matrix)
+    is counted through its attributes."""
+    if hasattr(opt, "_base"):
+        return (
+            tensor_bytes([opt.state[p] for p in params])
+            + tensor_bytes([opt._base.state[opt._shadows[p]] for p in params])
+            + tensor_bytes([opt._seeded_bases.get(p) for p in params])
+        )
+    return tensor_bytes([opt.state[p] for p in params])
+
+
+def apollo_table(args: argparse.Namespace) -> list[str]:
+    """Section 4 of the module docstring."""
+    if importlib.util.find_spec("apollo_torch") is None:
+        message = "skipping the APOLLO table: apollo-torch is not installed (pip install apollo-torch)"
+        print(message, flush=True)
+        return ["", f"## APOLLO vs apollo-torch: {message}"]
+    lowrank, _ = build_params(args.size)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in lowrank]
+    adamw_bytes = sum(2 * p.numel() * 4 + 4 for p in lowrank)  # torch AdamW: two fp32 moments and a step per weight
+    rows, notes = [], []
+    for setting in ("APOLLO", "APOLLO-Mini"):
+        (ours, ours_params), (theirs, theirs_params) = apollo_optimizers(setting, lowrank, args.rank)
+        # The third run skips our per-step NaN/Inf check (apollo-torch has none): it shows that check's share.
+        runs = {
+            "ours": (ours.step, ours_params),
+            "apollo-torch": (theirs.step, theirs_params),
+            "ours, no NaN/Inf check": (lambda opt=ours: opt.step(check_finite=False), ours_params),
+        }
+        times = interleaved_steps(runs, grads, args.apollo_pairs)
+
+        def ratio(name: str, column: int, times=times) -> float:
+            pairs = zip(times[name], times["apollo-torch"], strict=True)
+            return statistics.median(o[column] / t[column] for o, t in pairs)
+
+        cpu_ratio, wall_ratio = ratio("ours", 1), ratio("ours", 0)
+        rank = args.rank if setting == "APOLLO" else 1
+        optimizers = {"ours": ours, "apollo-torch": theirs, "ours, no NaN/Inf check": ours}
+        for name, (_, params) in runs.items():
+            opt = optimizers[name]
+            state = projected_state_bytes(opt, params)
+            rows.append(
+                [
+                    f"{name} {setting} (rank {rank}, {'channel' if setting == 'APOLLO' else 'tensor'})",
+                    f"{statistics.median(w for w, _ in times[name]) * 1e3:.1f}",
+                    f"{statistics.median(c for _, c in times[name]) * 1e3:.1f}",
+                    f"{state / 2**20:,.3f}",
+                    f"{state / adamw_bytes * 100:.3f}%",
+                ]
+            )
+            print(rows[-1], flush=True)
+        target = "met" if cpu_ratio <= 0.8 else "missed"
+        notes.append(
+            f"- {setting} non-refresh step, ours / apollo-torch ({args.apollo_pairs} interleaved pairs): "
+            f"{cpu_ratio:.2f}x CPU time, {wall_ratio:.2f}x wall (target <= 0.8): {target}; without our per-step "
+            f"NaN/Inf check {ratio('ours, no NaN/Inf check', 1):.2f}x CPU time"
+        )
+        if setting == "APOLLO-Mini":
+            mini = projected_state_bytes(ours, ours_params) / adamw_bytes * 100
+            verdict = "met" if mini < 1 else "missed"
+            notes.append(f"- APOLLO-Mini projected-group state, ours: {mini:.3f}% of AdamW's (target < 1%): {verdict}")
+        del ours, theirs
+    header = ["optimizer (projected group only)", "step ms", "step CPU ms", "kept MiB", "kept / AdamW's state"]
+    n_low = sum(p.numel() for p in lowrank)
+    out = [
+        "",
+        f"## APOLLO vs apollo-torch, LLaMA-{args.size} projected weights ({len(lowrank)} tensors, {n_low / 1e6:.1f}M "
+        f"params), CPU, {args.threads} thread(s), median of {args.apollo_pairs} interleaved non-refresh steps",
+        "",
+        "Both optimizers hold only the projected (attention and MLP) weights: the other parameters take plain AdamW "
+        f"on both sides, without weight decay. Kept: every tensor held between steps for this group (state, and the "
+        f"random projection both keep between refreshes). AdamW's state for it: {adamw_bytes / 2**20:,.1f} MiB.",
+        "",
+        markdown_table(header, rows),
+        "",
+        *notes,
+    ]
+    print("\n".join(out), flush=True)
+    return out
+
+
 def gradient_with_spectrum(shape: tuple[int, int], seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     # A gradient-like matrix: decaying spectrum (1 to 1e-3) on random singular vectors.
@@ -392,14 +510,25 @@ def main() -> None:
     parser.add_argument("--layer-full", action="store_true", help="time every 7B matrix with svd too (~15+ min)")
     parser.add_argument("--skip-layer", action="store_true", help="skip the 7B-layer refresh table")
     parser.add_argument("--only-refresh", action="store_true", help="skip the step table, time the refreshes only")
+    parser.add_argument("--only-apollo", action="store_true", help="only the APOLLO vs apollo-torch table")
+    parser.add_argument("--apollo-pairs", type=int, default=6, help="interleaved ours/apollo-torch step pairs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_step.md"))
     args = parser.parse_args()
     set_threads(args.threads)
     load_at_start = os.getloadavg()[0]
 
+    if args.only_apollo:
+        out = apollo_table(args)
+        conditions = (
+            f"Run conditions: load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
+            f"{os.cpu_count()} cores; ratios from CPU time of interleaved steps."
+        )
+        path = Path(args.out).with_name("optimizer_step_apollo.md")
+        path.write_text("\n".join([conditions, *out]) + "\n")
+        return
     out: list[str] = []
     if not args.only_refresh:
-        out = step_table(args)
+        out = step_table(args) + apollo_table(args)
     shape = tuple(int(x) for x in args.refresh_shape.split("x"))
     refresh_rows = refresh_comparison(shape, args.refresh_rank, args.refresh_repeats, not args.no_torch_svd)
     out += [

@@ -3,9 +3,10 @@
 * :class:`LowRankOptimizerConfig`: which method (a GaLore-family entry of :mod:`lowrank_train.optim.registry`),
   its base optimizer, target modules and every GaLore group option of :mod:`lowrank_train.optim.options`, checked
   when the config is built.
-* :func:`lowrank_config_from_training_args`: the config that transformers' own GaLore settings
-  (``optim="galore_*"``, ``optim_target_modules``, ``optim_args``) mean, with transformers' meaning of the target
-  modules (:func:`hf_target_module_names`).
+* :func:`lowrank_config_from_training_args`: the config that transformers' own GaLore and APOLLO settings
+  (``optim="galore_*"`` / ``"apollo_adamw*"``, ``optim_target_modules``, ``optim_args``) mean, with transformers'
+  meaning of the target modules (:func:`hf_target_module_names`).
+* :func:`apollo_torch_param_groups`: apollo-torch's ``APOLLOAdamW`` param groups as ours (:data:`APOLLO_TORCH_KEYS`).
 
 Nothing here imports transformers: :mod:`lowrank_train.integrations.transformers` builds the optimizer and the
 ``Trainer`` from these settings and re-exports every name.
@@ -15,8 +16,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +127,14 @@ class LowRankOptimizerConfig:
     group_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        method = _lowrank_method(self.method)
+        method = _trainer_method(self.method)
+        if not method.lowrank:
+            given = sorted(name for name in GROUP_OPTIONS if name != "rank" and self._given(name))
+            if given:
+                raise ValueError(
+                    f"{_CONFIG}: method={self.method!r} ({method.description}) does not project gradients, so the "
+                    f"GaLore options {given} do not apply to it"
+                )
         self._resolve_options(method)
         if isinstance(self.target_modules, list):  # accept lists (YAML, argparse) but store a hashable tuple
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
@@ -162,6 +171,13 @@ class LowRankOptimizerConfig:
                 f"keywords ({_CONFIG}({reserved[0]}=...))"
             )
         defaults = {**GALORE_DEFAULTS, **_method_defaults(method)}
+        for name in _FIXED_BY_METHOD:  # a preset writes these over a group's value: a different one would be lost
+            fixed = method.method_options.get(name)
+            if fixed is not None and self._given(name) and getattr(self, name) != fixed:
+                raise ValueError(
+                    f"{_CONFIG}: method={self.method!r} fixes {name}={fixed!r}, got {name}={getattr(self, name)!r}; "
+                    f"for another {name} use method='galore' with update={method.method_options.get('update')!r}"
+                )
         options = {
             name: extra.pop(name) if name in extra else (getattr(self, name) if self._given(name) else defaults[name])
             for name in GROUP_OPTIONS
@@ -181,15 +197,31 @@ class LowRankOptimizerConfig:
         return {**{name: getattr(self, name) for name in GROUP_OPTIONS}, **self.group_options}
 
 
-def _lowrank_method(name: str) -> OptimizerMethod:
-    """The registry entry of a GaLore-family method (Trainer runs always project gradients)."""
-    names = optimizer_names(lowrank=True)
+# Options an update-rule preset (APOLLO, Fira) writes over a group's own value (lowrank_train.optim.presets).
+_FIXED_BY_METHOD = ("update", "projector")
+
+
+def _trainer_methods() -> tuple[str, ...]:
+    # The GaLore family, and the methods with a state layout of their own (SCALE); not a bare base optimizer.
+    return tuple(n for n in optimizer_names() if _is_trainer_method(get_optimizer_method(n)))
+
+
+def _is_trainer_method(method: OptimizerMethod) -> bool:
+    return method.lowrank or method.state_bytes is not None
+
+
+def _trainer_method(name: str) -> OptimizerMethod:
+    """The registry entry of a GaLore-family method or of a structured one that does not project (SCALE)."""
+    names = _trainer_methods()
     try:
         method = get_optimizer_method(name)
     except ValueError as error:
         raise ValueError(f"method must be one of {names}, got {name!r}: {error}") from None
-    if not method.lowrank:
-        raise ValueError(f"method must be one of {names} (the GaLore family), got {name!r}, which does not project")
+    if not _is_trainer_method(method):
+        raise ValueError(
+            f"method must be one of {names} (the GaLore family and SCALE), got {name!r}, which is its base optimizer "
+            "on every parameter: use transformers.Trainer for it"
+        )
     return method
 
 
@@ -198,8 +230,11 @@ def _any_base_names() -> str:
 
 
 def _method_defaults(method: OptimizerMethod) -> dict[str, Any]:
-    """The method's own group defaults (basis bits, adaptive refresh), over the schema's."""
-    return {key: getattr(method, key) for key in ("proj_bits", "adaptive_refresh") if getattr(method, key)}
+    """The method's own group defaults (basis bits, adaptive refresh; APOLLO's rule, projector, scale...), over the
+    schema's."""
+    defaults = {key: getattr(method, key) for key in ("proj_bits", "adaptive_refresh") if getattr(method, key)}
+    defaults.update({k: v for k, v in method.method_options.items() if k in GROUP_OPTIONS and k != "rank"})
+    return defaults
 
 
 # transformers' GaLore values of TrainingArguments.optim -> (our registry method, base, layer-wise).
@@ -211,10 +246,105 @@ HF_GALORE_OPTIMIZERS: dict[str, tuple[str, str | None, bool]] = {
     "galore_adamw_8bit_layerwise": ("galore8bit", None, True),
     "galore_adafactor_layerwise": ("galore", "adafactor", True),
 }
+# transformers' APOLLO values (apollo-torch's APOLLOAdamW) -> (our registry method, base, layer-wise).
+HF_APOLLO_OPTIMIZERS: dict[str, tuple[str, str | None, bool]] = {
+    "apollo_adamw": ("apollo", None, False),
+    "apollo_adamw_layerwise": ("apollo", None, True),
+}
+HF_LOWRANK_OPTIMIZERS = {**HF_GALORE_OPTIMIZERS, **HF_APOLLO_OPTIMIZERS}
 # TrainingArguments.optim's defaults (transformers picks the fused kernel on torch >= 2.8): "not chosen".
 _HF_DEFAULT_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
-# transformers' optim_args keys for GaLore, as our option names ("proj_type" is handled on its own).
-_HF_OPTIM_ARG_NAMES = {"rank": "rank", "update_proj_gap": "update_gap", "scale": "scale"}
+
+
+def _std_only(value: Any, where: str) -> None:
+    if value != "std":
+        raise ValueError(
+            f"{where}: proj_type={value!r} is not implemented here; only 'std' (project each weight on its smaller "
+            "side, the default of galore-torch, apollo-torch and transformers) is. Drop proj_type or set it to std"
+        )
+
+
+def _same(value: Any, where: str) -> Any:
+    del where
+    return value
+
+
+def _apollo_projector(value: Any, where: str) -> str:
+    if value != "random":
+        raise ValueError(
+            f"{where}: proj={value!r}: only apollo-torch's 'random' projection (APOLLO's) is implemented with the "
+            "'apollo' rule here; for an SVD basis with a scaled full-rank update use update='fira' (Fira)"
+        )
+    return "random"
+
+
+def _apollo_scale(value: Any, where: str) -> Any:
+    # apollo-torch multiplies its update by sqrt(scale) (scale 128 for APOLLO-Mini); our scale is that factor.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{where}: scale must be a number > 0, got {value!r}")
+    return math.sqrt(value)
+
+
+# A foreign key -> (our option, converter(value, where) -> our value); None: checked, then dropped.
+ForeignKeys = Mapping[str, tuple[str | None, Callable[[Any, str], Any]]]
+GALORE_TORCH_KEYS: ForeignKeys = {
+    "rank": ("rank", _same),
+    "update_proj_gap": ("update_gap", _same),
+    "scale": ("scale", _same),
+    "proj_type": (None, _std_only),
+}
+"""galore-torch's group keys (and transformers' ``optim_args`` for ``optim="galore_*"``), as ours."""
+APOLLO_TORCH_KEYS: ForeignKeys = {
+    "rank": ("rank", _same),
+    "proj": ("projector", _apollo_projector),
+    "scale_type": ("scale_type", _same),
+    "update_proj_gap": ("update_gap", _same),
+    "scale": ("scale", _apollo_scale),
+    "proj_type": (None, _std_only),
+}
+"""apollo-torch's group keys (and transformers' ``optim_args`` for ``optim="apollo_adamw"``), as ours: ``proj`` ->
+``projector``, ``update_proj_gap`` -> ``update_gap``, ``scale`` -> ``sqrt(scale)`` (apollo-torch multiplies its
+update by the square root), ``proj_type`` must be "std"; the group's rule becomes ``update="apollo"``."""
+
+
+def apollo_torch_param_groups(param_groups: Any, *, disable_nl: bool = False) -> list[dict[str, Any]]:
+    """apollo-torch ``APOLLOAdamW`` param groups as ours, for ``GaLore(groups, base="adamw", ...)``.
+
+    Groups with ``rank`` get :data:`APOLLO_TORCH_KEYS` mapped and ``update="apollo"``; apollo-torch's defaults
+    (``proj`` "random", ``scale_type`` "channel", ``update_proj_gap`` 200, ``scale`` 1) are ours too. Other keys
+    (``lr``, ``betas``, ``weight_decay``...) and groups without ``rank`` are kept.
+
+    Args:
+        param_groups: apollo-torch groups (dicts; ``rank`` marks a low-rank one).
+        disable_nl: apollo-torch's ``APOLLOAdamW(disable_nl=True)``: no norm-growth limiter
+            (``norm_growth_limit=inf``); its limiter (gamma 1.01) is ours by default.
+
+    Returns:
+        New groups, checked by our schema (a ``ValueError`` names the group and key).
+
+    Example:
+        >>> opt = GaLore(apollo_torch_param_groups(groups), base="adamw", lr=1e-2)
+    """
+    migrated = []
+    for index, group in enumerate(param_groups):
+        where = f"apollo-torch param group {index}"
+        if not isinstance(group, Mapping):
+            raise ValueError(f"{where}: expected a dict, got {type(group).__name__}")
+        if "rank" not in group:
+            migrated.append(dict(group))
+            continue
+        ours = {k: v for k, v in group.items() if k not in APOLLO_TORCH_KEYS}
+        for key, (name, convert) in APOLLO_TORCH_KEYS.items():
+            if key in group:
+                value = convert(group[key], f"{where}: {key}")
+                if name is not None:
+                    ours[name] = value
+        ours.setdefault("projector", "random")
+        ours["update"] = "apollo"
+        if disable_nl:
+            ours["norm_growth_limit"] = math.inf
+        migrated.append(validate_group_options(ours, where=where))
+    return migrated
 
 
 def _optim_name(args: TrainingArguments) -> str:
@@ -236,9 +366,10 @@ def _parse_optim_arg(text: str) -> Any:
     return text
 
 
-def _options_from_optim_args(optim_args: str | None) -> dict[str, Any]:
+def _options_from_optim_args(optim_args: str | None, foreign: ForeignKeys = GALORE_TORCH_KEYS) -> dict[str, Any]:
     """``TrainingArguments.optim_args`` (``"rank=64, update_proj_gap=100, scale=0.25, proj_type=std"``) as our
-    option names and values: transformers' three GaLore keys renamed, any other option of ours by its own name.
+    option names and values: transformers' keys of the method (``foreign``) converted, any other option of ours by
+    its own name.
 
     Unlike transformers, which drops keys it does not know, an unknown key or a value out of range is an error.
     """
@@ -250,22 +381,17 @@ def _options_from_optim_args(optim_args: str | None) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"{where}={optim_args!r}: expected comma-separated key=value pairs, got {item!r}")
-        if key == "proj_type":
-            if text != "std":
-                raise ValueError(
-                    f"{where}: proj_type={text!r} is not implemented here; only 'std' (project each weight on its "
-                    "smaller side, transformers' default) is. Drop proj_type or set proj_type=std"
-                )
+        name, convert = foreign.get(key, (key, _same))
+        value = convert(_parse_optim_arg(text), where)
+        if name is None:
             continue
-        name = _HF_OPTIM_ARG_NAMES.get(key, key)
         if name not in GROUP_OPTIONS:
-            known = sorted({*_HF_OPTIM_ARG_NAMES, "proj_type", *GROUP_OPTIONS})
+            known = sorted({*foreign, *GROUP_OPTIONS})
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{where}: unknown key {key!r}{hint}. Known: {known}")
         if name in options:
             raise ValueError(f"{where}: {key} is given twice in {optim_args!r}")
-        value = _parse_optim_arg(text)
         try:
             options[name] = validate_group_options({name: value}, where=where)[name]
         except ValueError:
@@ -343,10 +469,12 @@ def lowrank_config_from_training_args(
     """The config that ``TrainingArguments(optim="galore_*", optim_target_modules=..., optim_args=...)`` means.
 
     transformers' values map onto our registry: ``galore_adamw`` -> "galore", ``galore_adamw_8bit`` ->
-    "galore8bit", ``galore_adafactor`` -> "galore" around Adafactor, and each ``*_layerwise`` form to the same with
-    ``layerwise=True``. ``optim_args`` keys ``rank``, ``update_proj_gap`` (our ``update_gap``) and ``scale`` keep
-    transformers' defaults (128, 200, 0.25); ``proj_type`` must be "std"; any other option of ours may be given by
-    its name (``projector=rsvd``, ``proj_bits=4``).
+    "galore8bit", ``galore_adafactor`` -> "galore" around Adafactor, ``apollo_adamw`` -> "apollo", and each
+    ``*_layerwise`` form to the same with ``layerwise=True``. GaLore's ``optim_args`` keys ``rank``,
+    ``update_proj_gap`` (our ``update_gap``) and ``scale`` keep transformers' defaults (128, 200, 0.25); APOLLO's
+    are apollo-torch's (:data:`APOLLO_TORCH_KEYS`: ``rank`` 128, ``proj`` "random", ``scale_type`` "channel",
+    ``update_proj_gap`` 200, ``scale`` 1, whose square root is our ``scale``); ``proj_type`` must be "std"; any
+    other option of ours may be given by its name (``projector=rsvd``, ``proj_bits=4``).
 
     Args:
         args: the run's ``TrainingArguments``.
@@ -354,18 +482,19 @@ def lowrank_config_from_training_args(
             (:func:`hf_target_module_names`); without it ``target_modules`` stays our default "all-linear".
 
     Raises:
-        ValueError: for an ``optim`` other than transformers' GaLore values (apollo, lomo, plain AdamW...), an
+        ValueError: for an ``optim`` other than transformers' GaLore and APOLLO values (lomo, plain AdamW...), an
             unknown or invalid ``optim_args`` key, or target modules that select nothing.
     """
     name = _optim_name(args)
-    if name not in HF_GALORE_OPTIMIZERS:
+    if name not in HF_LOWRANK_OPTIMIZERS:
         raise ValueError(
-            f"TrainingArguments.optim={name!r} is not a GaLore optimizer this package implements; LowRankTrainer "
-            f"reads {sorted(HF_GALORE_OPTIMIZERS)}, or pass lowrank=LowRankOptimizerConfig(...) (methods "
-            f"{optimizer_names(lowrank=True)}). For {name!r} itself use transformers.Trainer"
+            f"TrainingArguments.optim={name!r} is not a GaLore or APOLLO optimizer this package implements; "
+            f"LowRankTrainer reads {sorted(HF_LOWRANK_OPTIMIZERS)}, or pass lowrank=LowRankOptimizerConfig(...) "
+            f"(methods {optimizer_names()}). For {name!r} itself use transformers.Trainer"
         )
-    method, base, layerwise = HF_GALORE_OPTIMIZERS[name]
-    options = _options_from_optim_args(args.optim_args)
+    method, base, layerwise = HF_LOWRANK_OPTIMIZERS[name]
+    foreign = APOLLO_TORCH_KEYS if name in HF_APOLLO_OPTIMIZERS else GALORE_TORCH_KEYS
+    options = _options_from_optim_args(args.optim_args, foreign)
     if model is not None:
         options["target_modules"] = hf_target_module_names(model, args.optim_target_modules)
     else:

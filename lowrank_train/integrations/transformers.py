@@ -7,7 +7,8 @@ Two ways in:
   accelerate shards the model) and reports the layer-wise engine's gradient norm. Without ``lowrank=`` it reads
   transformers' own GaLore settings (``TrainingArguments(optim="galore_adamw", optim_target_modules=...,
   optim_args="rank=..., update_proj_gap=..., scale=...")``, see :func:`lowrank_config_from_training_args`), so a
-  transformers GaLore run switches by replacing ``Trainer`` with ``LowRankTrainer`` (issue 15 item 2).
+  transformers GaLore run switches by replacing ``Trainer`` with ``LowRankTrainer`` (issue 15 item 2); so does an
+  APOLLO run (``optim="apollo_adamw"`` / ``"apollo_adamw_layerwise"``, apollo-torch's ``optim_args``; issue 21).
 
 :class:`LowRankOptimizerConfig` (defined, with the ``TrainingArguments`` migration, in
 :mod:`lowrank_train.integrations.trainer_config` and re-exported here) takes every GaLore group option of
@@ -42,10 +43,14 @@ from lowrank_train.integrations.fsdp import FSDP2GaLore, is_sharded
 from lowrank_train.integrations.trainer_config import (
     _CONFIG,
     _HF_DEFAULT_OPTIMIZERS,
+    APOLLO_TORCH_KEYS,
+    HF_APOLLO_OPTIMIZERS,
     HF_GALORE_OPTIMIZERS,
+    HF_LOWRANK_OPTIMIZERS,
     LowRankOptimizerConfig,
     _any_base_names,
     _optim_name,
+    apollo_torch_param_groups,
     hf_target_module_names,
     lowrank_config_from_training_args,
 )
@@ -55,10 +60,14 @@ from lowrank_train.optim.registry import get_optimizer_method, optimizer_names
 from lowrank_train.projection import get_projector
 
 __all__ = [
+    "APOLLO_TORCH_KEYS",
+    "HF_APOLLO_OPTIMIZERS",
     "HF_GALORE_OPTIMIZERS",
+    "HF_LOWRANK_OPTIMIZERS",
     "LowRankOptimizerConfig",
     "LowRankTrainer",
     "TrainerLayerwiseOptimizer",
+    "apollo_torch_param_groups",
     "create_lowrank_optimizer",
     "create_lowrank_optimizer_and_scheduler",
     "hf_target_module_names",
@@ -101,6 +110,8 @@ class TrainerLayerwiseOptimizer(LayerwiseOptimizer):
 
 def _check_projected_shapes(model: nn.Module, config: LowRankOptimizerConfig, from_training_args: bool) -> None:
     """The optimizer's shape checks (2-D weights, rank below min(m, n)), run on the model before training."""
+    if not get_optimizer_method(config.method).lowrank:
+        return
     if get_projector(config.projector).full_rank or config.full_rank_fallback:
         return
     where = "TrainingArguments.optim_args" if from_training_args else _CONFIG
@@ -162,7 +173,10 @@ def _optimizer_factory(
                 f"(DTensor) parameters: use a method that takes any base ({_any_base_names()}) with base='adamw' "
                 "with proj_bits=4, adaptive_refresh=True"
             )
-        return lambda groups: method.build(groups, **_base_kwargs(method.base, args))
+        kwargs = _base_kwargs(method.base, args)
+        if "scale" in method.method_options:  # a preset writes its own alpha over the groups' (APOLLO): pass ours
+            kwargs["scale"] = config.scale
+        return lambda groups: method.build(groups, **kwargs)
     # The plain GaLore wrapper around the chosen base (or its FSDP2 variant for sharded parameters).
     base = (config.base or method.base).lower()
     wrapper = FSDP2GaLore if sharded else GaLore
@@ -191,7 +205,11 @@ def create_lowrank_optimizer(
         ValueError: when layer-wise stepping is asked for in a multi-process run, with FSDP2, or when no linear
             weight matches ``target_modules``.
     """
-    groups = lowrank_param_groups(model, target_modules=config.target_modules, **config.options)
+    if get_optimizer_method(config.method).lowrank:
+        groups = lowrank_param_groups(model, target_modules=config.target_modules, **config.options)
+    else:  # a method that builds its own roles from the names (SCALE: the head's momentum)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
     groups = _split_decay(groups, model, args.weight_decay)
     sharded = any(is_sharded(p) for g in groups for p in g["params"])
     factory = _optimizer_factory(config, args, sharded)
@@ -254,7 +272,9 @@ class LowRankTrainer(Trainer):
     * no ``lowrank``, and transformers' own GaLore settings in ``TrainingArguments``: ``optim="galore_adamw"``
       (``galore_adamw_8bit``, ``galore_adafactor`` and their ``_layerwise`` forms), ``optim_target_modules`` and
       ``optim_args="rank=128, update_proj_gap=200, scale=0.25, proj_type=std"``, read with transformers' meaning
-      (:func:`lowrank_config_from_training_args`), so switching from ``Trainer`` is a change of class name.
+      (:func:`lowrank_config_from_training_args`), so switching from ``Trainer`` is a change of class name. The
+      same for APOLLO: ``optim="apollo_adamw"`` (or ``"apollo_adamw_layerwise"``) with ``optim_args="rank=256,
+      proj=random, scale_type=channel, update_proj_gap=200, scale=1"`` (transformers' keys and defaults).
       Differences from transformers' GaLore: ``adam_beta1``/``adam_beta2``/``adam_epsilon`` and ``weight_decay``
       (not on biases and norms) are honoured, where transformers' GaLore path drops them; layer-wise runs accept
       ``gradient_accumulation_steps``; checkpoints resume under ``torch.load(weights_only=True)``; an unknown
@@ -274,8 +294,8 @@ class LowRankTrainer(Trainer):
         **kwargs: ``Trainer`` keyword arguments (not ``optimizers`` or ``optimizer_cls_and_kwargs``).
 
     Raises:
-        ValueError: for the settings above, an ``optim`` value that is not one of transformers' GaLore values
-            (apollo, lomo...) when ``lowrank`` is None, or a non-default ``optim`` next to ``lowrank``.
+        ValueError: for the settings above, an ``optim`` value that is not one of transformers' GaLore or
+            APOLLO values (lomo...) when ``lowrank`` is None, or a non-default ``optim`` next to ``lowrank``.
     """
 
     def __init__(self, *args: Any, lowrank: LowRankOptimizerConfig | None = None, **kwargs: Any):
@@ -295,8 +315,8 @@ class LowRankTrainer(Trainer):
         elif training_args is not None and _optim_name(training_args) not in _HF_DEFAULT_OPTIMIZERS:
             raise ValueError(
                 f"lowrank= chooses the optimizer, so TrainingArguments.optim={_optim_name(training_args)!r} would be "
-                "ignored: leave optim at its default, or drop lowrank= to use transformers' GaLore settings "
-                f"({sorted(HF_GALORE_OPTIMIZERS)})"
+                "ignored: leave optim at its default, or drop lowrank= to use transformers' GaLore / APOLLO settings "
+                f"({sorted(HF_LOWRANK_OPTIMIZERS)})"
             )
         self.lowrank = lowrank
         super().__init__(*args, **kwargs)

@@ -283,6 +283,9 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
     else:
         plain_moment_bits = 4 if setup.moment_bits == 4 else method.moment_bits
     states_plain = sum(adam_state_bytes(n, dtype_bytes, plain_moment_bits) for n in plain_shapes)
+    if method.state_bytes is not None:  # the entry's own state layout (SCALE: the head's momentum only)
+        roles = ["embedding"] + ([] if shape.tie_embeddings else ["head"]) + ["norm"] * (2 * layers + 1)
+        states_plain = sum(method.state_bytes(r, n, dtype_bytes) for r, n in zip(roles, plain_shapes, strict=True))
     bases = 0
     replicated_linear_states = 0
     if lowrank:
@@ -304,9 +307,13 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
                     if setup.proj_bits is None
                     else quantized_bytes(basis, setup.proj_bits, setup.proj_group_size)
                 )
+            elif not kind.full_rank:  # a seeded basis, kept in fp32 between refreshes (GaLore._seeded_bases)
+                bases += min(m, n) * rank * 4
         states_linear *= layers
         replicated_linear_states *= layers
         bases *= layers
+    elif method.state_bytes is not None:
+        states_linear = sum(method.state_bytes("linear", n, dtype_bytes) for n in linear_numels)
     else:
         states_linear = sum(adam_state_bytes(n, dtype_bytes, moment_bits) for n in linear_numels)
     details["states: embedding/head/norms"] = states_plain

@@ -24,6 +24,7 @@ from lowrank_train.optim.registry import (
     registered_optimizer,
     unregister_optimizer,
 )
+from lowrank_train.optim.scale import SCALE, scale_param_groups
 from lowrank_train.optim.update_rules import UPDATE_RULES, UpdateRule, get_update_rule, register_update_rule
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "BASE_OPTIMIZERS",
     "FiraAdamW",
     "QAPOLLOMini",
+    "SCALE",
+    "scale_param_groups",
     "UPDATE_RULES",
     "UpdateRule",
     "get_update_rule",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -34,9 +35,26 @@ def rounding_generator(seed: int, step: int, device: torch.device) -> torch.Gene
     return basis_generator(seed ^ _ROUNDING_SALT, step, device)
 
 
+class ScaledGradient(NamedTuple):
+    """A full-rank update ``grad * scales`` kept as its two factors (APOLLO's rule): the write-back forms it inside
+    one fused multiply-add, with no m x n temporary (issue 21 item 4).
+
+    Attributes:
+        grad: (m, n) the raw gradient, in the weight's frame.
+        scales: fp32 scales broadcastable to (m, n): (1, n), (m, 1) or (1, 1); learning rate and sign included.
+    """
+
+    grad: torch.Tensor
+    scales: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        """The fp32 (m, n) update."""
+        return self.grad.float() * self.scales
+
+
 def apply_weight_update(
     param: torch.Tensor,
-    update: torch.Tensor,
+    update: torch.Tensor | ScaledGradient,
     *,
     lr: float | torch.Tensor,
     weight_decay: float,
@@ -51,12 +69,20 @@ def apply_weight_update(
 
     Args:
         param: (m, n) weight, updated in place, or a quantized weight's carrier.
-        update: (m, n) update already multiplied by the learning rate (the inner optimizer's step).
+        update: (m, n) update already multiplied by the learning rate (the inner optimizer's step), or a
+            :class:`ScaledGradient` (formed inside the write-back).
         lr: learning rate, for the decay only.
         weight_decay: decoupled decay coefficient.
         scale: GaLore's alpha.
         generator: randomness of the stochastic rounding of a quantized weight; ignored for float weights.
     """
+    if isinstance(update, ScaledGradient):
+        if not is_quantized_weight(param):
+            if weight_decay != 0:
+                param.mul_(1 - lr * weight_decay)
+            param.addcmul_(update.grad, update.scales, value=scale)
+            return
+        update = update.materialize()
     if is_quantized_weight(param):
         decay = 1 - float(lr) * weight_decay
         apply_quantized_update(param, update * scale, weight_decay_factor=decay, generator=generator)

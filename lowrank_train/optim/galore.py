@@ -183,6 +183,9 @@ class GaLore(torch.optim.Optimizer):
         galore_defaults = {k: defaults.pop(k, v) for k, v in GALORE_DEFAULTS.items()}
         self._base_kwargs = defaults
         self._shadows: dict[torch.Tensor, nn.Parameter] = {}
+        # A seeded (random) basis between refreshes: (seed, last refresh) -> basis, so it is drawn once per refresh
+        # instead of every step (issue 21 item 4). Not state: rebuilt from the seed after a resume.
+        self._seeded_bases: dict[torch.Tensor, tuple[tuple[int, int], torch.Tensor]] = {}
         self._base: torch.optim.Optimizer | None = None
         super().__init__(params, {**galore_defaults, **defaults})
         self._base = self._base_cls([self._base_group(g) for g in self.param_groups], **defaults)
@@ -358,7 +361,17 @@ class GaLore(torch.optim.Optimizer):
                 self._store_basis(state, basis, group)
             state["last_refresh"].fill_(last)
             state["refreshes"].add_(1)
-        full = self._load_basis(state, group, param) if kind.stores_basis else build(shape_only)
+        if kind.stores_basis:
+            full = self._load_basis(state, group, param)
+        elif kind.full_rank:  # the identity: min(m, n)^2 to keep, cheaper to rebuild
+            full = build(shape_only)
+        else:
+            key = (seed, last)
+            cached = self._seeded_bases.get(param)
+            if cached is None or cached[0] != key:
+                cached = (key, build(shape_only))
+                self._seeded_bases[param] = cached
+            full = cached[1]
         return self.backend.local_basis(full, param)
 
     def _adapt_gap(

@@ -129,7 +129,8 @@ def _scale_type(value: Any) -> str:
 def _growth_limit(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 1:
+    # gamma = 1 would cap every update at the previous one's norm: it can only shrink, so it is refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 1:
         raise _Invalid
     return float(value)
 
@@ -169,7 +170,7 @@ _OPTIONS = [
                 _update_rule),
     GroupOption("scale_type", "channel", f"one of {SCALE_TYPES}",
                 "APOLLO / Fira: one scale per channel (the non-projected side) or one per tensor", _scale_type),
-    GroupOption("norm_growth_limit", None, "None (the update rule's default), a number >= 1, or inf (off)",
+    GroupOption("norm_growth_limit", None, "None (the update rule's default), a number > 1, or inf (off)",
                 "gamma of the norm-growth limiter (Fira Sec. 3.3); None: off for 'galore', 1.01 for 'apollo' "
                 "and 'fira'", _growth_limit),
 ]  # fmt: skip
@@ -332,7 +333,24 @@ def validate_group_options(options: Mapping[str, Any], *, where: str) -> dict[st
             checked[key] = parse(value)
         except _Invalid as err:
             raise ValueError(f"{where}: {key} must be {allowed}, got {value!r}{err}") from None
+    _check_rule_has_a_projection(checked, where)
     return checked
+
+
+def _check_rule_has_a_projection(group: Mapping[str, Any], where: str) -> None:
+    """A param group that names a full-rank update rule without ``rank`` would silently get the plain update."""
+    rule = group.get("update", "galore")
+    if "params" not in group or "rank" in group or rule == "galore":
+        return
+    params = group["params"]
+    params = [params] if torch.is_tensor(params) else list(params) if not isinstance(params, set) else []
+    shapes = ", ".join(str(tuple(p.shape)) for p in params[:4]) + (", ..." if len(params) > 4 else "")
+    one_d = any(torch.is_tensor(p) and p.dim() != 2 for p in params)
+    fix = ": a rule cannot act on a 1-D parameter, remove update from it" if one_d else "; add rank or drop update"
+    raise ValueError(
+        f"{where}: update={rule!r} is a rule of low-rank groups (a 'rank' key, 2-D weights only), but this group "
+        f"has no rank (parameter shapes {shapes}){fix}"
+    )
 
 
 def check_group_option(key: str, value: Any) -> Any:

@@ -38,9 +38,13 @@ from lowrank_train.optim.presets import (
     QGaLoreAdamW4bit,
     QGaLoreAdamW8bit,
 )
+from lowrank_train.optim.scale import build_scale, scale_state_bytes
 from lowrank_train.quant import BASIS_BITS, MOMENT_BITS, TRAINED_WEIGHT_BITS, check_bits
 
 Builder = Callable[..., torch.optim.Optimizer]
+StateBytes = Callable[[str, int, int], int]
+"""``state_bytes(role, numel, dtype_bytes) -> bytes``: a method's optimizer state for one parameter; ``role`` is
+"embedding", "head", "norm" or "linear" (a block weight)."""
 # Keys a GaLore low-rank param group takes (see lowrank_train.optim.galore): rank plus the wrapper's defaults.
 GALORE_GROUP_OPTIONS = frozenset({"rank", *GALORE_DEFAULTS})
 
@@ -71,6 +75,9 @@ class OptimizerMethod:
         method_options: low-rank group options the method fixes (its builder writes them into every low-rank group,
             over ``optimizer.projector`` / ``scale`` / ``rank``): APOLLO's ``update``, ``projector``, ``scale``...
             The memory estimator reads ``projector`` and ``rank`` from here.
+        state_bytes: the state bytes of one parameter by role (:data:`StateBytes`), for a method whose state is not
+            the base optimizer's two moments everywhere (SCALE: the head's momentum only); ``None``: two moments
+            of ``moment_bits`` per element of every parameter. The memory estimator reads it.
     """
 
     name: str
@@ -85,6 +92,7 @@ class OptimizerMethod:
     group_options: frozenset[str] = field(default_factory=frozenset)
     any_base: bool = False
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    state_bytes: StateBytes | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.lower() or " " in self.name:
@@ -94,6 +102,8 @@ class OptimizerMethod:
             raise ValueError(f"{where}: base must be one of {sorted(BASE_OPTIMIZERS)}, got {self.base!r}")
         if not callable(self.build):
             raise ValueError(f"{where}: build must be callable, got {self.build!r}")
+        if self.state_bytes is not None and not callable(self.state_bytes):
+            raise ValueError(f"{where}: state_bytes must be None or callable, got {self.state_bytes!r}")
         for key, allowed, optional in (
             ("moment_bits", MOMENT_BITS, False),
             ("weight_bits", TRAINED_WEIGHT_BITS, True),
@@ -256,6 +266,15 @@ for _name, _description, _base, _bits, _build, _family in (
         32,
         FiraAdamW,
         {**_GALORE, "method_options": FIRA_OPTIONS},
+    ),
+    # SCALE (arXiv 2506.16659): no projection, no second moments; 1-D parameters take AdamW (the "adamw" base).
+    (
+        "scale",
+        "SCALE: column-normalized gradients, momentum on the output head only",
+        "adamw",
+        32,
+        build_scale,
+        {**_PLAIN, "state_bytes": scale_state_bytes},
     ),
 ):
     register_optimizer(

@@ -327,3 +327,27 @@ def test_a_group_whose_params_is_one_tensor_matches_a_list_of_it():
     run(opt_listed, [listed], 3)
     torch.testing.assert_close(lone, listed, rtol=0, atol=0)
     assert not torch.equal(lone, make_params()[0])
+
+
+@pytest.mark.parametrize("update", ["galore", "apollo"])
+def test_kept_random_basis_is_the_one_rebuilt_from_its_seed(update):
+    """The "random" basis is kept between refreshes (issue 21 item 4): the same bits as a twin that rebuilds it from
+    (seed, last refresh) at every step, across refreshes (gap 2), and a new basis after each refresh."""
+    from lowrank_train.optim import GaLoreAdamW
+
+    start = torch.randn(12, 20, generator=torch.Generator().manual_seed(0))
+    weights = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [
+        GaLoreAdamW([{"params": [w], "rank": 3, "update_gap": 2, "projector": "random", "update": update}], lr=1e-2)
+        for w in weights
+    ]
+    kept = []
+    for step in range(5):
+        grad = torch.randn(12, 20, generator=torch.Generator().manual_seed(step))
+        for w, opt in zip(weights, opts, strict=True):
+            w.grad = grad.clone()
+            opt.step()
+        opts[1]._seeded_bases.clear()  # the twin forgets it: rebuilt from the seed next step
+        kept.append(opts[0]._seeded_bases[weights[0]][1].clone())
+        assert torch.equal(weights[0].detach(), weights[1].detach()), step
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[1], kept[2]) and torch.equal(kept[2], kept[3])

@@ -137,3 +137,52 @@ def test_one_schema_everywhere():
         for name in GROUP_OPTIONS:
             assert f"``{name}``" in doc, (preset.__name__, name)
         assert "nonfinite" in doc
+
+
+# ----- issue 21 item 5: the update rules' options, refused before any step ------------------------------------
+def _apollo_groups(weight, bias, **lowrank):
+    return [{"params": [weight], "rank": 2, **lowrank}, {"params": [bias]}]
+
+
+RULE_ERRORS = [
+    ("rank", {"rank": 8}, r"rank 8 is not below min\(m, n\) = 8 for params\[0\] \(shape \(8, 16\)\)"),
+    ("rank", {"rank": 16}, r"rank 16 is not below min\(m, n\) = 8"),
+    ("scale_type", {"scale_type": "row"}, r"scale_type must be one of \('channel', 'tensor'\), got 'row'"),
+    ("norm_growth_limit", {"norm_growth_limit": 1.0}, r"norm_growth_limit must be .*a number > 1.*got 1\.0"),
+    ("norm_growth_limit", {"norm_growth_limit": 0.5}, r"norm_growth_limit must be .*got 0\.5"),
+]
+
+
+@pytest.mark.parametrize(("option", "lowrank", "message"), RULE_ERRORS)
+@pytest.mark.parametrize("cls", ["GaLore", "APOLLOAdamW", "FiraAdamW"])
+def test_update_rule_options_are_refused_at_construction(cls, option, lowrank, message):
+    """Each error names the group option, at construction: no step, no state, the weight untouched."""
+    import lowrank_train.optim as optim
+
+    weight, bias = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"param group 0: {message}") as error:
+        extra = {"update": "apollo", "projector": "random"} if cls == "GaLore" else {}
+        getattr(optim, cls)(_apollo_groups(weight, bias, **lowrank), **extra)
+    assert option in str(error.value)
+    assert torch.equal(weight.detach(), before)
+
+
+@pytest.mark.parametrize("rule", ["apollo", "fira"])
+def test_an_update_rule_on_a_1d_parameter_is_refused(rule):
+    weight, bias = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(16))
+    with pytest.raises(ValueError, match=rf"update='{rule}' is a rule of low-rank groups .*1-D parameter"):
+        GaLore([{"params": [weight], "rank": 2}, {"params": [bias], "update": rule}])
+    with pytest.raises(ValueError, match=r"take only 2-D weights; params\[0\] \(shape \(16,\)\) is 1-D"):
+        GaLore([{"params": [bias], "rank": 2, "update": rule}])
+    # The preset's default rule reaches only low-rank groups: a plain 1-D group is fine.
+    from lowrank_train.optim import APOLLOAdamW
+
+    APOLLOAdamW([{"params": [weight], "rank": 2}, {"params": [bias]}])
+
+
+def test_update_rule_options_are_refused_by_lowrank_param_groups():
+    with pytest.raises(ValueError, match=r"lowrank_param_groups: scale_type must be one of"):
+        lowrank_param_groups(model(), rank=2, update="apollo", scale_type="rows")
+    with pytest.raises(ValueError, match=r"lowrank_param_groups: norm_growth_limit must be"):
+        lowrank_param_groups(model(), rank=2, update="apollo", norm_growth_limit=1)

@@ -49,12 +49,14 @@ def _method(**overrides):
 BUILTINS = ("adamw", "adamw8bit", "galore", "galore8bit", "qgalore", "qgalore4bit")
 # Full-rank structured updates (issue 21): checked against their references in tests/optim/test_update_rules.py.
 STRUCTURED = ("apollo", "apollo_mini", "qapollo_mini", "fira")
+# Stateless structured updates (issue 21): SCALE, checked against its dense reference in tests/optim/test_scale.py.
+STATELESS = ("scale",)
 
 
 def test_builtin_names():
-    assert optimizer_names() == BUILTINS + STRUCTURED
+    assert optimizer_names() == BUILTINS + STRUCTURED + STATELESS
     assert optimizer_names(lowrank=True) == tuple(n for n in BUILTINS + STRUCTURED if get_optimizer_method(n).lowrank)
-    assert optimizer_names(lowrank=False) == ("adamw", "adamw8bit")
+    assert optimizer_names(lowrank=False) == ("adamw", "adamw8bit", "scale")
     assert GALORE_GROUP_OPTIONS == {"rank", *GALORE_DEFAULTS}
 
 
@@ -214,3 +216,28 @@ def test_entries_are_validated(overrides, match):
         _method(**overrides)
     with pytest.raises(ValueError, match="takes an OptimizerMethod"):
         register_optimizer("galore")
+
+
+def test_scale_entry_states_its_own_state_layout():
+    """SCALE's entry carries its state bytes (the estimator reads them); measured on the built optimizer: after a
+    step only the head holds a tensor of its size, and the 1-D gains AdamW's two moments."""
+    from lowrank_train.optim import SCALE
+
+    method = get_optimizer_method("scale")
+    assert method.state_bytes is not None and not method.lowrank
+    torch.manual_seed(0)
+    head, hidden, gain = nn.Linear(8, 16, bias=False), nn.Linear(8, 8, bias=False), nn.Parameter(torch.ones(8))
+    groups = [
+        {"params": [hidden.weight, gain, head.weight], "param_names": ["h.weight", "norm.weight", "lm_head.weight"]}
+    ]
+    optimizer = method.build(groups, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    assert isinstance(optimizer, SCALE)
+    (head(hidden(torch.randn(4, 8)) * gain).square().mean()).backward()
+    optimizer.step()
+    measured = {
+        role: sum(t.numel() * t.element_size() for t in optimizer.state[p].values())
+        for role, p in (("linear", hidden.weight), ("norm", gain), ("head", head.weight))
+    }
+    for role, p in (("linear", hidden.weight), ("norm", gain), ("head", head.weight)):
+        assert measured[role] == method.state_bytes(role, p.numel(), 4), role
+    assert method.state_bytes("embedding", 100, 4) == 0

@@ -245,6 +245,15 @@ def test_a_layerwise_sharded_checkpoint_resumes_in_one_process(
     _assert_same_run(run, layerwise_runs["single"])
 
 
+@pytest.mark.slow
+def test_a_single_process_layerwise_checkpoint_resumes_under_fsdp2(layerwise_runs, tmp_path, tiny_overrides):
+    # 1 -> 2: each inner optimizer's whole state from state.pt, split as the shards are.
+    run = _copy(layerwise_runs["single"], tmp_path)
+    _interrupt_after_step_2(run)
+    _torchrun([*tiny_overrides, *LAYERWISE, *STEPS, "run.parallel=fsdp2", f"run.output_dir={run}"], "--resume")
+    _assert_same_run(run, layerwise_runs["single"])
+
+
 def test_a_resume_that_would_change_the_global_batch_is_refused(galore_runs, tmp_path, tiny_overrides):
     run = _copy(galore_runs["fsdp2"], tmp_path)
     config = load_config(DEMO, [*tiny_overrides, *GALORE, *STEPS, f"run.output_dir={run}"])

@@ -466,11 +466,6 @@ def fsdp2_refusals(config: TrainConfig) -> list[str]:
     opt = config.optimizer
     method = opt.method
     refusals = []
-    if opt.layerwise:
-        refusals.append(
-            "optimizer.layerwise=true under FSDP2 exists in the library (integrations.fsdp.fsdp2_layerwise) but the "
-            "recipe's sharded checkpoints do not hold the layer-wise engine's state yet: use run.parallel=ddp"
-        )
     if opt.resolved_weight_bits is not None:
         refusals.append(
             f"INT8 weights (optimizer.name={opt.name!r}, optimizer.weight_bits={opt.resolved_weight_bits}) cannot be "

@@ -6,7 +6,9 @@ norm and the head, tied or not), as torchtitan does. Every parameter becomes a D
 
 The optimizer (:func:`build_sharded_optimizer`): the GaLore wrapper as
 :class:`~lowrank_train.integrations.fsdp.FSDP2GaLore` (projections of row-sharded gradients), a plain torch
-optimizer (AdamW) as it is, since torch's optimizers step DTensors.
+optimizer (AdamW) as it is, since torch's optimizers step DTensors; with ``optimizer.layerwise`` one of them per
+parameter inside :func:`~lowrank_train.integrations.fsdp.fsdp2_layerwise` (no DDP wrapper: FSDP2 reduce-scatters
+every micro-batch and runs the engine's post-accumulate-grad hooks after it).
 
 A checkpoint (:func:`save_sharded_checkpoint`) is the usual run-folder checkpoint (:mod:`~.checkpoint`: one
 atomic rename commits it, ``meta.json`` holds the sha256 of every file, ``latest``, rejected folders) whose
@@ -19,7 +21,9 @@ hyperparameters) and whose ``shards/`` folder is one DCP checkpoint written by a
 DCP stores each tensor under a global key with its global shape, so a checkpoint loads on any number of ranks
 (DCP reads the pieces each rank needs) and in a single process (plain tensors, :func:`load_sharded_model`). The keys
 are those of :func:`optimizer_tensors`: ``model.<name>``, ``optimizer.state.<i>.<key>`` and
-``optimizer.base.<i>.<key>`` (``i`` the parameter's index in the param groups), ``rng.rank<r>.<device>``.
+``optimizer.base.<i>.<key>`` (``i`` the parameter's index in the param groups), ``rng.rank<r>.<device>``; a
+layer-wise engine's inner optimizer of parameter ``j`` under ``optimizer.inner.<j>.state.0.<key>`` and
+``optimizer.inner.<j>.base.0.<key>`` (its counters and every param group in ``state.pt``).
 Replicated state (GaLore's counters, bases, adaptive-gap history; the projected moments of an m <= n weight,
 identical on every rank after their all-reduce) is a plain tensor, which DCP writes once. Sharded state is a
 DTensor: the moments of a plain parameter as its parameter is split, and the projected moments of an m > n weight
@@ -30,7 +34,7 @@ single-process optimizer holds, so a single-process checkpoint (``state.pt``) re
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from lowrank_train.train.parallel import Ranks
 SHARDS_FOLDER = "shards"
 SHARDED_FORMAT = "dcp/1"
 _SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
-_OPTIMIZER_KEY = re.compile(r"^optimizer\.(state|base)\.(\d+)\.(.+)$")
+_OPTIMIZER_KEY = re.compile(r"^optimizer\.(?:inner\.(\d+)\.)?(state|base)\.(\d+)\.(.+)$")
 
 
 def shard_model(model: nn.Module) -> nn.Module:
@@ -78,26 +82,44 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def build_sharded_optimizer(groups: list[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     """The run's optimizer over the sharded model's ``groups``: FSDP2GaLore for the GaLore wrapper (its base from
     the registry entry), a preset (APOLLO, Fira) on :class:`FSDP2Backend`, the registered torch optimizer itself
-    otherwise."""
-    from lowrank_train.integrations.fsdp import FSDP2Backend, FSDP2GaLore
+    otherwise; with ``optimizer.layerwise`` one of those per parameter inside
+    :func:`~lowrank_train.integrations.fsdp.fsdp2_layerwise` (stepped right after each reduce-scatter)."""
+    from lowrank_train.integrations.fsdp import FSDP2Backend, FSDP2GaLore, fsdp2_layerwise
     from lowrank_train.train.setup import optimizer_factory
 
     method = config.optimizer.method
     if not method.lowrank:
-        return optimizer_factory(config.optimizer)(groups)
+        factory = optimizer_factory(config.optimizer)
+    else:
 
-    def build(param_groups: list[dict[str, Any]], **hyperparameters: Any) -> torch.optim.Optimizer:
-        if method.any_base:
-            return FSDP2GaLore(param_groups, base=method.base, **hyperparameters)
-        # The presets (APOLLO, APOLLO-Mini, Fira) fix their own rule options; they take the sharded backend as is.
-        return method.build(param_groups, backend=FSDP2Backend(), **hyperparameters)
+        def build(param_groups: list[dict[str, Any]], **hyperparameters: Any) -> torch.optim.Optimizer:
+            if method.any_base:
+                return FSDP2GaLore(param_groups, base=method.base, **hyperparameters)
+            # The presets (APOLLO, APOLLO-Mini, Fira) fix their own rule options; they take the sharded backend.
+            return method.build(param_groups, backend=FSDP2Backend(), **hyperparameters)
 
-    return optimizer_factory(config.optimizer, build=build)(groups)
+        factory = optimizer_factory(config.optimizer, build=build)
+    if not config.optimizer.layerwise:
+        return factory(groups)
+    # As build_optimizer does for one process (optimizer.dense_state_bits is refused under FSDP2).
+    return fsdp2_layerwise(
+        groups,
+        factory,
+        accumulation_steps=config.data.grad_accum,
+        max_grad_norm=config.optimizer.max_grad_norm or None,
+        nonfinite=config.optimizer.nonfinite,
+    )
 
 
 # ----- the layout-free form of model and optimizer state ---------------------------------------------------------
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _is_layerwise(optimizer: torch.optim.Optimizer) -> bool:
+    from lowrank_train.optim.layerwise import LayerwiseOptimizer
+
+    return isinstance(optimizer, LayerwiseOptimizer)
 
 
 def _moments_section(optimizer: torch.optim.Optimizer) -> str:
@@ -117,7 +139,8 @@ def _global_layout(
     optimizer: torch.optim.Optimizer, section: str, param: torch.Tensor, shape: tuple[int, ...]
 ) -> list[Any] | None:
     """The DTensor placements of a state tensor of global ``shape`` of ``param``, or ``None`` for a replicated one
-    (:func:`~lowrank_train.integrations.fsdp.state_placements`); only the moments section can be sharded."""
+    (:func:`~lowrank_train.integrations.fsdp.state_placements`); only the moments section can be sharded.
+    ``optimizer`` is the one holding the state (a layer-wise engine's inner optimizer of ``param``)."""
     from lowrank_train.integrations.fsdp import state_placements
 
     if section != _moments_section(optimizer):
@@ -125,38 +148,58 @@ def _global_layout(
     return state_placements(param, shape, projected=_is_projected(optimizer, param))
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``optimizer.state_dict()`` split into layout-free tensors (global shapes; DTensors where sharded) and the
-    rest (param groups and other plain values), which :func:`load_optimizer_tensors` puts back together.
+# (state tensor, the optimizer holding it, its section, its parameter) -> the tensor to store
+Placer = Callable[[torch.Tensor, torch.optim.Optimizer, str, torch.Tensor], torch.Tensor]
 
-    Returns:
-        ``({"optimizer.<section>.<i>.<key>": tensor}, rest)``.
-    """
-    from torch.distributed.tensor import DTensor
 
-    from lowrank_train.integrations.fsdp import projected_state_shape
-
-    native = optimizer.state_dict()
-    params = _params(optimizer)
+def _split_state(
+    optimizer: torch.optim.Optimizer, native: Mapping[str, Any], place: Placer
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``native`` (``optimizer``'s state dict) as ``optimizer.<section>.<i>.<key>`` tensors, each passed through
+    ``place``, and the rest (``plain_state``: the non-tensor entries under the same keys). A layer-wise engine's
+    inner states become ``optimizer.inner.<j>.<section>.<i>.<key>`` (``j`` the parameter's index in the engine)
+    and their rests ``rest["inner"][j]``; its own counters stay in the rest (replicated)."""
     tensors: dict[str, torch.Tensor] = {}
-    rest: dict[str, Any] = {k: v for k, v in native.items() if k not in ("state", "base")}
-    if "base" in native:
-        rest["base"] = {k: v for k, v in native["base"].items() if k != "state"}
     plain: dict[str, Any] = {}
-    for section, state in _state_sections(native):
-        for index, entries in state.items():
-            param = params[index]
-            for key, value in entries.items():
-                name = f"optimizer.{section}.{index}.{key}"
-                if not torch.is_tensor(value):
-                    plain[name] = value
-                elif isinstance(value, DTensor) or not isinstance(param, DTensor):
-                    tensors[name] = value
-                else:
-                    shape = projected_state_shape(value, param) if section == "base" else tuple(value.shape)
-                    tensors[name] = _to_global(value, _global_layout(optimizer, section, param, shape), shape, param)
+    params = _params(optimizer)
+    rest = _split_one(optimizer, native, "optimizer.", params, place, tensors, plain)
+    if _is_layerwise(optimizer) and "inner" in native:
+        if len(native["inner"]) != len(params):
+            raise CheckpointError(
+                f"the saved layer-wise optimizer holds {len(native['inner'])} inner optimizers, this one steps "
+                f"{len(params)} parameters: not this run's model"
+            )
+        rest["inner"] = [
+            _split_one(optimizer.inner_optimizer(p), saved, f"optimizer.inner.{j}.", [p], place, tensors, plain)
+            for j, (p, saved) in enumerate(zip(params, native["inner"], strict=True))
+        ]
     rest["plain_state"] = plain
     return tensors, rest
+
+
+def _split_one(
+    owner: torch.optim.Optimizer,
+    native: Mapping[str, Any],
+    prefix: str,
+    params: list[torch.Tensor],
+    place: Placer,
+    tensors: dict[str, torch.Tensor],
+    plain: dict[str, Any],
+) -> dict[str, Any]:
+    rest: dict[str, Any] = {k: v for k, v in native.items() if k not in ("state", "base", "inner")}
+    if "base" in native:
+        rest["base"] = {k: v for k, v in native["base"].items() if k != "state"}
+    for section, state in _state_sections(native):
+        for index, entries in state.items():
+            if index >= len(params):
+                raise CheckpointError(f"the saved {prefix}{section}.{index} has no parameter {index} here")
+            for key, value in entries.items():
+                name = f"{prefix}{section}.{index}.{key}"
+                if torch.is_tensor(value):
+                    tensors[name] = place(value, owner, section, params[index])
+                else:
+                    plain[name] = value
+    return rest
 
 
 def _state_sections(native: Mapping[str, Any]) -> list[tuple[str, Mapping[int, Mapping[str, Any]]]]:
@@ -164,6 +207,51 @@ def _state_sections(native: Mapping[str, Any]) -> list[tuple[str, Mapping[int, M
     if "base" in native:
         sections.append(("base", native["base"]["state"]))
     return sections
+
+
+def _owner(optimizer: torch.optim.Optimizer, name: str) -> tuple[torch.optim.Optimizer, str, int, str, torch.Tensor]:
+    """(the optimizer holding it, section, parameter index there, key, the parameter) of a saved optimizer key."""
+    match = _OPTIMIZER_KEY.match(name)
+    if match is None:
+        raise CheckpointError(f"{name} is not an optimizer state key")
+    inner, section, index, key = match.group(1), match.group(2), int(match.group(3)), match.group(4)
+    owner, params = optimizer, _params(optimizer)
+    if inner is not None:
+        if not _is_layerwise(optimizer) or int(inner) >= len(params):
+            raise CheckpointError(
+                f"the checkpoint's {name} belongs to a layer-wise optimizer's parameter {inner}, which this "
+                f"{type(optimizer).__name__} does not have: resume with the optimizer.layerwise the run was saved with"
+            )
+        owner = optimizer.inner_optimizer(params[int(inner)])
+        params = _params(owner)
+    if index >= len(params):
+        raise CheckpointError(f"the checkpoint's {name} has no parameter {index} in this optimizer")
+    return owner, section, index, key, params[index]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``optimizer.state_dict()`` split into layout-free tensors (global shapes; DTensors where sharded) and the
+    rest (param groups and other plain values), which :func:`load_optimizer_tensors` puts back together.
+
+    Returns:
+        ``({"optimizer.<section>.<i>.<key>": tensor}, rest)``; a layer-wise engine's inner states under
+        ``optimizer.inner.<j>.<section>.<i>.<key>``.
+    """
+    return _split_state(optimizer, optimizer.state_dict(), _local_to_global)
+
+
+def _local_to_global(
+    value: torch.Tensor, owner: torch.optim.Optimizer, section: str, param: torch.Tensor
+) -> torch.Tensor:
+    """This rank's piece of a state tensor as the global tensor it is part of (a DTensor where it is split)."""
+    from torch.distributed.tensor import DTensor
+
+    from lowrank_train.integrations.fsdp import projected_state_shape
+
+    if isinstance(value, DTensor) or not isinstance(param, DTensor):
+        return value
+    shape = projected_state_shape(value, param) if section == "base" else tuple(value.shape)
+    return _to_global(value, _global_layout(owner, section, param, shape), shape, param)
 
 
 def _to_global(
@@ -184,17 +272,12 @@ def optimizer_template(
     (``{key: (global shape, dtype)}``): what DCP fills on load."""
     from torch.distributed.tensor import empty as dtensor_empty
 
-    params = _params(optimizer)
     template: dict[str, torch.Tensor] = {}
     for name, (shape, dtype) in entries.items():
-        match = _OPTIMIZER_KEY.match(name)
-        if match is None:
+        if _OPTIMIZER_KEY.match(name) is None:
             continue
-        section, index, _ = match.group(1), int(match.group(2)), match.group(3)
-        if index >= len(params):
-            raise CheckpointError(f"the checkpoint's {name} has no parameter {index} in this optimizer")
-        param = params[index]
-        placements = _global_layout(optimizer, section, param, tuple(shape))
+        owner, section, _, _, param = _owner(optimizer, name)
+        placements = _global_layout(owner, section, param, tuple(shape))
         if placements is None:
             # Replicated state is read to the CPU: load_state_dict moves it where the optimizer keeps it.
             template[name] = torch.empty(shape, dtype=dtype)
@@ -212,25 +295,36 @@ def load_optimizer_tensors(
     optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], rest: Mapping[str, Any]
 ) -> None:
     """Loads what :func:`optimizer_tensors` split (tensors laid out by :func:`optimizer_template`) into
-    ``optimizer`` through its own ``load_state_dict`` (GaLore's checks the shapes first)."""
+    ``optimizer`` through its own ``load_state_dict`` (GaLore's and the layer-wise engine's check the shapes
+    first)."""
     from torch.distributed.tensor import DTensor
 
-    params = _params(optimizer)
-    native: dict[str, Any] = {k: v for k, v in rest.items() if k not in ("base", "plain_state")}
-    sections: dict[str, dict[int, dict[str, Any]]] = {"state": {}, "base": {}}
+    # None: the optimizer's own sections; j: the layer-wise engine's inner optimizer of parameter j.
+    sections: dict[int | None, dict[str, dict[int, dict[str, Any]]]] = {}
     values = {**dict(rest.get("plain_state", {})), **dict(tensors)}
     for name, value in values.items():
         match = _OPTIMIZER_KEY.match(name)
         if match is None:
             continue
-        section, index, key = match.group(1), int(match.group(2)), match.group(3)
-        if isinstance(value, DTensor) and _is_projected(optimizer, params[index]):
+        owner, section, index, key, param = _owner(optimizer, name)
+        if isinstance(value, DTensor) and _is_projected(owner, param):
             value = value.to_local()  # the projected moments: this rank's columns, as FSDP2GaLore keeps them
-        sections[section].setdefault(index, {})[key] = value
+        inner = None if match.group(1) is None else int(match.group(1))
+        owned = sections.setdefault(inner, {"state": {}, "base": {}})
+        owned[section].setdefault(index, {})[key] = value
+    native = _join(rest, sections.get(None))
+    if "inner" in rest:
+        native["inner"] = [_join(saved, sections.get(j)) for j, saved in enumerate(rest["inner"])]
+    optimizer.load_state_dict(native)
+
+
+def _join(rest: Mapping[str, Any], sections: Mapping[str, dict[int, dict[str, Any]]] | None) -> dict[str, Any]:
+    sections = sections or {"state": {}, "base": {}}
+    native: dict[str, Any] = {k: v for k, v in rest.items() if k not in ("base", "plain_state", "inner")}
     native["state"] = sections["state"]
     if "base" in rest:
         native["base"] = {**dict(rest["base"]), "state": sections["base"]}
-    optimizer.load_state_dict(native)
+    return native
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -418,24 +512,16 @@ def _restore_dense(state: Mapping[str, Any], model: nn.Module, optimizer: torch.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
-    native = state["optimizer"]
-    params = _params(optimizer)
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {}
-    for section, entries in _state_sections(native):
-        for index, saved in entries.items():
-            for key, value in saved.items():
-                name = f"optimizer.{section}.{index}.{key}"
-                if not torch.is_tensor(value):
-                    plain[name] = value
-                    continue
-                placements = _global_layout(optimizer, section, params[index], tuple(value.shape))
-                tensors[name] = value if placements is None else _distribute(value, params[index], placements)
-    rest: dict[str, Any] = {k: v for k, v in native.items() if k not in ("state", "base")}
-    if "base" in native:
-        rest["base"] = {k: v for k, v in native["base"].items() if k != "state"}
-    rest["plain_state"] = plain
+    tensors, rest = _split_state(optimizer, state["optimizer"], _global_to_local)
     load_optimizer_tensors(optimizer, tensors, rest)
+
+
+def _global_to_local(
+    full: torch.Tensor, owner: torch.optim.Optimizer, section: str, param: torch.Tensor
+) -> torch.Tensor:
+    """A whole state tensor (as one process holds it) as the DTensor of this rank's layout where it is split."""
+    placements = _global_layout(owner, section, param, tuple(full.shape))
+    return full if placements is None else _distribute(full, param, placements)
 
 
 def _distribute(full: torch.Tensor, param: torch.Tensor, placements: list[Any]) -> torch.Tensor:

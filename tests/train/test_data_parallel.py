@@ -77,9 +77,10 @@ def test_two_processes_train_as_one_with_twice_the_batch(tiny, tmp_path):
 
 
 def test_layerwise_with_accumulation_averages_in_the_engine(tiny, tmp_path):
-    # No DDP wrapper: LayerwiseOptimizer averages each gradient over the ranks in its backward hook.
+    # No DDP wrapper: LayerwiseOptimizer averages each gradient over the ranks in its backward hook (the ddp engine;
+    # auto would shard a layer-wise run with FSDP2, tested in test_fsdp2_recipe.py).
     steps = [*tiny, *COMMON, "optimizer.layerwise=true", "data.grad_accum=2"]
-    _torchrun([*steps, f"run.output_dir={tmp_path / 'ddp'}"])
+    _torchrun([*steps, "run.parallel=ddp", f"run.output_dir={tmp_path / 'ddp'}"])
     train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={tmp_path / 'single'}"]), **QUIET)
     _assert_same_run(tmp_path / "ddp", tmp_path / "single")
 

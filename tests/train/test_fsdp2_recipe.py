@@ -1,9 +1,11 @@
 """FSDP2 runs of the training recipe (issue 22): 2 gloo processes under ``run.parallel=fsdp2`` train as one process
 with the whole global batch, write sharded DCP checkpoints in the run-folder layout, resume bit-identically on the
-same number of processes and within float-summation tolerance on another, and export one HF folder."""
+same number of processes and within float-summation tolerance on another, and export one HF folder; layer-wise
+steps (``optimizer.layerwise``) included."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes/configs/demo.yaml"
 QUIET = {"log": lambda line: None}
 GALORE = ["optimizer.name=galore", "optimizer.weight_bits=null"]
+# Clipped by the previous step's global norm (reduced over the shards; a resume restores it).
+LAYERWISE = [*GALORE, "optimizer.layerwise=true", "data.grad_accum=2", "optimizer.max_grad_norm=0.5"]
 STEPS = ["run.max_steps=4", "run.eval_every=2", "run.save_every=2", "run.keep_checkpoints=2"]
 
 
@@ -182,6 +186,74 @@ def test_a_two_process_checkpoint_resumes_on_four(galore_runs, tmp_path, tiny_ov
     _assert_same_run(run, galore_runs["single"])
 
 
+@pytest.fixture(scope="module")
+def layerwise_runs(train_cache, tiny_overrides, tmp_path_factory):
+    """Layer-wise GaLore with 2 micro-batches per step and clipping, 4 steps: 2 FSDP2 processes with micro-batch 2
+    (one torchrun launch), one process with 4."""
+    root = tmp_path_factory.mktemp("fsdp2_layerwise")
+    runs = {"fsdp2": root / "fsdp2", "single": root / "single"}
+    common = [*tiny_overrides, *LAYERWISE, *STEPS]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV_VAR, str(train_cache))
+        done = _torchrun([*common, "run.parallel=fsdp2", f"run.output_dir={runs['fsdp2']}"])
+        train(load_config(DEMO, [*common, "data.batch_size=4", f"run.output_dir={runs['single']}"]), **QUIET)
+    runs["log"] = done.stdout + done.stderr
+    return runs
+
+
+def test_layerwise_galore_under_fsdp2_trains_as_one_process(layerwise_runs):
+    # Each shard stepped inside backward after its reduce-scatter, the 2 micro-batches accumulated in the projected
+    # (r x n) accumulators: the single-process layer-wise run on the same global batch.
+    _assert_same_run(layerwise_runs["fsdp2"], layerwise_runs["single"])
+    assert "optimizer galore (layer-wise)" in layerwise_runs["log"]
+    assert "engine: fsdp2 on 2 processes (run.parallel=fsdp2)" in layerwise_runs["log"]
+    # The inner optimizers' states as global tensors: the projected moments of the (64 x 32) gate/up weights in 2
+    # column pieces, those of the (32 x 64) down weights once, the embedding's moments in 2 row pieces; the engine's
+    # counters in state.pt.
+    folder = layerwise_runs["fsdp2"] / "checkpoints" / "step-00000004"
+    metadata = dcp.FileSystemReader(folder / "shards").read_metadata().state_dict_metadata
+    layouts = {
+        (tuple(entry.size), len(entry.chunks))
+        for key, entry in metadata.items()
+        if re.fullmatch(r"optimizer\.inner\.\d+\.base\.0\.exp_avg", key)
+    }
+    assert {((8, 64), 2), ((8, 64), 1), ((50257, 32), 2)} <= layouts, layouts
+    engine = torch.load(folder / "state.pt", weights_only=True)["optimizer_rest"]["layerwise"]
+    assert int(engine["steps"]) == 4
+    # Step 3 is clipped by step 2's norm, which the resumes below restore from the step-2 checkpoint.
+    step_2 = torch.load(folder.parent / "step-00000002" / "state.pt", weights_only=True)
+    assert float(step_2["optimizer_rest"]["layerwise"]["last_grad_norm"]) > 0.5
+
+
+def test_layerwise_fsdp2_resume_on_the_same_world_size_is_bit_identical(layerwise_runs, tmp_path, tiny_overrides):
+    run = _copy(layerwise_runs["fsdp2"], tmp_path)
+    _interrupt_after_step_2(run)
+    _torchrun([*tiny_overrides, *LAYERWISE, *STEPS, "run.parallel=fsdp2", f"run.output_dir={run}"], "--resume")
+    _assert_same_run(run, layerwise_runs["fsdp2"], exact=True)
+
+
+def test_a_layerwise_sharded_checkpoint_resumes_in_one_process(
+    layerwise_runs, tmp_path, tiny_overrides, monkeypatch, train_cache
+):
+    # 2 -> 1: a plain single-process layer-wise run continues from the sharded inner states (DCP assembles the
+    # column pieces of the projected moments and the row pieces of the plain ones).
+    monkeypatch.setenv(CACHE_ENV_VAR, str(train_cache))
+    run = _copy(layerwise_runs["fsdp2"], tmp_path)
+    _interrupt_after_step_2(run)
+    config = load_config(DEMO, [*tiny_overrides, *LAYERWISE, *STEPS, "data.batch_size=4", f"run.output_dir={run}"])
+    train(config, resume=True, **QUIET)
+    _assert_same_run(run, layerwise_runs["single"])
+
+
+@pytest.mark.slow
+def test_a_single_process_layerwise_checkpoint_resumes_under_fsdp2(layerwise_runs, tmp_path, tiny_overrides):
+    # 1 -> 2: each inner optimizer's whole state from state.pt, split as the shards are.
+    run = _copy(layerwise_runs["single"], tmp_path)
+    _interrupt_after_step_2(run)
+    _torchrun([*tiny_overrides, *LAYERWISE, *STEPS, "run.parallel=fsdp2", f"run.output_dir={run}"], "--resume")
+    _assert_same_run(run, layerwise_runs["single"])
+
+
 def test_a_resume_that_would_change_the_global_batch_is_refused(galore_runs, tmp_path, tiny_overrides):
     run = _copy(galore_runs["fsdp2"], tmp_path)
     config = load_config(DEMO, [*tiny_overrides, *GALORE, *STEPS, f"run.output_dir={run}"])
@@ -217,7 +289,6 @@ def test_a_checkpoint_missing_a_rank_is_rejected(galore_runs, tmp_path):
     ("overrides", "keys"),
     [
         (["optimizer.name=qgalore"], "optimizer.weight_bits=8"),
-        ([*GALORE, "optimizer.layerwise=true"], "optimizer.layerwise=true"),
         (["optimizer.name=galore8bit", "optimizer.weight_bits=null"], "optimizer.name='galore8bit'"),
         ([*GALORE, "optimizer.dense_state_bits=8"], "optimizer.dense_state_bits=8"),
     ],
@@ -240,6 +311,7 @@ def test_auto_picks_fsdp2_for_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert choose_engine(config) == ("fsdp2", "run.parallel=auto, WORLD_SIZE=2")
+    assert choose_engine(load_config(DEMO, LAYERWISE))[0] == "fsdp2"  # layer-wise runs sharded too
     with pytest.raises(ConfigError, match="runs under DDP only"):
         choose_engine(load_config(DEMO, [*GALORE, "run.parallel=fsdp2"]), "finetune")
     assert choose_engine(load_config(DEMO, GALORE), "finetune")[0] == "ddp"

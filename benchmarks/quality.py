@@ -406,8 +406,9 @@ def report(
         "",
         "Optimizer-state bytes are measured live tensors (the optimizer's state_dict walked, shared storages counted "
         "once). The embedding / head is full-rank in every method, so the low-rank saving on the block weights shows "
-        "less here than at 7B. Step times are medians on a 2-core machine shared with other jobs (load 3-10 during "
-        "this run): they vary 2x between runs of the same method; use `benchmarks/optimizer_step.py` for speed.",
+        "less here than at 7B. Step times are medians on a 2-core machine shared with other jobs whose load changed "
+        "between runs (and between invocations, for runs reused with `--resume`): they vary 2-4x between runs of the "
+        "same method, so they do not rank the methods; use `benchmarks/optimizer_step.py` for speed.",
     ]
     return "\n".join(lines) + "\n"
 

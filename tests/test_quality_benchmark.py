@@ -74,3 +74,50 @@ def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+class _Parser:
+    def error(self, message):
+        raise SystemExit(message)
+
+
+def test_long_report_pairs_seeds_names_missing_runs_and_decides_the_claim(quality, tmp_path):
+    import argparse
+    import json
+
+    settings = {k: None for k in quality.RUN_SETTINGS}
+    settings.update(steps=1000, warmup=100, batch=16, seq=64, hidden=128, threads=1, update_gap=50)
+    sweep = _saved(
+        [(m, lr, 0, loss) for m in ("adamw_grouped", "galore") for lr, loss in ((3e-3, 5.0), (1e-2, 4.9), (3e-2, 5.2))]
+        + [("adamw_grouped", 1e-2, 1, 5.0), ("galore", 1e-2, 1, 4.5)]
+    )
+    sweep["args"].update(settings, steps=200, warmup=20)
+    (tmp_path / "quality.json").write_text(json.dumps(sweep))
+    args = argparse.Namespace(
+        **settings,
+        seeds=[0, 1],
+        long_methods=["adamw_grouped", "galore", "apollo"],
+        output=tmp_path,
+        long_output=tmp_path / "long",
+        sweep_file=tmp_path / "quality.json",
+    )
+    args.long_output.mkdir()
+    losses = {("adamw_grouped", 0): 4.0, ("adamw_grouped", 1): 4.2, ("galore", 0): 3.68, ("galore", 1): 3.906}
+    losses[("apollo", 0)] = 3.9
+    for (method, seed), loss in losses.items():
+        result = {"method": method, "lr": 1e-2, "seed": seed, "eval_loss": loss, "step_s": 0.5, "run_s": 600.0}
+        result["train_losses"] = [6.0 - 0.01 * i for i in range(60)]
+        payload = {"settings": settings, "heldout_blocks": 157, "result": result}
+        quality._run_path(args.long_output, method, seed).write_text(json.dumps(payload))
+
+    text = quality.long_report(args, _Parser())
+    galore = next(line for line in text.splitlines() if line.startswith("| GaLore"))
+    # 3.68 / 4.0 - 1 = -8%, 3.906 / 4.2 - 1 = -7%, paired mean (3.68 + 3.906) / 8.2 - 1 = -7.49%; at 200 steps both
+    # sweeps pick 1e-2: (4.9 + 4.5) / (4.9 + 5.0) - 1 = -5.05%.
+    assert "| -8.00% | -7.00% | -7.49% | -5.05% |" in galore
+    apollo = next(line for line in text.splitlines() if line.startswith("| APOLLO"))
+    assert "sweep unfinished" in apollo and "missing" in apollo
+    assert "Missing runs: apollo seed 1." in text
+    assert "**holds**" in text
+    assert (tmp_path / "quality_long.md").read_text() == text
+    assert (tmp_path / "quality_long_loss.png").stat().st_size > 0

@@ -269,13 +269,17 @@ def _same(value: Any, where: str) -> Any:
     return value
 
 
+# apollo-torch's `proj` values that the 'apollo' rule implements, and our projector for each.
+_APOLLO_TORCH_PROJECTORS = {"random": "random"}
+
+
 def _apollo_projector(value: Any, where: str) -> str:
-    if value != "random":
+    if value not in _APOLLO_TORCH_PROJECTORS:
         raise ValueError(
             f"{where}: proj={value!r}: only apollo-torch's 'random' projection (APOLLO's) is implemented with the "
             "'apollo' rule here; for an SVD basis with a scaled full-rank update use update='fira' (Fira)"
         )
-    return "random"
+    return _APOLLO_TORCH_PROJECTORS[value]
 
 
 def _apollo_scale(value: Any, where: str) -> Any:

@@ -339,8 +339,8 @@ def validate_group_options(options: Mapping[str, Any], *, where: str) -> dict[st
 
 def _check_rule_has_a_projection(group: Mapping[str, Any], where: str) -> None:
     """A param group that names a full-rank update rule without ``rank`` would silently get the plain update."""
-    rule = group.get("update", "galore")
-    if "params" not in group or "rank" in group or rule == "galore":
+    rule = group.get("update", GALORE_DEFAULTS["update"])
+    if "params" not in group or "rank" in group or rule == GALORE_DEFAULTS["update"]:
         return
     params = group["params"]
     params = [params] if torch.is_tensor(params) else list(params) if not isinstance(params, set) else []

@@ -50,7 +50,9 @@ def build(family: str) -> torch.nn.Module:
         config = transformers.Gemma2Config(**sizes, num_key_value_heads=2, head_dim=12, sliding_window=16)
         config._attn_implementation = "eager"
         return transformers.Gemma2ForCausalLM(config).eval()
-    config = transformers.GPTNeoXConfig(**sizes, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+    config = transformers.GPTNeoXConfig(
+        **sizes, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False
+    )
     return transformers.GPTNeoXForCausalLM(config).eval()
 
 

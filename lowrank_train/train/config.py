@@ -423,6 +423,7 @@ class CompressConfig:
     asvd_alpha: float = library_default(WeLoreConfig, "asvd_alpha")
     calibration_sequences: int = 32
     num_threads: int | None = library_default(WeLoreConfig, "num_threads")
+    guard_refit: bool = library_default(WeLoreConfig, "guard_refit")
 
     def __post_init__(self) -> None:
         check_positive("compress.calibration_sequences", self.calibration_sequences)

@@ -85,10 +85,17 @@ LOCK_FILE = ".lock"
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between two ``to_dict()`` configs, except those a resume may change.
 
+    A key missing from ``saved`` (a checkpoint of an older version) counts as its default.
+
     Returns:
         ``{key: (saved value, current value)}``.
     """
     flat_saved, flat_current = flatten(saved), flatten(current)
+    # A key the saved config lacks came with a later version: that run used what its default means now.
+    missing = set(flat_current) - set(flat_saved)
+    if missing:
+        defaults = flatten(TrainConfig().to_dict())
+        flat_saved.update({k: defaults[k] for k in missing if k in defaults})
     keys = (set(flat_saved) | set(flat_current)) - RESUMABLE_DIFFERENCES
     return {
         k: (flat_saved.get(k), flat_current.get(k)) for k in sorted(keys) if flat_saved.get(k) != flat_current.get(k)

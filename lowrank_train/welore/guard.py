@@ -44,6 +44,7 @@ class GuardReport:
         fit_sequences: calibration sequences the statistics were measured on.
         heldout_sequences: sequences held out to score the candidates.
         fallback: why the guard did not run (``None`` when it did).
+        refit: the winner was compressed again on every calibration sequence (``WeLoreConfig.guard_refit``).
     """
 
     losses: dict[str, float] = field(default_factory=dict)
@@ -53,6 +54,7 @@ class GuardReport:
     fit_sequences: int = 0
     heldout_sequences: int = 0
     fallback: str | None = None
+    refit: bool = False
 
     def summary(self) -> str:
         """One line: which candidate won and by how much, or why the guard did not run."""
@@ -60,9 +62,10 @@ class GuardReport:
             return f"guard skipped ({self.fallback}); used the unguarded default {self.winner!r}"
         scores = ", ".join(f"{name} {loss:.4f}" for name, loss in self.losses.items())
         margin = "" if self.margin is None else f" by {self.margin:.4f} nats (perplexity x{math.exp(self.margin):.3f})"
+        refit = f", then refitted on all {self.fit_sequences + self.heldout_sequences}" if self.refit else ""
         return (
             f"guard: {self.winner!r} won{margin} on {self.heldout_sequences} held-out sequences (fit on "
-            f"{self.fit_sequences}; losses {scores}; {self.seconds:.1f} s)"
+            f"{self.fit_sequences}{refit}; losses {scores}; {self.seconds:.1f} s)"
         )
 
 

@@ -99,6 +99,16 @@ def test_config_errors_come_before_any_model(monkeypatch):
     assert main(["pretrain", str(REPO / "recipes/configs/demo.yaml"), "model.hidden=3"]) == 2
 
 
+def test_a_key_an_older_checkpoint_lacks_counts_as_its_default():
+    saved = TrainConfig().to_dict()
+    del saved["compress"]["guard_refit"], saved["optimizer"]["dense_state_bits"]
+    assert config_differences(saved, TrainConfig().to_dict()) == {}
+    changed = config_from_dict({"optimizer": {"name": "galore", "dense_state_bits": 8}}).to_dict()
+    saved_galore = config_from_dict({"optimizer": {"name": "galore"}}).to_dict()
+    del saved_galore["optimizer"]["dense_state_bits"]
+    assert config_differences(saved_galore, changed) == {"optimizer.dense_state_bits": (None, 8)}
+
+
 def test_config_differences_ignore_reporting_keys():
     a = load_config(None).to_dict()
     b = load_config(None, ["run.output_dir=elsewhere", "run.log_every=3"]).to_dict()

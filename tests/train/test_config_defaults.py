@@ -51,6 +51,7 @@ LIBRARY_DEFAULTS = {
     "compress.damping": [_field_default(WeLoreConfig, "damping")],
     "compress.asvd_alpha": [_field_default(WeLoreConfig, "asvd_alpha")],
     "compress.num_threads": [_field_default(WeLoreConfig, "num_threads")],
+    "compress.guard_refit": [_field_default(WeLoreConfig, "guard_refit")],
 }
 
 

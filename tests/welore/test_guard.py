@@ -79,8 +79,11 @@ def test_guard_holds_out_the_last_fifth_and_fits_on_the_rest(llama, calibration,
     monkeypatch.setattr(compress_module, "heldout_loss", record_heldout)
     report = compress_model(llama, WeLoreConfig(0.3, min_ratio=0.0), calibration)
     everything = {tuple(row.tolist()) for row in calibration}
-    assert len(seen["fit"]) == len(guard_candidates()) == len(seen["heldout"])
-    for fit, heldout in zip(seen["fit"], seen["heldout"], strict=True):
+    candidates = len(guard_candidates())
+    # Each candidate fits on four fifths and is scored on the rest; after the scoring the winner is refitted on all.
+    assert len(seen["fit"]) == candidates + 1 and len(seen["heldout"]) == candidates
+    assert seen["fit"][-1] == everything
+    for fit, heldout in zip(seen["fit"][:candidates], seen["heldout"], strict=True):
         assert not fit & heldout and fit | heldout == everything and len(heldout) == 5
     assert (report.guard.fit_sequences, report.guard.heldout_sequences) == (19, 5)
 
@@ -100,12 +103,24 @@ def test_guard_avoids_the_bad_candidate_either_way(sharp_llama, calibration, mon
     assert report.to_dict()["guard"]["winner"] == good
 
 
-def test_guarded_result_equals_forcing_the_winner(llama, calibration):
+def test_guarded_result_equals_forcing_the_winner_on_every_sequence(llama, calibration):
     dense = copy.deepcopy(llama)
     report = compress_model(llama, WeLoreConfig(0.3, min_ratio=0.0), calibration)
+    assert report.guard.refit and "then refitted on all" in report.guard.summary()
+    forced_model = copy.deepcopy(dense)
+    forced = compress_model(forced_model, WeLoreConfig(0.3, report.guard.winner, min_ratio=0.0), calibration)
+    assert _same_model(llama, forced_model)
+    assert dataclasses.replace(report, guard=None) == forced and forced.guard is None
+
+
+def test_without_refit_the_guard_keeps_the_winner_fitted_on_four_fifths(llama, calibration):
+    dense = copy.deepcopy(llama)
+    report = compress_model(llama, WeLoreConfig(0.3, min_ratio=0.0, guard_refit=False), calibration)
+    assert not report.guard.refit
     fit, _ = split_calibration(list(calibration))
     forced_model = copy.deepcopy(dense)
-    forced = compress_model(forced_model, WeLoreConfig(0.3, report.guard.winner, min_ratio=0.0), torch.stack(fit))
+    config = WeLoreConfig(0.3, report.guard.winner, min_ratio=0.0, guard_refit=False)
+    forced = compress_model(forced_model, config, torch.stack(fit))
     assert _same_model(llama, forced_model)
     assert dataclasses.replace(report, guard=None) == forced and forced.guard is None
 

@@ -29,15 +29,18 @@ def test_progress_names_each_phase_in_order_on_a_plain_stream(llama, calibration
     lines = capsys.readouterr().out.splitlines()
 
     candidates = guard_candidates()
-    assert _done(lines) == ["calibration"] + [p for name in candidates for p in [*_phases_of(name), "guard"]]
+    winner = report.guard.winner
+    guarded = ["calibration"] + [p for name in candidates for p in [*_phases_of(name), "guard"]]
+    assert _done(lines) == guarded + _phases_of(winner)  # then the winner refitted on every sequence
     assert [line for line in lines if line.startswith("guard: candidate ")] == [
         f"guard: candidate {n}/{len(candidates)} {name}" for n, name in enumerate(candidates, 1)
     ]
+    assert f"guard: refitting {winner} on all 24 calibration sequences" in lines
     for phase in ("spectra", "factors"):
         assert f"{phase}: 2 blocks" in lines
     assert any(line.startswith("spectra 1/2 blocks | ETA ") for line in lines)
     assert any(line.startswith("generation: 31 steps (") for line in lines)
-    assert lines[-1].startswith(f"guard: {candidates[-1]} held-out loss ")
+    assert any(line.startswith(f"guard: {candidates[-1]} held-out loss ") for line in lines)
     assert not any("q_proj" in line or "layers.0" in line for line in lines)  # nothing per matrix
 
     assert set(report.phase_seconds) == set(PHASES)

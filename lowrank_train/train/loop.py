@@ -491,9 +491,12 @@ class TrainingRecipe:
             loss = heldout_loss(
                 self.model,
                 self.training_data.heldout,
-                self.config.data.batch_size * self.ranks.world_size,  # every rank: the global batches
+                self.config.data.batch_size * self.ranks.world_size,  # the global batches, each rank its rows
                 self.config.run.eval_batches,
                 self.device,
+                rank=self.ranks.rank,
+                world_size=self.ranks.world_size,
+                all_sum=self.ranks.sum,
             )
         self.metrics.write({"split": "eval", "step": step, "loss": loss, "perplexity": perplexity(loss)})
         self.log(f"eval step {step}: loss {loss:.4f}, perplexity {perplexity(loss):.2f}")

@@ -140,10 +140,13 @@ def _divisors(n: int) -> list[int]:
 
 def _candidate_methods(name: str) -> list[str]:
     method = get_optimizer_method(name)
+    if method.state_bytes is not None:  # not Adam moments (SCALE): fewer moment bits mean nothing for it
+        return [name]
     fewer = [
         other
         for other in optimizer_names(lowrank=method.lowrank)
         if get_optimizer_method(other).moment_bits < method.moment_bits
+        and get_optimizer_method(other).state_bytes is None
     ]
     return [name, *fewer]
 

@@ -114,3 +114,10 @@ def test_planned_demo_config_trains(tiny, tmp_path):
     assert model_shape_source(planned)["hidden_size"] == 32 and training_setup(planned)["optimizer"] == "qgalore"
     assert main(["pretrain", str(out), "run.memory_table=false"]) == 0
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_scale_is_not_offered_an_8bit_adam_it_does_not_use():
+    # SCALE keeps one momentum (the head's), not Adam moments: no "fewer moment bits" method is a cheaper variant.
+    setup = {**SETUP, "optimizer": "scale"}
+    plans = plan_memory(llama_shape("1b"), setup, 10**15)
+    assert {p.setup.optimizer for p in plans} == {"scale"}

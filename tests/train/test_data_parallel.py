@@ -121,12 +121,14 @@ def _checkpoint_model(output: Path, step: int) -> dict[str, torch.Tensor]:
     return torch.load(output / "checkpoints" / f"step-{step:08d}" / "state.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("name", ["qgalore", "qapollo_mini"])
-def test_int8_weights_under_ddp_match_one_process(tiny, tmp_path, name):
+@pytest.mark.parametrize(("name", "layerwise"), [("qgalore", False), ("qapollo_mini", False), ("qgalore", True)])
+def test_int8_weights_under_ddp_match_one_process(tiny, tmp_path, name, layerwise):
     # INT8 QuantLinear weights, written back with (seed, step)-seeded stochastic rounding: DDP averages the dense
     # carrier gradients; the run checks at the end (Ranks.check_replicas, all_gather) that every rank holds
     # bit-identical codes, scales and floats, and fails otherwise.
+    # Layer-wise (the 7B recipes' setting): no DDP wrapper, the engine all-reduces each carrier gradient itself.
     steps = [*tiny, f"optimizer.name={name}", "optimizer.weight_bits=8", "run.max_steps=4", "run.save_every=4"]
+    steps.append(f"optimizer.layerwise={str(layerwise).lower()}")
     _torchrun([*steps, f"run.output_dir={tmp_path / 'ddp'}"])
     train(load_config(DEMO, [*steps, "data.batch_size=4", f"run.output_dir={tmp_path / 'single'}"]), **QUIET)
     for split in ("train", "eval"):

@@ -2,52 +2,26 @@
 one process with micro-batch 2b, write the run folder once, and resume under torchrun; ``run.parallel`` is
 validated; INT8 (Q-GaLore) runs keep bit-identical codes on every rank."""
 
+import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from lowrank_train.train import ConfigError, load_config, read_metrics, train
+from lowrank_train.train import ConfigError, load_config, train
 from lowrank_train.train.metrics import METRICS_FILE
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "recipes/configs/demo.yaml"
+_spec = importlib.util.spec_from_file_location("torchrun_runs", Path(__file__).with_name("torchrun_runs.py"))
+_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_runs)
+REPO, DEMO = _runs.REPO, _runs.DEMO
+_torchrun, _losses, _weights = _runs.torchrun_pretrain, _runs.losses, _runs.weights
 QUIET = {"log": lambda line: None}
 # GaLore (exact SVD basis) in fp32: the DDP mean of two half-batch gradients differs from the full-batch gradient
 # only by summation order.
 COMMON = ["optimizer.name=galore", "optimizer.weight_bits=null", "run.max_steps=4", "run.eval_every=2"]
-
-
-def _torchrun(overrides: list[str], *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    done = subprocess.run(
-        [*command, "-m", "lowrank_train", "pretrain", str(DEMO), *overrides, *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done
-
-
-def _losses(output: Path, split: str) -> dict[int, float]:
-    records = [r for r in read_metrics(output) if r["split"] == split]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"{split} records written more than once: {steps}"
-    return {r["step"]: r["loss"] for r in records}
-
-
-def _weights(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(output / "model" / "model.safetensors")
 
 
 def _assert_same_run(output: Path, reference: Path) -> None:

@@ -3,6 +3,7 @@ with the whole global batch, write sharded DCP checkpoints in the run-folder lay
 same number of processes and within float-summation tolerance on another, and export one HF folder; layer-wise
 steps (``optimizer.layerwise``) included."""
 
+import importlib.util
 import json
 import os
 import re
@@ -17,44 +18,21 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from lowrank_train.data.cache import CACHE_ENV_VAR
-from lowrank_train.train import ConfigError, load_config, read_metrics, train
+from lowrank_train.train import ConfigError, load_config, train
 from lowrank_train.train.checkpoint import CheckpointError, resolve_checkpoints, verify_checkpoint
 from lowrank_train.train.export import export_checkpoint
 from lowrank_train.train.parallel import choose_engine
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "recipes/configs/demo.yaml"
+_spec = importlib.util.spec_from_file_location("torchrun_runs", Path(__file__).with_name("torchrun_runs.py"))
+_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_runs)
+REPO, DEMO = _runs.REPO, _runs.DEMO
+_torchrun, _losses, _weights = _runs.torchrun_pretrain, _runs.losses, _runs.weights
 QUIET = {"log": lambda line: None}
 GALORE = ["optimizer.name=galore", "optimizer.weight_bits=null"]
 # Clipped by the previous step's global norm (reduced over the shards; a resume restores it).
 LAYERWISE = [*GALORE, "optimizer.layerwise=true", "data.grad_accum=2", "optimizer.max_grad_norm=0.5"]
 STEPS = ["run.max_steps=4", "run.eval_every=2", "run.save_every=2", "run.keep_checkpoints=2"]
-
-
-def _torchrun(overrides: list[str], *flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    done = subprocess.run(
-        [*command, "-m", "lowrank_train", "pretrain", str(DEMO), *overrides, *flags],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    return done
-
-
-def _losses(output: Path, split: str) -> dict[int, float]:
-    records = [r for r in read_metrics(output) if r["split"] == split]
-    steps = [r["step"] for r in records]
-    assert len(steps) == len(set(steps)), f"{split} records written more than once: {steps}"
-    return {r["step"]: r["loss"] for r in records}
-
-
-def _weights(output: Path) -> dict[str, torch.Tensor]:
-    return load_file(output / "model" / "model.safetensors")
 
 
 def _assert_same_run(output: Path, reference: Path, *, exact: bool = False) -> None:

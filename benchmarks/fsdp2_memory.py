@@ -129,7 +129,10 @@ def worker(out: Path, tiny: bool = False) -> None:
     with open(out.with_suffix(f".rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     if world > 1:
-        dist.destroy_process_group()
+        from lowrank_train.train.parallel import end_process_group
+
+        del model, optimizer, groups, loss
+        end_process_group()
 
 
 def main() -> None:

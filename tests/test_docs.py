@@ -136,7 +136,9 @@ def fsdp_setup(tmp_path: pathlib.Path) -> Iterator[dict[str, Any]]:
     try:
         yield {"model": _tiny_llama()}
     finally:
-        dist.destroy_process_group()
+        from lowrank_train.train.parallel import end_process_group
+
+        end_process_group()
 
 
 SETUPS: dict[str, Callable[[pathlib.Path], contextlib.AbstractContextManager[dict[str, Any]]]] = {

@@ -164,17 +164,24 @@ def train(
         RunLockedError: another process is using ``run.output_dir``.
     """
     with process_group(config, mode) as ranks:
-        recipe = TrainingRecipe(
-            config, mode=mode, log=log if ranks.is_main else logger.debug, stop_after=stop_after, ranks=ranks
-        )
-        lock = run_folder_lock(Path(config.run.output_dir)) if ranks.is_main else contextlib.nullcontext()
-        with lock, stop_on_signals() as stop:
-            try:
-                return recipe.execute(resume=resume, stop=stop)
-            except (RuntimeError, dist.DistError) as error:
-                if not ranks.distributed or not is_collective_failure(error):
-                    raise
-                raise recipe.rank_lost(error) from error
+        # In its own frame: the model and optimizer are unreachable when the process group is destroyed.
+        return _run_recipe(config, mode, ranks, resume=resume, log=log, stop_after=stop_after)
+
+
+def _run_recipe(
+    config: TrainConfig, mode: str, ranks: Ranks, *, resume: bool, log: Log, stop_after: int | None
+) -> dict[str, Any]:
+    recipe = TrainingRecipe(
+        config, mode=mode, log=log if ranks.is_main else logger.debug, stop_after=stop_after, ranks=ranks
+    )
+    lock = run_folder_lock(Path(config.run.output_dir)) if ranks.is_main else contextlib.nullcontext()
+    with lock, stop_on_signals() as stop:
+        try:
+            return recipe.execute(resume=resume, stop=stop)
+        except (RuntimeError, dist.DistError) as error:
+            if not ranks.distributed or not is_collective_failure(error):
+                raise
+            raise recipe.rank_lost(error) from error
 
 
 class TrainingRecipe:

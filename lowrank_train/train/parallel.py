@@ -16,6 +16,7 @@ collectives are no-ops.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Iterator
@@ -236,8 +237,23 @@ def process_group(config: TrainConfig, mode: str = "pretrain") -> Iterator[Ranks
     dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout()))
     try:
         yield ranks
-    finally:
+    except BaseException:
+        # Only unregistered: freeing a group whose peer died would wait on it, and the error must get out first.
         dist.destroy_process_group()
+        raise
+    end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroys the default process group, after freeing the unreachable objects that still hold it.
+
+    FSDP2 modules, their DTensors and hooks form reference cycles that keep the group and its pending work alive
+    past ``destroy_process_group``. Left to the interpreter's exit, gloo's worker thread then drops a tensor while
+    Python is finalizing and the process aborts ("terminate called without an active exception", at random).
+    A collection first lets the group go while everything is alive.
+    """
+    gc.collect()
+    dist.destroy_process_group()
 
 
 TIMEOUT_ENV_VAR = "LOWRANK_TRAIN_COLLECTIVE_TIMEOUT"

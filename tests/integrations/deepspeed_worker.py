@@ -47,6 +47,8 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from lowrank_train.train.parallel import end_process_group
+
     torch.set_num_threads(1)
     out, cases = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
@@ -54,7 +56,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()  # frees the FSDP / hook cycles that hold the group first
 
 
 if __name__ == "__main__":

@@ -344,6 +344,8 @@ def check_layerwise_resume() -> torch.Tensor:
 def main() -> None:
     import torch.distributed as dist
 
+    from lowrank_train.train.parallel import end_process_group
+
     torch.set_num_threads(1)
     out, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo")
@@ -368,7 +370,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()  # frees the FSDP / hook cycles that hold the group first
 
 
 if __name__ == "__main__":

@@ -172,7 +172,9 @@ def test_plain_galore_points_sharded_parameters_to_fsdp2galore(tmp_path):
         with pytest.raises(ValueError, match=r"w \(shape \(8, 16\)\) is an FSDP2-sharded DTensor.*FSDP2GaLore"):
             GaLoreAdamW([{"params": [weight], "param_names": ["w"], "rank": 2}])
     finally:
-        dist.destroy_process_group()
+        from lowrank_train.train.parallel import end_process_group
+
+        end_process_group()
 
 
 def test_fsdp2_layerwise_refuses_parameters_of_an_unsharded_model():

@@ -83,6 +83,7 @@ def main(out_dir: str) -> None:
     import torch.distributed as dist
 
     from lowrank_train.optim.layerwise import LayerwiseOptimizer
+    from lowrank_train.train.parallel import end_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -118,7 +119,7 @@ def main(out_dir: str) -> None:
             "all_reduce_calls": torch.tensor(calls[0]),
         }
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    end_process_group()  # frees the FSDP / hook cycles that hold the group first
 
 
 if __name__ == "__main__":

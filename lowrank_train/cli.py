@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--overwrite", action="store_true", help="replace a non-empty <run.output_dir>/model folder"
             )
+            command.add_argument(
+                "--per-matrix",
+                action="store_true",
+                help="the closing report also lists every matrix (rank kept, LRC or dense, energy kept)",
+            )
         if name == "estimate":
             command.add_argument(
                 "--fit",
@@ -250,7 +255,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "compress":
         from lowrank_train.train.compress_run import compress
 
-        compress(config, log=_print, overwrite=args.overwrite)
+        compress(config, log=_print, overwrite=args.overwrite, per_matrix=args.per_matrix)
     else:
         from lowrank_train.train.loop import train
 

@@ -36,6 +36,7 @@ def compress(
     log: Callable[[str], None] = logger.info,
     overwrite: bool = False,
     progress: bool = True,
+    per_matrix: bool = False,
 ) -> dict[str, Any]:
     """Compress ``model.pretrained`` with WeLore, measure held-out perplexity before and after, save the result.
 
@@ -54,6 +55,7 @@ def compress(
         overwrite: replace an existing, non-empty ``<run.output_dir>/model``.
         progress: show each phase (:mod:`lowrank_train.progress_bar`): a tqdm bar in a terminal, plain lines with
             an ETA through ``log`` otherwise.
+        per_matrix: the closing report also has a row per matrix (``--per-matrix``); it is always in the report file.
 
     Returns:
         The summary (also in ``summary.json``): perplexity before/after, parameters before/after, ranks.
@@ -115,7 +117,7 @@ def compress(
     }
     write_json(output / REPORT_FILE, {**report.to_dict(), **timing})
     write_json(output / SUMMARY_FILE, summary)
-    for line in closing_report(report, summary, timing, device):
+    for line in closing_report(report, summary, timing, device, per_matrix=per_matrix):
         log(line)
     log(f"compressed model saved to {folder}; the report above is in {output / REPORT_FILE}")
     return summary
@@ -149,7 +151,12 @@ def evaluate_with_progress(
 
 
 def closing_report(
-    report: CompressionReport, summary: dict[str, Any], timing: dict[str, Any], device: torch.device
+    report: CompressionReport,
+    summary: dict[str, Any],
+    timing: dict[str, Any],
+    device: torch.device,
+    *,
+    per_matrix: bool = False,
 ) -> list[str]:
     """The lines ``compress`` ends with: perplexity after, the table per matrix type, the totals, the guard, time
     per phase and peak memory (every number is also in ``compress_report.json``).
@@ -159,6 +166,7 @@ def closing_report(
         summary: ``compress``'s summary (perplexities, parameter counts).
         timing: ``phase_seconds``, ``seconds`` and ``peak_memory_bytes``.
         device: the model's device (the peak is GPU memory allocated on a GPU, the process's peak RSS on the CPU).
+        per_matrix: add :meth:`~lowrank_train.welore.CompressionReport.matrix_table` after the table per type.
     """
     loss, params = summary["eval_loss_after"], summary["parameters_after"]
     removed = 1.0 - params / summary["parameters_before"]
@@ -166,6 +174,7 @@ def closing_report(
         f"after: eval loss {loss:.4f}, perplexity {perplexity(loss):.2f} (before {summary['perplexity_before']:.2f}),"
         f" {params:,} parameters ({removed:.1%} of the model removed)",
         report.table(),
+        *([report.matrix_table()] if per_matrix else []),
         report.summary(),
     ]
     if report.guard is not None:

@@ -152,6 +152,17 @@ class WeLoreConfig:
             raise ValueError(f"staging must be one of {STAGING_LOCATIONS}, got {self.staging!r}")
 
 
+def _aligned(rows: list[list[str]]) -> str:
+    """Rows of cells as a text table: names (the first column) left-aligned, numbers right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
 @dataclass(frozen=True)
 class MatrixReport:
     """One block linear after compression.
@@ -308,14 +319,25 @@ class CompressionReport:
                     "-" if energy is None else f"{energy['min']:.3f} / {energy['mean']:.3f}",
                 ]
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        # Names left-aligned, numbers right-aligned.
-        return "\n".join(
-            "  ".join(
-                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        return _aligned(rows)
+
+    def matrix_table(self) -> str:
+        """A table per matrix, in module order: shape, rank kept / full, LRC or dense, parameters kept, calibration
+        energy kept (``compress --per-matrix``)."""
+        header = ["matrix", "shape", "rank kept / full", "kind", "params kept", "calibration energy"]
+        rows = [header]
+        for m in self.matrices:
+            rows.append(
+                [
+                    m.name,
+                    f"{m.shape[0]} x {m.shape[1]}",
+                    f"{m.rank} / {m.full_rank}",
+                    "LRC" if m.lrc else "dense",
+                    f"{m.params_after / m.params_before:.1%}",
+                    "-" if m.calibration_energy is None else f"{m.calibration_energy:.3f}",
+                ]
             )
-            for row in rows
-        )
+        return _aligned(rows)
 
     def summary(self) -> str:
         """One line: strategy, target, achieved parameter and rank reduction, number of LRCs."""

@@ -85,3 +85,40 @@ def test_compress_reports_the_saved_models_heldout_loss(tiny, tmp_path):
     assert all(f"{name} {seconds:.1f}" in timing for name, seconds in report["phase_seconds"].items() if seconds)
     assert f"peak RSS {report['peak_memory_bytes'] / 2**30:.2f} GiB" in timing
     assert closing[-1].startswith("compressed model saved to ") and "compress_report.json" in closing[-1]
+
+
+def test_per_matrix_rows_only_when_asked():
+    """``--per-matrix``: one row per matrix between the table per type and the summary line, each row that
+    matrix's numbers; without it the closing report names no matrix."""
+    from lowrank_train.cli import build_parser
+    from lowrank_train.train.compress_run import closing_report
+    from lowrank_train.welore import CompressionReport
+    from lowrank_train.welore.compress import MatrixReport
+
+    matrices = (
+        MatrixReport("model.layers.0.self_attn.q_proj", (64, 64), 64, 20, 20, True, 4096, 2560, 0.91),
+        MatrixReport("model.layers.0.mlp.down_proj", (64, 172), 64, 60, 64, False, 11008, 11008, None),
+        MatrixReport("model.layers.1.self_attn.q_proj", (64, 64), 64, 9, 9, True, 4096, 1152, 0.8765),
+    )
+    report = CompressionReport("whitened", 0.3, 0.1, 0.5, matrices)
+    summary = {"eval_loss_after": 2.0, "parameters_before": 20000, "parameters_after": 15000, "perplexity_before": 6.0}
+    timing = {"phase_seconds": {"spectra": 1.0}, "seconds": 2.0, "peak_memory_bytes": 2**30}
+    cpu = torch.device("cpu")
+    plain = closing_report(report, summary, timing, cpu)
+    assert not any("layers." in line for line in plain)
+    listed = closing_report(report, summary, timing, cpu, per_matrix=True)
+    assert listed[:2] == plain[:2] and listed[3:] == plain[2:]
+    header, *rows = listed[2].splitlines()
+    assert header.split()[0] == "matrix" and len(rows) == len(matrices)
+    expected = [
+        ["model.layers.0.self_attn.q_proj", "64", "x", "64", "20", "/", "64", "LRC", "62.5%", "0.910"],
+        ["model.layers.0.mlp.down_proj", "64", "x", "172", "64", "/", "64", "dense", "100.0%", "-"],
+        ["model.layers.1.self_attn.q_proj", "64", "x", "64", "9", "/", "64", "LRC", "28.1%", "0.876"],
+    ]
+    assert [row.split() for row in rows] == expected
+
+    parser = build_parser()
+    assert parser.parse_args(["compress", "c.yaml", "--per-matrix"]).per_matrix
+    assert not parser.parse_args(["compress", "c.yaml"]).per_matrix
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "c.yaml", "--per-matrix"])

@@ -283,6 +283,7 @@ def test_precomputed_statistics_match_token_calibration(llama, calibration):
 
 def test_lrc_plus_galore_groups_feed_galore(llama, calibration):
     from lowrank_train import optim
+
     _make_low_rank(llama, LOW_RANK)
     compress_model(llama, WeLoreConfig(target=0.1, strategy="welore", min_ratio=0.5))
     groups = mark_trainable(llama, "lrc+galore", galore_rank=8, galore_options={"update_gap": 10})

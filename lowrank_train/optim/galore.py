@@ -6,8 +6,9 @@ projected gradient as its ``.grad``, and stepped, so its new value is exactly th
 That update is projected back and added to W. Shadows hold no memory between steps (their storage is
 released), so any optimizer class works unchanged: ``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``,
 transformers' ``Adafactor``, ... A base known to update each parameter alone
-(:data:`~lowrank_train.optim.bases.PER_PARAMETER_BASES`) takes one step for the plain weights and then one per
-projected weight, so only one shadow holds storage at a time; any other base takes one step for all.
+(:data:`~lowrank_train.optim.bases.PER_PARAMETER_BASES`) takes one step for the plain weights and then one per run of
+projected weights whose shadows together fit in the largest weight's size, so the shadows' storage does not grow
+with depth; any other base takes one step for all.
 
 Per-parameter state in ``optimizer.state[p]`` (all tensors; integers on the CPU so that reading them
 never synchronises a GPU):
@@ -462,22 +463,48 @@ class GaLore(torch.optim.Optimizer):
             return
         todo = self._lowrank_params()
         self._sync_base_groups()
-        if not self._one_at_a_time or len(todo) < 2:
+        batches = self._base_step_batches(todo)
+        if len(batches) < 2:
             self._step_lowrank(todo, prepared)  # one base step for every weight, plain ones included
             return
-        # A per-parameter base: the plain weights first (no shadow has a gradient), then one projected weight per
-        # base step with the plain gradients set aside, so only that weight's R and R~ are alive.
+        # A per-parameter base: the plain weights first (no shadow has a gradient), then each batch of projected
+        # weights with the plain gradients set aside, so only that batch's R~ are alive.
         self._base.step()
         plain = [p for group in self._base.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in plain]
         try:
             for p in plain:
                 p.grad = None
-            for item in todo:
-                self._step_lowrank([item], prepared)
+            for batch in batches:
+                self._step_lowrank(batch, prepared)
         finally:
             for p, grad in zip(plain, grads, strict=True):
                 p.grad = grad
+
+    def _base_step_batches(
+        self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]
+    ) -> list[list[tuple[torch.Tensor, dict[str, Any], int]]]:
+        """``todo`` cut into runs that share one base step: all of it for a base not known to be per-parameter;
+        otherwise consecutive weights whose inner updates together fit in the largest weight's size (the step's
+        transient already holds that much), so the peak does not grow with depth and small weights (APOLLO-Mini's
+        1 x n) still share one call."""
+        if not self._one_at_a_time or len(todo) < 2:
+            return [todo]
+        budget = max(p.numel() for p, _, _ in todo)
+        batches: list[list[tuple[torch.Tensor, dict[str, Any], int]]] = [[]]
+        used = 0
+        for item in todo:
+            p, group, _ = item
+            rows, cols = self.backend.projected_shape(
+                p, get_projector(group["projector"]).basis_rank(p.shape, group["rank"])
+            )
+            size = rows * cols
+            if batches[-1] and used + size > budget:
+                batches.append([])
+                used = 0
+            batches[-1].append(item)
+            used += size
+        return batches
 
     def _step_lowrank(
         self,

@@ -21,6 +21,19 @@ LLAMA_SHAPES = {
 }
 
 
+def warm_allocator(nbytes: int = 30 << 20) -> None:
+    """Allocates, touches and frees ``nbytes`` once, as a training process's first forward pass does.
+
+    glibc serves a large block with a fresh mmap (new pages, each faulted in on first touch) until a block of
+    that size has been freed once; after that it raises its thresholds (up to 32 MiB) and recycles heap memory.
+    A fresh benchmark process would otherwise charge page faults to whichever optimizer allocates more
+    temporaries per step: on the APOLLO table apollo-torch's step was 30% slower cold than warm (APOLLO-Mini's 55%).
+    """
+    block = torch.empty(nbytes, dtype=torch.uint8)
+    block.fill_(1)
+    del block
+
+
 def set_threads(threads: int) -> None:
     """Fixes the intra-op thread count: on a shared 2-core machine a 2-thread SVD next to a busy core can be 20-100x
     slower than 1 thread."""

@@ -30,7 +30,7 @@ from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from common import llama_weight_shapes, markdown_table, mib, set_threads, tensor_bytes  # noqa: E402
+from common import llama_weight_shapes, markdown_table, mib, set_threads, tensor_bytes, warm_allocator  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lowrank_train import APOLLOAdamW, APOLLOMini, GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
@@ -515,13 +515,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_step.md"))
     args = parser.parse_args()
     set_threads(args.threads)
+    warm_allocator()  # every optimizer is timed as in a training process, not in a cold heap
     load_at_start = os.getloadavg()[0]
 
     if args.only_apollo:
         out = apollo_table(args)
         conditions = (
             f"Run conditions: load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on "
-            f"{os.cpu_count()} cores; ratios from CPU time of interleaved steps."
+            f"{os.cpu_count()} cores; ratios from CPU time of interleaved steps; the allocator warmed first "
+            "(common.warm_allocator), as in a training process."
         )
         path = Path(args.out).with_name("optimizer_step_apollo.md")
         path.write_text("\n".join([conditions, *out]) + "\n")

@@ -76,6 +76,41 @@ def test_static_and_gradient_bytes_match_a_real_step(dtype, kind, rank):
     assert predicted.static + predicted.gradients == pytest.approx(total, rel=0.02)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_steps_projected_gradients_are_counted_as_they_are_alive(dtype, monkeypatch):
+    """Between refreshes every low-rank weight's R = P^T G is formed by the NaN/Inf check and each is freed when its
+    weight is updated: the most bytes of R alive at once during a real step equal the estimate's entry."""
+    import weakref
+
+    import lowrank_train.optim.backend as backend
+
+    alive, most = [0], [0]
+    project = backend.project_gradient
+
+    def tracked(grad, basis):
+        low = project(grad, basis)
+        size = low.numel() * low.element_size()
+        alive[0] += size
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(low, lambda: alive.__setitem__(0, alive[0] - size))
+        return low
+
+    monkeypatch.setattr(backend, "project_gradient", tracked)
+    torch.manual_seed(0)
+    config = LlamaConfig(**CONFIG)
+    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    opt = GaLore(lowrank_param_groups(model, rank=16, update_gap=10), base="adamw", lr=1e-3)
+    ids = torch.randint(0, 512, (2, 16))
+    for _ in range(2):  # the first step refreshes (one R at a time); the second is the one measured
+        most[0] = 0
+        model.zero_grad()
+        causal_lm_loss(model, ids).backward()
+        opt.step()
+    setup = {"batch_size": 2, "seq_len": 16, "dtype": dtype, "optimizer": "galore", "rank": 16}
+    assert estimate_memory(config, setup).details["step: projected gradients"] == most[0] > 0
+    assert alive[0] == 0
+
+
 # (dtype, kv heads, checkpointing, batch, seq)
 ACTIVATION_CASES = [
     ("float32", 4, False, 2, 24),

@@ -213,6 +213,10 @@ class FSDP2Backend:
         merged[plain] = self.dense.finite_flags([grads[i] for i in plain]).to(flags.device)
         return merged
 
+    def projection_is_shared(self, param: torch.Tensor) -> bool:
+        # Row side: P^T G is all-reduced, so a NaN in any shard reaches every rank; column side: this rank's own.
+        return not is_sharded(param) or projects_rows(param.shape)
+
     def build_basis(self, param: torch.Tensor, build: BasisBuild) -> torch.Tensor:
         if not is_sharded(param):
             return self.dense.build_basis(param, build)

@@ -434,7 +434,14 @@ def estimate_memory(model_config: Any, train_config: Any) -> MemoryEstimate:
         step = 0
     else:
         end_of_backward = gradients + recompute + (activations if setup.activation_checkpointing else 0)
-        step = gradients + transient
+        # Between refreshes the step's NaN/Inf check forms every low-rank weight's projection R = P^T G, and each
+        # lives until its weight is updated (not divided under FSDP2: the row-side R is all-reduced whole).
+        projections = 0
+        if lowrank:
+            projected = sum(r * max(m, n) for (m, n), r in zip(shape.block_linear_shapes(), ranks, strict=True))
+            projections = layers * projected * dtype_bytes
+            details["step: projected gradients"] = projections
+        step = gradients + transient + projections
     # FSDP2's unsharded parameters and gradients exist during forward and backward, not at the step.
     start_of_backward += communication
     end_of_backward += communication

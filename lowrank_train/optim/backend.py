@@ -8,6 +8,8 @@ change when a weight is split over processes go through a :class:`ProjectionBack
 ================================  ====================================================================
 ``check_param``                   refuses a parameter this backend cannot step (at ``add_param_group``)
 ``finite_flags``                  one "no NaN/Inf" flag per gradient, the same on every process
+``projection_is_shared``          whether a weight's projection is the same on every process, so the step may
+                                  check it instead of the gradient (one pass over G, not two)
 ``build_basis``                   builds the full basis at a refresh from the full gradient, identical everywhere
 ``local_basis``                   the part of the full basis this process's piece of the weight uses
 ``project_gradient``              the projected gradient (r x max(m, n), or this process's columns of it)
@@ -52,6 +54,11 @@ class ProjectionBackend(Protocol):
 
     def finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """(len(grads),) bool tensor, True where a gradient holds no NaN/Inf; no host synchronisation."""
+        ...
+
+    def projection_is_shared(self, param: torch.Tensor) -> bool:
+        """True when ``project_gradient`` of ``param``'s gradient is the same on every process (or there is one),
+        so checking it for NaN/Inf (instead of the gradient) gives every process the same answer."""
         ...
 
     def build_basis(self, param: torch.Tensor, build: BasisBuild) -> torch.Tensor:
@@ -121,6 +128,9 @@ class DenseBackend:
 
     def finite_flags(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         return finite_flags(grads)
+
+    def projection_is_shared(self, param: torch.Tensor) -> bool:
+        return True
 
     def build_basis(self, param: torch.Tensor, build: BasisBuild) -> torch.Tensor:
         # Between refreshes an accumulated step may have no .grad left; the builders then see the weight itself.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -16,6 +17,23 @@ BASE_OPTIMIZERS: dict[str, str] = {
     "adafactor": "transformers.optimization:Adafactor",
     "adamw4bit": "torchao.optim:AdamW4bit",
 }
+
+
+# Names whose optimizer updates each parameter from its own gradient and state alone (no sum, norm or counter across
+# parameters): GaLore then steps one projected weight at a time, so one weight's projected gradient and inner update
+# exist at once instead of every weight's (issue 21: the step's temporaries, and the page faults of allocating them).
+PER_PARAMETER_BASES: set[str] = {"adamw", "adam", "sgd", "adamw8bit", "paged_adamw8bit", "adafactor", "adamw4bit"}
+
+
+def steps_each_parameter_alone(cls: type[torch.optim.Optimizer]) -> bool:
+    """True when ``cls`` is the class of a name in :data:`PER_PARAMETER_BASES` (exactly: not a subclass, whose
+    ``step`` may differ). Looks only at modules already imported: the class was resolved from one."""
+    for name in PER_PARAMETER_BASES:
+        module, attr = BASE_OPTIMIZERS[name].split(":")
+        loaded = sys.modules.get(module)
+        if loaded is not None and getattr(loaded, attr, None) is cls:
+            return True
+    return False
 
 
 def resolve_base(base: type[torch.optim.Optimizer] | str) -> type[torch.optim.Optimizer]:

@@ -5,7 +5,10 @@ The inner ("base") optimizer never sees a full weight. For each low-rank weight 
 projected gradient as its ``.grad``, and stepped, so its new value is exactly the base optimizer's update.
 That update is projected back and added to W. Shadows hold no memory between steps (their storage is
 released), so any optimizer class works unchanged: ``torch.optim.AdamW``, bitsandbytes' ``AdamW8bit``,
-transformers' ``Adafactor``, ...
+transformers' ``Adafactor``, ... A base known to update each parameter alone
+(:data:`~lowrank_train.optim.bases.PER_PARAMETER_BASES`) takes one step for the plain weights and then one per run of
+projected weights whose shadows together fit in the largest weight's size, so the shadows' storage does not grow
+with depth; any other base takes one step for all.
 
 Per-parameter state in ``optimizer.state[p]`` (all tensors; integers on the CPU so that reading them
 never synchronises a GPU):
@@ -30,11 +33,12 @@ never synchronises a GPU):
 =================  ======================================================================
 
 Non-finite gradients (issue 12 item 4): every step checks every gradient it would apply (low-rank and plain
-groups, projected accumulators included) with one host synchronisation, before anything changes. The
-``nonfinite`` constructor option decides: "raise" (default) refuses with a ``ValueError`` naming the parameters;
-"skip" skips the whole step and counts it in :attr:`GaLore.skipped_steps`. A caller that checks the gradients
-itself passes ``check_finite=False`` to :meth:`GaLore.step` and :meth:`GaLore.accumulate_grad`, so each gradient is
-checked once (issue 19 item 3).
+groups, projected accumulators included) with one host synchronisation, before anything changes. A low-rank
+weight between refreshes is checked through its projection, which the step then reuses (one pass over G, not
+two). The ``nonfinite`` constructor option decides: "raise" (default) refuses with a ``ValueError`` naming the
+parameters; "skip" skips the whole step and counts it in :attr:`GaLore.skipped_steps`. A caller that checks the
+gradients itself passes ``check_finite=False`` to :meth:`GaLore.step` and :meth:`GaLore.accumulate_grad`, so each
+gradient is checked once (issue 19 item 3).
 
 The layer-wise engine (:mod:`lowrank_train.optim.layerwise`) drives GaLore through public methods only:
 :meth:`GaLore.is_lowrank`, :meth:`GaLore.accumulates_projected`, :meth:`GaLore.refresh_due`,
@@ -69,7 +73,7 @@ from torch import nn
 from lowrank_train.nn.autocast import autocast_disabled_on
 from lowrank_train.nn.quant_linear import is_quantized_weight
 from lowrank_train.optim.backend import DenseBackend, ProjectionBackend, is_dtensor
-from lowrank_train.optim.bases import resolve_base
+from lowrank_train.optim.bases import resolve_base, steps_each_parameter_alone
 from lowrank_train.optim.functional import basis_generator, refresh_due, rounding_generator
 from lowrank_train.optim.options import (
     GALORE_DEFAULTS,
@@ -169,6 +173,7 @@ class GaLore(torch.optim.Optimizer):
         self._skipped_steps = torch.zeros((), dtype=torch.int64)  # a CPU tensor: saved in state_dict
         self._poisoned: list[str] = []  # nonfinite="skip": parameters whose micro-batch spoiled the pending step
         self._base_cls = resolve_base(base)
+        self._one_at_a_time = steps_each_parameter_alone(self._base_cls)
         self._name = type(self).__name__  # errors name the class the user called (GaLoreAdamW, ...)
         self._base_names = base_option_names(self._base_cls)
         if "rank" in defaults:
@@ -298,17 +303,33 @@ class GaLore(torch.optim.Optimizer):
                 index += 1
         raise ValueError(f"parameter of shape {tuple(param.shape)} is not managed by this optimizer")
 
-    def _gradients(self) -> list[tuple[Callable[[], str], torch.Tensor]]:
-        """(label maker, tensor) of every gradient the next step would apply: each ``.grad`` and each projected
-        accumulator. Labels are only formatted for an error."""
-        found = []
+    def _checked_gradients(
+        self,
+    ) -> tuple[list[tuple[Callable[[], str], torch.Tensor]], dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """What the step's NaN/Inf check reads, and what it prepared for the step on the way.
+
+        Returns (label maker, tensor) for every gradient the step would apply (each ``.grad`` and projected
+        accumulator), and {param: (basis, projected gradient)} for the low-rank weights between refreshes whose
+        projection every process shares (``backend.projection_is_shared``): those are checked through their
+        projection R = P^T G, which the step needs anyway, instead of a second pass over the full G. Any NaN/Inf
+        entry of G reaches R (NaN * x and Inf * 0 are NaN), and a projection that overflows is refused too.
+        Labels are only formatted for an error.
+        """
+        found, prepared = [], {}
         for group in self.param_groups:
             for local, p in enumerate(group["params"]):
-                accum = self.state[p].get("grad_accum") if p in self.state else None
-                for grad, where in ((p.grad, ""), (accum, " (its projected accumulator)")):
-                    if grad is not None:
-                        found.append((lambda g=group, i=local, q=p, w=where: _param_label(g, i, q) + w, grad))
-        return found
+                state = self.state.get(p)
+                accum = state.get("grad_accum") if state else None
+                grad = p.grad
+                between_refreshes = state and self.is_lowrank(p) and not self.refresh_due(p)
+                if grad is not None and between_refreshes and self.backend.projection_is_shared(p):
+                    basis = self._basis(p, group, state)  # no refresh: reads the stored or seeded basis only
+                    grad = self.backend.project_gradient(grad, basis)
+                    prepared[p] = (basis, grad)
+                for tensor, where in ((grad, ""), (accum, " (its projected accumulator)")):
+                    if tensor is not None:
+                        found.append((lambda g=group, i=local, q=p, w=where: _param_label(g, i, q) + w, tensor))
+        return found, prepared
 
     def _nonfinite(self, gradients: list[tuple[Callable[[], str], torch.Tensor]]) -> list[str]:
         """Labels of the non-finite tensors among ``gradients``: one host synchronisation for all of them."""
@@ -429,8 +450,11 @@ class GaLore(torch.optim.Optimizer):
 
     def _step(self, check_finite: bool = True) -> None:
         """The step itself: the non-finite check, projections, the base step, the write-backs."""
+        prepared: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         if check_finite and not self._poisoned:  # else a micro-batch already spoiled this step: no need to look again
-            bad = self._nonfinite(self._gradients())  # the step's one host synchronisation
+            checked, prepared = self._checked_gradients()
+            bad = self._nonfinite(checked)  # the step's one host synchronisation
+            del checked  # each projection is then freed once its weight is updated
             if bad:
                 self._refuse_or_skip(bad, "the step")  # raises, or (nonfinite="skip") marks the step
         if self._poisoned:  # nonfinite="skip": the whole step goes, accumulated micro-batches included
@@ -438,16 +462,65 @@ class GaLore(torch.optim.Optimizer):
             self._drop_accumulation()
             return
         todo = self._lowrank_params()
+        self._sync_base_groups()
+        batches = self._base_step_batches(todo)
+        if len(batches) < 2:
+            self._step_lowrank(todo, prepared)  # one base step for every weight, plain ones included
+            return
+        # A per-parameter base: the plain weights first (no shadow has a gradient), then each batch of projected
+        # weights with the plain gradients set aside, so only that batch's R~ are alive.
+        self._base.step()
+        plain = [p for group in self._base.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in plain]
+        try:
+            for p in plain:
+                p.grad = None
+            for batch in batches:
+                self._step_lowrank(batch, prepared)
+        finally:
+            for p, grad in zip(plain, grads, strict=True):
+                p.grad = grad
+
+    def _base_step_batches(
+        self, todo: list[tuple[torch.Tensor, dict[str, Any], int]]
+    ) -> list[list[tuple[torch.Tensor, dict[str, Any], int]]]:
+        """``todo`` cut into runs that share one base step: all of it for a base not known to be per-parameter;
+        otherwise consecutive weights whose inner updates together fit in the largest weight's size (the step's
+        transient already holds that much), so the peak does not grow with depth and small weights (APOLLO-Mini's
+        1 x n) still share one call."""
+        if not self._one_at_a_time or len(todo) < 2:
+            return [todo]
+        budget = max(p.numel() for p, _, _ in todo)
+        batches: list[list[tuple[torch.Tensor, dict[str, Any], int]]] = [[]]
+        used = 0
+        for item in todo:
+            p, group, _ = item
+            rows, cols = self.backend.projected_shape(
+                p, get_projector(group["projector"]).basis_rank(p.shape, group["rank"])
+            )
+            size = rows * cols
+            if batches[-1] and used + size > budget:
+                batches.append([])
+                used = 0
+            batches[-1].append(item)
+            used += size
+        return batches
+
+    def _step_lowrank(
+        self,
+        todo: list[tuple[torch.Tensor, dict[str, Any], int]],
+        prepared: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Projects the gradients of ``todo``, runs one base step, writes each full update back."""
         pending = []
         for p, group, index in todo:
             state = self._init_state(p, group, index)
-            basis = self._basis(p, group, state)
-            low = self._take_projected_grad(p, state, basis)
+            basis, projected = prepared.pop(p, None) or (self._basis(p, group, state), None)
+            low = self._take_projected_grad(p, state, basis, projected)
             shadow = self._shadows[p]
             shadow.data = torch.zeros_like(low)
             shadow.grad = low
             pending.append((p, group, state, basis))
-        self._sync_base_groups()
         self._base.step()
         for p, group, state, basis in pending:
             shadow = self._shadows[p]
@@ -492,12 +565,18 @@ class GaLore(torch.optim.Optimizer):
         )
 
     def _take_projected_grad(
-        self, param: torch.Tensor, state: dict[str, torch.Tensor], basis: torch.Tensor
+        self,
+        param: torch.Tensor,
+        state: dict[str, torch.Tensor],
+        basis: torch.Tensor,
+        projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Projected gradient of this step: the accumulator (emptied) plus the projection of ``param.grad``."""
+        """Projected gradient of this step: the accumulator (emptied) plus the projection of ``param.grad``
+        (``projected`` when the finiteness check formed it already)."""
         low = state.pop("grad_accum", None)
         if param.grad is not None:
-            projected = self.backend.project_gradient(param.grad, basis)
+            if projected is None:
+                projected = self.backend.project_gradient(param.grad, basis)
             low = projected if low is None else low.add_(projected)
         return low
 

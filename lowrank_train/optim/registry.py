@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lowrank_train._registry import Registry
-from lowrank_train.optim.bases import BASE_OPTIMIZERS, resolve_base
+from lowrank_train.optim.bases import BASE_OPTIMIZERS, PER_PARAMETER_BASES, resolve_base
 from lowrank_train.optim.galore import GALORE_DEFAULTS
 from lowrank_train.optim.options import registered_base_option_names
 from lowrank_train.optim.presets import (
@@ -177,12 +177,17 @@ def optimizer_names(*, lowrank: bool | None = None) -> tuple[str, ...]:
     return tuple(n for n, m in _REGISTRY.items() if lowrank is None or m.lowrank == lowrank)
 
 
-def register_base_optimizer(name: str, target: str | type[torch.optim.Optimizer], *, replace: bool = False) -> None:
+def register_base_optimizer(
+    name: str, target: str | type[torch.optim.Optimizer], *, per_parameter: bool = False, replace: bool = False
+) -> None:
     """Adds an inner optimizer to :data:`~lowrank_train.optim.BASE_OPTIMIZERS` (``base=`` of GaLore and methods).
 
     Args:
         name: the name ``base=`` takes (matched lower case).
         target: the class, or ``"module:attribute"`` to import it only when used.
+        per_parameter: its ``step`` updates each parameter from that parameter's gradient and state alone (no
+            global norm or counter), so GaLore may step one projected weight at a time
+            (:data:`~lowrank_train.optim.bases.PER_PARAMETER_BASES`).
         replace: allow replacing a registered name.
 
     Raises:
@@ -196,6 +201,10 @@ def register_base_optimizer(name: str, target: str | type[torch.optim.Optimizer]
     if key in BASE_OPTIMIZERS and not replace:
         raise ValueError(f"base optimizer {key!r} is already registered (pass replace=True to replace it)")
     BASE_OPTIMIZERS[key] = target
+    if per_parameter:
+        PER_PARAMETER_BASES.add(key)
+    else:
+        PER_PARAMETER_BASES.discard(key)
     registered_base_option_names.cache_clear()
 
 

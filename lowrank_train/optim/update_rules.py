@@ -131,9 +131,13 @@ def _sq_norm(tensor: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 
 def norm_ratio(
-    numerator: torch.Tensor, denominator: torch.Tensor, scale_type: str, reduce: Reduce | None = None
+    numerator: torch.Tensor,
+    denominator: torch.Tensor,
+    scale_type: str,
+    reduce: Reduce | None = None,
+    denominator_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``||numerator_:,j|| / (||denominator_:,j|| + 1e-8)`` per column (``"channel"``), or of whole tensors.
+    """``||numerator_:,j|| / (c ||denominator_:,j|| + 1e-8)`` per column (``"channel"``), or of whole tensors.
 
     Args:
         numerator: (r, k) tensor (the inner update R~), or this process's columns of it.
@@ -141,6 +145,7 @@ def norm_ratio(
         scale_type: "channel" (one ratio per column) or "tensor".
         reduce: sums the tensor-wise squared norms over the processes (``"projected"`` frame); ``None`` for a
             whole tensor. A column is never split, so the channel-wise ratio needs no sum.
+        denominator_scale: c, applied to the norms (not to the tensor: no (r, k) copy).
 
     Returns:
         fp32 (1, k) for "channel", 0-dim for "tensor".
@@ -150,13 +155,15 @@ def norm_ratio(
     if scale_type == "tensor":
         if reduce is not None:
             top, bottom = reduce(torch.stack([_sq_norm(numerator), _sq_norm(denominator)]), "projected").sqrt()
-            return top / (bottom + _RATIO_EPS)
+            return top / (bottom * denominator_scale + _RATIO_EPS)
         return torch.linalg.vector_norm(numerator.float()) / (
-            torch.linalg.vector_norm(denominator.float()) + _RATIO_EPS
+            torch.linalg.vector_norm(denominator.float()) * denominator_scale + _RATIO_EPS
         )
     # Column norms as sqrt(sum of squares): several times faster on the CPU than vector_norm(dim=0) (issue 21).
     top = numerator.float().square().sum(dim=0, keepdim=True).sqrt_()
     bottom = denominator.float().square().sum(dim=0, keepdim=True).sqrt_()
+    if denominator_scale != 1.0:
+        bottom.mul_(denominator_scale)
     return top.div_(bottom.add_(_RATIO_EPS))
 
 
@@ -281,7 +288,7 @@ def apollo_update(
         raise ValueError("the 'apollo' update rule needs the raw gradient at update time")
     rows, rank = min(weight_shape), basis.shape[1]  # a shard's basis has fewer rows: the full count normalises
     # R~ carries -lr: the ratio is >= 0, so the negated scales point downhill (folded in: no extra pass).
-    scales = norm_ratio(low_update, low * math.sqrt(rows / rank), scale_type, reduce).neg_()
+    scales = norm_ratio(low_update, low, scale_type, reduce, denominator_scale=math.sqrt(rows / rank)).neg_()
     # The limiter's norm comes from G's norms (||G diag(s)||^2 = sum_j s_j^2 ||G_:,j||^2) and its factor divides the
     # scales, so G s is never formed here: the write-back fuses it (ScaledGradient, issue 21 item 4).
     if scales.dim() == 0:

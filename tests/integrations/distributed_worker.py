@@ -222,23 +222,27 @@ def check_nonfinite() -> dict[str, torch.Tensor]:
         fully_shard(block)
     fully_shard(model)
     results: dict[str, torch.Tensor] = {}
-    for policy in ("skip", "raise"):
+    # 0.weight (40 x 24) is checked through its gradient shard; 3.weight (13 x 40, basis on the sharded rows) through
+    # its all-reduced projection, which carries rank 1's NaN to rank 0 too.
+    for policy, poisoned in (("skip", 0), ("raise", 0), ("skip-rows", 3), ("raise-rows", 3)):
         groups = lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5)
-        optimizer = FSDP2GaLore(groups, lr=1e-2, nonfinite=policy)
+        optimizer = FSDP2GaLore(groups, lr=1e-2, nonfinite=policy.split("-")[0])
         batches = global_batches("mlp", 1)
         train(model, optimizer, batches[:2], slice(rank * 4, rank * 4 + 4))
-        resumed = FSDP2GaLore(lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5), lr=1e-2, nonfinite=policy)
+        resumed = FSDP2GaLore(
+            lowrank_param_groups(model, rank=4, update_gap=3, scale=0.5), lr=1e-2, nonfinite=policy.split("-")[0]
+        )
         resumed.load_state_dict(optimizer.state_dict())  # the shape checks run on sharded parameters
         inputs, targets = batches[2][0]
         loss_of(model, inputs[rank * 4 : rank * 4 + 4], targets[rank * 4 : rank * 4 + 4]).backward()
         if rank == 1:
-            model[0].weight.grad.to_local().view(-1)[0] = float("nan")
+            model[poisoned].weight.grad.to_local().view(-1)[0] = float("nan")
         before = [p.to_local().clone() for p in model.parameters()]
         raised = False
         try:
             resumed.step()
         except ValueError as err:
-            raised = "0.weight" in str(err) and "nothing was applied" in str(err)
+            raised = f"{poisoned}.weight" in str(err) and "nothing was applied" in str(err)
         unchanged = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before, strict=True))
         resumed.zero_grad()
         results[policy] = torch.tensor([resumed.skipped_steps, int(raised), int(unchanged)])

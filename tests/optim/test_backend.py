@@ -29,6 +29,10 @@ class RecordingBackend:
         self._count("finite_flags")
         return self.dense.finite_flags(grads)
 
+    def projection_is_shared(self, param):
+        self._count("projection_is_shared")
+        return self.dense.projection_is_shared(param)
+
     def build_basis(self, param, build):
         self._count("build_basis")
         return self.dense.build_basis(param, build)
@@ -71,10 +75,12 @@ def test_galore_runs_every_layout_operation_through_its_backend():
         w.grad, w_ref.grad = grad.clone(), grad.clone()
         opt.step()
         ref.step()
-    # Refreshes at steps 0 and 2; every step checks, projects and writes back once.
+    # Refreshes at steps 0 and 2; every step checks, projects and writes back once. Step 1 (between refreshes) asks
+    # whether the check may read the projection.
     assert backend.calls == {
         "check_param": 1,
         "finite_flags": 3,
+        "projection_is_shared": 1,
         "build_basis": 2,
         "local_basis": 3,
         "project_gradient": 3,

@@ -160,6 +160,56 @@ def test_nan_in_a_projected_accumulator_is_found_at_step():
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+ENTRIES = [0, 5, 37, 100, -1]  # first, middle and last entries of a weight's gradient
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("update", ["galore", "apollo", "fira"])
+@pytest.mark.parametrize("projector", ["svd", "random", "identity"])
+def test_a_non_refresh_step_checked_through_its_projection_misses_no_entry(projector, update, value):
+    """Between refreshes the check reads R = P^T G instead of G: every single bad entry of G must still be refused,
+    in both orientations (0.weight is 24 x 16, 2.weight 8 x 24), and leave everything as it was."""
+    model = make_model()
+    groups = lowrank_param_groups(
+        model, rank=4, update_gap=50, target_modules=["0", "2"], projector=projector, update=update
+    )
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    grads_for(model, 0)
+    opt.step()  # bases built; the steps below are not refreshes
+    for layer in (0, 2):
+        for entry in ENTRIES:
+            grads_for(model, 1)
+            assert not opt.refresh_due(model[layer].weight)
+            before = snapshot(model, opt)
+            model[layer].weight.grad.view(-1)[entry] = value
+            with pytest.raises(ValueError, match=rf"non-finite gradient \(NaN/Inf\) in {layer}.weight "):
+                opt.step()
+            assert snapshot(model, opt) == before, (layer, entry)
+    opt.zero_grad()
+    grads_for(model, 2)
+    opt.step()  # and a clean step still goes through
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_projection_that_overflows_is_refused_not_applied():
+    """A finite gradient whose projection overflows fp32 would write Inf into the weight: it is refused too."""
+    model = make_model()
+    opt = build(model)
+    grads_for(model, 0)
+    opt.step()
+    grads_for(model, 1)
+    before = snapshot(model, opt)
+    # 0.weight is 24 x 16: R = P^T G^T, R[0, j] = sum_k P[k, 0] G[j, k]. Signs matching P's first column make
+    # R[0, j] = 3e38 * ||P_:,0||_1 > 3.4e38 (||.||_1 > ||.||_2 = 1 unless one entry holds it all).
+    first = opt.state[model[0].weight]["basis"][:, 0]
+    assert first.abs().sum() > 1.2
+    model[0].weight.grad.copy_((3e38 * first.sign()).expand(24, 16))
+    assert model[0].weight.grad.isfinite().all()
+    with pytest.raises(ValueError, match=r"non-finite gradient \(NaN/Inf\) in 0.weight "):
+        opt.step()
+    assert snapshot(model, opt) == before
+
+
 @pytest.mark.parametrize("nonfinite", ["raise", "skip"])
 def test_nan_where_accumulate_grad_would_refresh_the_basis(nonfinite):
     model, reference = make_model(), make_model()

@@ -106,14 +106,19 @@ def test_base_optimizer_registry_refuses_a_duplicate_unless_replace():
 
     with pytest.raises(ValueError, match="already registered.*replace=True"):
         register_base_optimizer("adamw", torch.optim.Adam)
-    previous = BASE_OPTIMIZERS["adamw"]
+    from lowrank_train.optim.bases import PER_PARAMETER_BASES
+
+    previous, per_parameter = BASE_OPTIMIZERS["adamw"], set(PER_PARAMETER_BASES)
     try:
-        register_base_optimizer("My_RMSprop", torch.optim.RMSprop)
-        assert resolve_base("my_rmsprop") is torch.optim.RMSprop
+        register_base_optimizer("My_RMSprop", torch.optim.RMSprop, per_parameter=True)
+        assert resolve_base("my_rmsprop") is torch.optim.RMSprop and "my_rmsprop" in PER_PARAMETER_BASES
         register_base_optimizer("adamw", "torch.optim:AdamW", replace=True)
+        assert "adamw" not in PER_PARAMETER_BASES  # a replaced entry says again what its step does
     finally:
         BASE_OPTIMIZERS.pop("my_rmsprop", None)
         BASE_OPTIMIZERS["adamw"] = previous
+        PER_PARAMETER_BASES.clear()
+        PER_PARAMETER_BASES.update(per_parameter)
     with pytest.raises(ValueError, match="module:attribute"):
         register_base_optimizer("bad", "torch.optim.AdamW")
 

@@ -20,8 +20,8 @@ BASE_OPTIMIZERS: dict[str, str] = {
 
 
 # Names whose optimizer updates each parameter from its own gradient and state alone (no sum, norm or counter across
-# parameters): GaLore then steps one projected weight at a time, so one weight's projected gradient and inner update
-# exist at once instead of every weight's (issue 21: the step's temporaries, and the page faults of allocating them).
+# parameters): GaLore then steps the projected weights a few at a time, so the inner updates alive at once fit in the
+# largest weight instead of growing with depth (issue 21).
 PER_PARAMETER_BASES: set[str] = {"adamw", "adam", "sgd", "adamw8bit", "paged_adamw8bit", "adafactor", "adamw4bit"}
 
 

@@ -186,7 +186,7 @@ def register_base_optimizer(
         name: the name ``base=`` takes (matched lower case).
         target: the class, or ``"module:attribute"`` to import it only when used.
         per_parameter: its ``step`` updates each parameter from that parameter's gradient and state alone (no
-            global norm or counter), so GaLore may step one projected weight at a time
+            global norm or counter), so GaLore may step the projected weights a few at a time
             (:data:`~lowrank_train.optim.bases.PER_PARAMETER_BASES`).
         replace: allow replacing a registered name.
 

@@ -246,7 +246,7 @@ def trained_family(family: str, texts: dict[str, tuple[str, str]], training: dic
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--families", nargs="+", default=["smollm2", *ARCHITECTURES])
+    parser.add_argument("--families", nargs="+", default=["smollm2", "gemma3", *ARCHITECTURES])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--min-ratio", type=float, default=0.5)
     parser.add_argument("--eval-seqs", type=int, default=6)
@@ -298,15 +298,32 @@ def committed_smollm2_rows(ablation: bool) -> list[dict]:
     return [r for r in rows if r["calibrated_on"] == "kjv"]
 
 
-def load_family(family: str, texts: dict, threads: int):
-    if family == "smollm2":
-        from lowrank_train.pretrained import smollm2_offline
+# Real pretrained models from PyPI wheels: (loader in lowrank_train.pretrained, description, windows start with BOS).
+PRETRAINED = {
+    "smollm2": ("smollm2_offline", "LLaMA (SmolLM2-135M-Instruct, pretrained, offline GGUF Q4_1)", False),
+    "gemma3": ("gemma3_offline", "Gemma3ForCausalLM (Gemma 3 270M, pretrained, offline GGUF Q4_K_M)", True),
+}
 
-        model, tokenizer = smollm2_offline(torch.float32)
+
+def load_family(family: str, texts: dict, threads: int):
+    if family in PRETRAINED:
+        import lowrank_train.pretrained as pretrained
+
+        model, tokenizer = getattr(pretrained, PRETRAINED[family][0])(torch.float32)
         return model.eval(), tokenizer, None
     if family not in ARCHITECTURES:
-        raise ValueError(f"unknown family {family!r}; choose smollm2 or one of {sorted(ARCHITECTURES)}")
+        known = sorted([*PRETRAINED, *ARCHITECTURES])
+        raise ValueError(f"unknown family {family!r}; choose one of {known}")
     return trained_family(family, texts, threads=threads)
+
+
+def bos_windows(ids: torch.Tensor, count: int, length: int, seed: int, bos: int | None) -> torch.Tensor:
+    """``welore_ood.windows``; with ``bos``, each window is BOS and then ``length - 1`` tokens of the stream, as a
+    Gemma model sees every text (without it Gemma 3's perplexity is about 4x worse)."""
+    if bos is None:
+        return welore_ood.windows(ids, count, length, seed)
+    cut = welore_ood.windows(ids, count, length - 1, seed)
+    return torch.cat([torch.full((count, 1), bos, dtype=cut.dtype), cut], dim=1)
 
 
 def generated_text_stats(model, tokenizer, user: list[torch.Tensor], generated: list[torch.Tensor]) -> dict:
@@ -418,11 +435,18 @@ def measure_family(
     log(f"{family}: loading")
     dense, tokenizer, records[family] = load_family(family, texts, args.threads)
     dense.eval()
-    kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars])["input_ids"])
+    bos = tokenizer.bos_token_id if family in PRETRAINED and PRETRAINED[family][2] else None
+    if bos is None:  # the committed SmolLM2 rows were measured on these streams
+        kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars])["input_ids"])
+    else:
+        kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars], add_special_tokens=False)["input_ids"])
     evals = {}
     for name in DOMAINS:
-        heldout = torch.tensor(tokenizer(texts[name][1][:300_000])["input_ids"])
-        evals[name] = welore_ood.windows(heldout, *eval_shape(args, records[family]), seed=7)
+        if bos is None:
+            heldout = torch.tensor(tokenizer(texts[name][1][:300_000])["input_ids"])
+        else:
+            heldout = torch.tensor(tokenizer(texts[name][1][:300_000], add_special_tokens=False)["input_ids"])
+        evals[name] = bos_windows(heldout, *eval_shape(args, records[family]), seed=7, bos=bos)
     dense_ppl[family] = {d: welore_ood.perplexity(dense, evals[d]) for d in DOMAINS}
     log(f"{family}: dense perplexity {dense_ppl[family]}")
     if not any(r["family"] == family and r["label"] == DENSE for r in rows):
@@ -435,7 +459,7 @@ def measure_family(
                 "record": records[family],
             }
         )
-    calibration = welore_ood.windows(kjv_train, args.calib_seqs, args.calib_len, seed=0)
+    calibration = bos_windows(kjv_train, args.calib_seqs, args.calib_len, seed=0, bos=bos)
     linears = find_block_linears(dense)
     stats_cache: dict[float, dict] = {}
     generated_cache: dict[float, list] = {}
@@ -478,10 +502,10 @@ def measure_family(
         if args.ablation and label == ABLATION[-1][0]:
             used = statistics(get_strategy(strategy).generated_fraction)
             row["allocation"] = allocation_stats(report, used)
-            probe = list(welore_ood.windows(kjv_train, 4 if family == "smollm2" else 8, 128, seed=3)[:, None])
+            probe = list(bos_windows(kjv_train, 4 if family in PRETRAINED else 8, 128, seed=3, bos=bos)[:, None])
             from lowrank_train.welore import heldout_loss
 
-            row["estimate_check"] = estimate_check(dense, model, used, probe, 21 if family == "smollm2" else None)
+            row["estimate_check"] = estimate_check(dense, model, used, probe, 21 if family in PRETRAINED else None)
             row["probe_total_increase"] = heldout_loss(model, probe) - heldout_loss(dense, probe)
         log(f"{family} {label} @ {target:.0%}: " + ", ".join(f"{d} {row[f'ppl_{d}']:.2f}" for d in DOMAINS))
         add(row)
@@ -640,7 +664,8 @@ def write_tables(args, rows: list[dict], dense_ppl: dict, records: dict, diagnos
     for family, record in records.items():
         ppl = " / ".join(f"{dense_ppl[family][d]:.2f}" for d in DOMAINS)
         if record is None:
-            lines.append(f"| smollm2 | LLaMA (SmolLM2-135M-Instruct, pretrained, offline GGUF) | 135M | - | {ppl} |")
+            size = {"smollm2": "135M", "gemma3": "268M (100M in block linears)"}.get(family, "-")
+            lines.append(f"| {family} | {PRETRAINED[family][1]} | {size} | - | {ppl} |")
             continue
         training = record["training"]
         lines.append(

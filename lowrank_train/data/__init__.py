@@ -53,6 +53,7 @@ from lowrank_train.data.tokenizer import (
     GPT2_OFFLINE,
     GPT2_VOCAB_SIZE,
     gpt2_offline_tokenizer,
+    leading_bos_id,
     load_tokenizer,
     tokenizer_fingerprint,
 )
@@ -85,6 +86,7 @@ __all__ = [
     "iter_documents",
     "iterate_batches",
     "load_corpus",
+    "leading_bos_id",
     "load_tokenizer",
     "offline_corpus_names",
     "open_training_data",

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from lowrank_train.data.blocks import TokenBlocks, check_split_settings, heldout_block_count, split_token_blocks
 from lowrank_train.data.corpora import document_selection
 from lowrank_train.data.token_file import TokenFile, build_token_file, token_file_path
-from lowrank_train.data.tokenizer import tokenizer_fingerprint
+from lowrank_train.data.tokenizer import leading_bos_id, tokenizer_fingerprint
 
 __all__ = [
     "PackedCorpus",
@@ -177,7 +177,8 @@ def build_packed_corpus(
     Args:
         source: a corpus source (see :mod:`lowrank_train.data.corpora`).
         tokenizer: the tokenizer; its content (not its name) is part of the cache key.
-        seq_len: tokens per block.
+        seq_len: tokens per block; each starts with BOS when the tokenizer puts one in front of a text
+            (:func:`~lowrank_train.data.tokenizer.leading_bos_id`).
         heldout_fraction: share of the token stream held out, from its end.
         hub_config: dataset configuration for hub sources.
         split: dataset split for hub sources.
@@ -195,14 +196,16 @@ def build_packed_corpus(
     )
     if use_cache:
         token_file = build_token_file(source, tokenizer, cache_dir=cache_dir, **options)
-        return _packed_from_token_file(token_file, seq_len, heldout_fraction)
+        return _packed_from_token_file(token_file, seq_len, heldout_fraction, leading_bos_id(tokenizer))
     with tempfile.TemporaryDirectory(prefix="lowrank_train-tokens-") as folder:
         token_file = build_token_file(source, tokenizer, cache_dir=folder, **options)
-        return _packed_from_token_file(token_file, seq_len, heldout_fraction)
+        return _packed_from_token_file(token_file, seq_len, heldout_fraction, leading_bos_id(tokenizer))
 
 
-def _packed_from_token_file(token_file: TokenFile, seq_len: int, heldout_fraction: float) -> PackedCorpus:
-    train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction)
+def _packed_from_token_file(
+    token_file: TokenFile, seq_len: int, heldout_fraction: float, bos: int | None
+) -> PackedCorpus:
+    train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction, bos)
     header = token_file.header
     return PackedCorpus(
         train=train.to_tensor(),

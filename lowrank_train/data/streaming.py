@@ -50,6 +50,7 @@ class StreamSource:
         tokenizer: the tokenizer.
         shuffle_buffer: documents in the shuffle buffer (0: stream order, no shuffling).
         max_piece_chars: longer documents are tokenized in pieces (see ``corpora.split_text_pieces``).
+        bos: when set, every packed sequence is this id followed by ``seq_len - 1`` stream tokens.
     """
 
     train: Any
@@ -58,6 +59,7 @@ class StreamSource:
     tokenizer: PreTrainedTokenizerBase
     shuffle_buffer: int
     max_piece_chars: int = MAX_PIECE_CHARS
+    bos: int | None = None
 
     def epoch_documents(self, seed: int, epoch: int) -> Any:
         """The training documents of one epoch: shuffled by a buffer with a seed fixed by ``(seed, epoch)``."""
@@ -114,10 +116,14 @@ class StreamBatches(Iterator[torch.Tensor]):
         return self
 
     def __next__(self) -> torch.Tensor:
-        needed = self.batch_size * self.seq_len
+        bos = self.source.bos
+        width = self.seq_len if bos is None else self.seq_len - 1
+        needed = self.batch_size * width
         while self._carry.size < needed:
             self._pull()
-        batch = torch.from_numpy(self._carry[:needed].reshape(self.batch_size, self.seq_len).copy())
+        batch = torch.from_numpy(self._carry[:needed].reshape(self.batch_size, width).copy())
+        if bos is not None:
+            batch = torch.cat([torch.full((self.batch_size, 1), bos, dtype=batch.dtype), batch], dim=1)
         self._carry = self._carry[needed:].copy()
         self.step += 1
         return batch

@@ -43,7 +43,7 @@ from lowrank_train.data.corpora import (
 from lowrank_train.data.packing import iterate_batches
 from lowrank_train.data.streaming import StreamBatches, StreamSource, check_batch_state
 from lowrank_train.data.token_file import build_token_file
-from lowrank_train.data.tokenizer import tokenizer_fingerprint
+from lowrank_train.data.tokenizer import leading_bos_id, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,8 @@ def open_training_data(
             **selection,
         )
     token_file = build_token_file(corpus, tokenizer, max_piece_chars=max_piece_chars, cache_dir=cache_dir, **selection)
-    train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction)
+    bos = leading_bos_id(tokenizer)
+    train, heldout = split_token_blocks(token_file.tokens, seq_len, heldout_fraction, bos)
     if train.num_blocks < batch_size:
         raise ValueError(
             f"batch_size ({batch_size}) exceeds the {train.num_blocks} training sequences of {seq_len} tokens in "
@@ -295,6 +296,7 @@ def open_training_data(
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "seq_len": seq_len,
             "heldout_fraction": heldout_fraction,
+            **_bos_entry(bos),
         }
     )
     return TrainingData(
@@ -362,8 +364,9 @@ def _open_stream(
         tokenizer=tokenizer,
         shuffle_buffer=shuffle_buffer,
         max_piece_chars=max_piece_chars,
+        bos=leading_bos_id(tokenizer),
     )
-    heldout = TokenBlocks.from_stream(np.empty(0, dtype=np.int64), seq_len)
+    heldout = TokenBlocks.from_stream(np.empty(0, dtype=np.int64), seq_len, source.bos)
     no_training = (
         f"holding out the first {heldout_documents} documents of {name!r} leaves none for training; lower "
         "heldout_documents (or heldout_fraction with max_documents)"
@@ -373,7 +376,7 @@ def _open_stream(
         if len(examples) < heldout_documents:
             raise ValueError(f"{name!r} has only {len(examples)} documents: {no_training}")
         tokens = source.tokenize(examples)
-        heldout = TokenBlocks.from_stream(tokens, seq_len)
+        heldout = TokenBlocks.from_stream(tokens, seq_len, source.bos)
         if heldout.num_blocks == 0:
             raise ValueError(
                 f"the first {heldout_documents} documents of {name!r} give {tokens.size} tokens, fewer than one "
@@ -394,6 +397,7 @@ def _open_stream(
             "heldout_documents": heldout_documents,
             "shuffle_buffer": shuffle_buffer,
             "max_piece_chars": max_piece_chars,
+            **_bos_entry(source.bos),
         }
     )
     logger.info("streaming %s: %d held-out documents, shuffle buffer %d", name, heldout_documents, shuffle_buffer)
@@ -407,6 +411,11 @@ def _open_stream(
         fingerprint=fingerprint,
         stream=source,
     )
+
+
+def _bos_entry(bos: int | None) -> dict[str, int]:
+    # Only when set: the fingerprints of data without BOS blocks, and so their runs' resumes, stay as they were.
+    return {} if bos is None else {"bos": bos}
 
 
 def _local_stream(source: str, *, text_field: str) -> Any:

@@ -256,19 +256,21 @@ def step_table(args: argparse.Namespace) -> list[str]:
 
 
 # ----- APOLLO vs apollo-torch (issue 21) ----------------------------------------------------------------------
-def apollo_optimizers(setting: str, lowrank: list[nn.Parameter], rank: int) -> tuple[object, object]:
+def apollo_optimizers(setting: str, lowrank: list[nn.Parameter], rank: int, **extra: object) -> tuple[object, object]:
     """(ours, apollo-torch's) for the projected group only; a gap no run reaches, so every timed step is a
-    non-refresh step. apollo-torch's ``scale`` multiplies by its square root: 128 there is alpha sqrt(128) here."""
+    non-refresh step. apollo-torch's ``scale`` multiplies by its square root: 128 there is alpha sqrt(128) here.
+    ``extra``: group options of ours (``proj_dtype``)."""
     import apollo_torch
 
     ours_params = [nn.Parameter(p.detach().clone()) for p in lowrank]
     theirs_params = [nn.Parameter(p.detach().clone()) for p in lowrank]
     gap = 10**6
     if setting == "APOLLO":
-        ours = APOLLOAdamW([{"params": ours_params, "rank": rank, "update_gap": gap}], lr=1e-3, weight_decay=0.0)
+        group = {"params": ours_params, "rank": rank, "update_gap": gap, **extra}
+        ours = APOLLOAdamW([group], lr=1e-3, weight_decay=0.0)
         theirs_group = {"rank": rank, "scale_type": "channel", "scale": 1.0}
     else:
-        ours = APOLLOMini([{"params": ours_params, "rank": 1, "update_gap": gap}], lr=1e-3, weight_decay=0.0)
+        ours = APOLLOMini([{"params": ours_params, "rank": 1, "update_gap": gap, **extra}], lr=1e-3, weight_decay=0.0)
         theirs_group = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
     group = {"params": theirs_params, "proj": "random", "proj_type": "std", "update_proj_gap": gap, **theirs_group}
     theirs = apollo_torch.APOLLOAdamW([group], lr=1e-3, weight_decay=0.0)  # both without decay: no extra pass
@@ -315,11 +317,14 @@ def apollo_table(args: argparse.Namespace) -> list[str]:
     rows, notes = [], []
     for setting in ("APOLLO", "APOLLO-Mini"):
         (ours, ours_params), (theirs, theirs_params) = apollo_optimizers(setting, lowrank, args.rank)
-        # The third run skips our per-step NaN/Inf check (apollo-torch has none): it shows that check's share.
+        (bf16, bf16_params), _ = apollo_optimizers(setting, lowrank, args.rank, proj_dtype="bfloat16")
+        # The third run skips our per-step NaN/Inf check (apollo-torch has none): it shows that check's share. The
+        # fourth computes R = P^T G in bf16 (an option, not the default: it rounds G and P for that product).
         runs = {
             "ours": (ours.step, ours_params),
             "apollo-torch": (theirs.step, theirs_params),
             "ours, no NaN/Inf check": (lambda opt=ours: opt.step(check_finite=False), ours_params),
+            "ours, proj_dtype=bfloat16": (bf16.step, bf16_params),
         }
         times = interleaved_steps(runs, grads, args.apollo_pairs)
 
@@ -329,7 +334,12 @@ def apollo_table(args: argparse.Namespace) -> list[str]:
 
         cpu_ratio, wall_ratio = ratio("ours", 1), ratio("ours", 0)
         rank = args.rank if setting == "APOLLO" else 1
-        optimizers = {"ours": ours, "apollo-torch": theirs, "ours, no NaN/Inf check": ours}
+        optimizers = {
+            "ours": ours,
+            "apollo-torch": theirs,
+            "ours, no NaN/Inf check": ours,
+            "ours, proj_dtype=bfloat16": bf16,
+        }
         for name, (_, params) in runs.items():
             opt = optimizers[name]
             state = projected_state_bytes(opt, params)
@@ -347,13 +357,14 @@ def apollo_table(args: argparse.Namespace) -> list[str]:
         notes.append(
             f"- {setting} non-refresh step, ours / apollo-torch ({args.apollo_pairs} interleaved pairs): "
             f"{cpu_ratio:.2f}x CPU time, {wall_ratio:.2f}x wall (target <= 0.8): {target}; without our per-step "
-            f"NaN/Inf check {ratio('ours, no NaN/Inf check', 1):.2f}x CPU time"
+            f"NaN/Inf check {ratio('ours, no NaN/Inf check', 1):.2f}x CPU time; with `proj_dtype='bfloat16'` "
+            f"{ratio('ours, proj_dtype=bfloat16', 1):.2f}x CPU time"
         )
         if setting == "APOLLO-Mini":
             mini = projected_state_bytes(ours, ours_params) / adamw_bytes * 100
             verdict = "met" if mini < 1 else "missed"
             notes.append(f"- APOLLO-Mini projected-group state, ours: {mini:.3f}% of AdamW's (target < 1%): {verdict}")
-        del ours, theirs
+        del ours, theirs, bf16
     header = ["optimizer (projected group only)", "step ms", "step CPU ms", "kept MiB", "kept / AdamW's state"]
     n_low = sum(p.numel() for p in lowrank)
     out = [

@@ -77,6 +77,7 @@ from lowrank_train.optim.bases import resolve_base, steps_each_parameter_alone
 from lowrank_train.optim.functional import basis_generator, refresh_due, rounding_generator
 from lowrank_train.optim.options import (
     GALORE_DEFAULTS,
+    PROJ_DTYPES,
     base_option_names,
     check_lowrank_group,
     check_option_names,
@@ -324,7 +325,7 @@ class GaLore(torch.optim.Optimizer):
                 between_refreshes = state and self.is_lowrank(p) and not self.refresh_due(p)
                 if grad is not None and between_refreshes and self.backend.projection_is_shared(p):
                     basis = self._basis(p, group, state)  # no refresh: reads the stored or seeded basis only
-                    grad = self.backend.project_gradient(grad, basis)
+                    grad = self._project(grad, basis, group)
                     prepared[p] = (basis, grad)
                 for tensor, where in ((grad, ""), (accum, " (its projected accumulator)")):
                     if tensor is not None:
@@ -516,7 +517,7 @@ class GaLore(torch.optim.Optimizer):
         for p, group, index in todo:
             state = self._init_state(p, group, index)
             basis, projected = prepared.pop(p, None) or (self._basis(p, group, state), None)
-            low = self._take_projected_grad(p, state, basis, projected)
+            low = self._take_projected_grad(p, group, state, basis, projected)
             shadow = self._shadows[p]
             shadow.data = torch.zeros_like(low)
             shadow.grad = low
@@ -567,6 +568,7 @@ class GaLore(torch.optim.Optimizer):
     def _take_projected_grad(
         self,
         param: torch.Tensor,
+        group: dict[str, Any],
         state: dict[str, torch.Tensor],
         basis: torch.Tensor,
         projected: torch.Tensor | None = None,
@@ -576,9 +578,16 @@ class GaLore(torch.optim.Optimizer):
         low = state.pop("grad_accum", None)
         if param.grad is not None:
             if projected is None:
-                projected = self.backend.project_gradient(param.grad, basis)
+                projected = self._project(param.grad, basis, group)
             low = projected if low is None else low.add_(projected)
         return low
+
+    def _project(self, grad: torch.Tensor, basis: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """R = P^T G through the backend, in the group's ``proj_dtype`` when one is set; R in ``grad``'s dtype."""
+        dtype = PROJ_DTYPES.get(group.get("proj_dtype"))  # absent from groups saved before the option
+        if dtype is None or grad.dtype == dtype:
+            return self.backend.project_gradient(grad, basis)
+        return self.backend.project_gradient(grad.to(dtype), basis).to(grad.dtype)
 
     def accumulates_projected(self, param: torch.Tensor) -> bool:
         """True when :meth:`accumulate_grad` can take ``param``'s micro-batch gradients (a low-rank weight whose
@@ -654,7 +663,7 @@ class GaLore(torch.optim.Optimizer):
                 return
         state = self._init_state(param, group, index)
         with autocast_disabled_on([param]):  # as in step(): fp32 projections inside an autocast region too
-            state["grad_accum"] = self._take_projected_grad(param, state, self._basis(param, group, state))
+            state["grad_accum"] = self._take_projected_grad(param, group, state, self._basis(param, group, state))
         param.grad = None
 
     def _drop_accumulation(self) -> None:

@@ -100,6 +100,19 @@ def _proj_bits(value: Any) -> int | None:
         raise _Invalid from None
 
 
+PROJ_DTYPES = {"bfloat16": torch.bfloat16}
+
+
+def _proj_dtype(value: Any) -> str | None:
+    if value is None:
+        return None
+    if value in ("bf16", torch.bfloat16):
+        return "bfloat16"
+    if value not in PROJ_DTYPES:
+        raise _Invalid
+    return value
+
+
 def _projector(value: Any) -> str:
     if not isinstance(value, str):
         raise _Invalid
@@ -153,6 +166,10 @@ _OPTIONS = [
     GroupOption("proj_bits", None, f"{bits_allowed(BASIS_BITS, optional=True)} (float basis)",
                 "Q-GaLore: store the basis as INT4/INT8 codes",
                 _proj_bits),
+    GroupOption("proj_dtype", None, "None (the gradient's dtype) or 'bfloat16'",
+                "dtype the projection R = P^T G is computed in; R comes back in the gradient's dtype. 'bfloat16' "
+                "rounds G and P to 8 mantissa bits for that product (bf16 matmul units: about 4x faster on an "
+                "AVX-512 BF16 CPU)", _proj_dtype),
     GroupOption("proj_group_size", 256, "a positive integer (even for proj_bits=4)",
                 "elements per quantization group of the basis codes", _integer(1)),
     GroupOption("adaptive_refresh", False, "True or False",

@@ -44,7 +44,7 @@ SCHEDULES = ("cosine", "constant")
 TRAINABLE = ("lrc", "all", "lrc+galore")
 NONFINITE = NONFINITE_POLICIES
 # The GaLore options of the optimizer section: defaults and checks come from the option schema (optim/options.py).
-GALORE_KEYS = ("update_gap", "scale", "projector", "proj_bits")
+GALORE_KEYS = ("update_gap", "scale", "projector", "proj_bits", "proj_dtype")
 
 
 def library_default(cls: type, name: str) -> Any:
@@ -269,6 +269,8 @@ class OptimizerConfig:
         target_modules: ``all-linear`` or a list of module-name suffixes to project.
         proj_bits: bits of the stored basis (4, 8, or ``None``: the method's default, float for GaLore and 4 for
             Q-GaLore).
+        proj_dtype: ``bfloat16`` computes the projection R = P^T G in bf16 (R returned in fp32; about half the
+            APOLLO step on an AVX-512 BF16 CPU, little gain at rank 1); ``None``: the gradient's dtype.
         adaptive_refresh: space out refreshes of layers whose subspace stopped moving (``None``: the method's
             default, on for Q-GaLore).
         weight_bits: store the block linear weights as INT8 codes (8) or keep them float (``None``: the method's
@@ -300,6 +302,7 @@ class OptimizerConfig:
     projector: str = GALORE_DEFAULTS["projector"]
     target_modules: str | tuple[str, ...] = "all-linear"
     proj_bits: int | None = None
+    proj_dtype: str | None = None
     adaptive_refresh: bool | None = None
     weight_bits: int | None = None
     weight_group_size: int = DEFAULT_GROUP_SIZE
@@ -344,6 +347,7 @@ class OptimizerConfig:
         # A basis option needs a method whose groups take it; INT8 weights need a projecting write-back.
         for key, accepted in (
             ("proj_bits", method.accepts("proj_bits")),
+            ("proj_dtype", method.accepts("proj_dtype")),
             ("adaptive_refresh", method.accepts("adaptive_refresh")),
             ("weight_bits", method.lowrank),
             ("dense_state_bits", method.lowrank),

@@ -155,6 +155,7 @@ def pretrain_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dic
             else config.target_modules,
             proj_bits=config.resolved_proj_bits,
             adaptive_refresh=config.resolved_adaptive_refresh,
+            **({} if config.proj_dtype is None else {"proj_dtype": config.proj_dtype}),
         )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
@@ -168,6 +169,8 @@ def finetune_param_groups(model: nn.Module, config: TrainConfig) -> list[dict[st
     options = {"update_gap": opt.update_gap, "scale": opt.scale, "projector": opt.projector}
     if opt.resolved_proj_bits is not None:
         options["proj_bits"] = opt.resolved_proj_bits
+    if opt.proj_dtype is not None:
+        options["proj_dtype"] = opt.proj_dtype
     options["adaptive_refresh"] = opt.resolved_adaptive_refresh
     try:
         return mark_trainable(model, config.finetune.trainable, galore_rank=opt.rank, galore_options=options)

@@ -70,13 +70,16 @@ def _limit(u, prev, gamma):
     return u, norm
 
 
-def _apollo_reference(w0, grads, rank, scale, scale_type, gamma):
+def _apollo_reference(w0, grads, rank, scale, scale_type, gamma, proj_dtype=None):
     rows = min(w0.shape)
     p = random_basis(torch.zeros(rows, max(w0.shape)), rank, basis_generator(0, 0, torch.device("cpu")))
     adam, w, prev = _Adam(), w0.clone(), None
     for g in grads:
         go = orient(g)
-        r = p.mT @ go
+        if proj_dtype is None:
+            r = p.mT @ go
+        else:  # G and P rounded for the product only, R rounded once and back in fp32
+            r = (p.to(proj_dtype).float().mT @ go.to(proj_dtype).float()).to(proj_dtype).float()
         r_tilde = adam.update(r)
         s = _ratio(r_tilde, r * math.sqrt(rows / rank), scale_type)  # the paper's N(0, 1/r) normalisation
         u, prev = _limit(-go * s, prev, gamma)
@@ -119,6 +122,23 @@ def test_apollo_matches_its_brute_force_reference(shape, cls, rank, scale, scale
     _run(opt, weight, grads)
     expected = _apollo_reference(w0, grads, rank, scale, scale_type, 1.01)
     torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_bf16_projection_rounds_the_projection_and_nothing_else(shape):
+    weight = _weight(shape)
+    w0, grads = weight.detach().clone(), _grads(shape, 6)
+    opt = APOLLOAdamW(_group(weight, 3, proj_dtype="bf16"), lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
+    assert opt.param_groups[0]["proj_dtype"] == "bfloat16"
+    _run(opt, weight, grads)
+    expected = _apollo_reference(w0, grads, 3, 1.0, "channel", 1.01, proj_dtype=torch.bfloat16)
+    torch.testing.assert_close(weight.detach(), expected, rtol=1e-5, atol=1e-6)
+    exact = _apollo_reference(w0, grads, 3, 1.0, "channel", 1.01)
+    moved, drift = (exact - w0).norm(), (weight.detach() - exact).norm()
+    assert 0 < drift < 0.02 * moved  # the option is in effect, and it moves the weights about as fp32 does
+    assert opt._base.state[opt._shadows[weight]]["exp_avg"].dtype == torch.float32  # R back in fp32
+    with pytest.raises(ValueError, match="proj_dtype"):
+        APOLLOAdamW(_group(_weight(shape), 3, proj_dtype="float16"))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowrank_train.train import ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides
 from lowrank_train.train.run_dir import config_differences
@@ -59,6 +60,8 @@ BAD_CASES = [
     (["run.dtype=float16"], ["run.dtype", "bfloat16"]),
     (["optimizer.proj_bits=3"], ["optimizer.proj_bits", "4, 8"]),
     (["optimizer.name=adamw", "optimizer.proj_bits=4"], ["optimizer.proj_bits", "GaLore"]),
+    (["optimizer.name=apollo", "optimizer.proj_dtype=float16"], ["optimizer.proj_dtype", "bfloat16"]),
+    (["optimizer.name=adamw", "optimizer.proj_dtype=bfloat16"], ["optimizer.proj_dtype", "GaLore"]),
     (["model.hidden_size=100", "model.num_heads=3"], ["model.hidden_size", "divisible"]),
     (["data.seq_len=4096"], ["data.seq_len", "max_position_embeddings"]),
     (["run=3"], ["run", "mapping"]),
@@ -97,6 +100,18 @@ def test_config_errors_come_before_any_model(monkeypatch):
 
     monkeypatch.setattr(model_module, "build_model", forbidden)
     assert main(["pretrain", str(REPO / "recipes/configs/demo.yaml"), "model.hidden=3"]) == 2
+
+
+def test_proj_dtype_reaches_the_projected_group():
+    from lowrank_train.train.setup import pretrain_param_groups
+
+    overrides = ["optimizer.name=apollo", "optimizer.proj_dtype=bfloat16"]
+    config = load_config(REPO / "recipes/configs/demo.yaml", overrides)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 16))
+    groups = pretrain_param_groups(model, config.optimizer)
+    assert [g.get("proj_dtype") for g in groups if "rank" in g] == ["bfloat16"]
+    plain = load_config(REPO / "recipes/configs/demo.yaml", ["optimizer.name=apollo"])
+    assert all("proj_dtype" not in g for g in pretrain_param_groups(model, plain.optimizer))
 
 
 def test_a_key_an_older_checkpoint_lacks_counts_as_its_default():

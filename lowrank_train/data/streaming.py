@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowrank_train.data.blocks import block_stride
 from lowrank_train.data.corpora import MAX_PIECE_CHARS, document_pieces, example_text
 from lowrank_train.data.tokens import iter_token_chunks
 
@@ -117,7 +118,7 @@ class StreamBatches(Iterator[torch.Tensor]):
 
     def __next__(self) -> torch.Tensor:
         bos = self.source.bos
-        width = self.seq_len if bos is None else self.seq_len - 1
+        width = block_stride(self.seq_len, bos)
         needed = self.batch_size * width
         while self._carry.size < needed:
             self._pull()

@@ -106,9 +106,9 @@ PROJ_DTYPES = {"bfloat16": torch.bfloat16}
 def _proj_dtype(value: Any) -> str | None:
     if value is None:
         return None
-    if value in ("bf16", torch.bfloat16):
+    if value is torch.bfloat16 or value == "bf16":
         return "bfloat16"
-    if value not in PROJ_DTYPES:
+    if not isinstance(value, str) or value not in PROJ_DTYPES:
         raise _Invalid
     return value
 
